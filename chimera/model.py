@@ -1,0 +1,131 @@
+"""The Chimera language model: a Griffin-style stack of recurrent and sliding-window attention
+blocks, each followed by a SwiGLU MLP, pre-norm residuals, optional tied embeddings.
+
+``forward(tokens, cache=None) -> (logits, cache)``. Without a cache it runs whole sequences
+(training). Decoding passes a cache from ``init_cache`` and continues from the one returned;
+caches are NamedTuples handed in and out, never kept on the modules.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from chimera.attention import AttentionCache, SlidingWindowAttention
+from chimera.config import BlockType, ChimeraConfig
+from chimera.layers import RMSNorm, SwiGLU
+from chimera.recurrent import RecurrentBlock, RecurrentCache
+
+LayerCache = RecurrentCache | AttentionCache
+
+
+class ChimeraCache(NamedTuple):
+    layers: tuple[LayerCache, ...]
+    position: int  # tokens consumed so far; the next token has this position
+
+
+class ParamCounts(NamedTuple):
+    embedding: int  # token embedding, plus the output head when it is not tied
+    non_embedding: int
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.non_embedding
+
+
+class ResidualBlock(nn.Module):
+    """x + mixer(norm(x)), then x + mlp(norm(x)); the mixer is recurrent or attention."""
+
+    def __init__(self, config: ChimeraConfig, block_type: BlockType) -> None:
+        super().__init__()
+        self.block_type = block_type
+        self.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mixer = (RecurrentBlock(config) if block_type is BlockType.RECURRENT
+                      else SlidingWindowAttention(config))
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config.d_model, config.ffn_hidden)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, position: int, cache: LayerCache | None
+                ) -> tuple[Tensor, LayerCache | None]:
+        if self.block_type is BlockType.RECURRENT:
+            mixed, cache = self.mixer(self.mixer_norm(x), cache)
+        else:
+            mixed, cache = self.mixer(self.mixer_norm(x), position, cache)
+        x = x + self.dropout(mixed)
+        x = x + self.dropout(self.mlp(self.mlp_norm(x)))
+        return x, cache
+
+
+class Chimera(nn.Module):
+    def __init__(self, config: ChimeraConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(ResidualBlock(config, t) for t in config.block_types)
+        self.final_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = (None if config.tie_embeddings
+                        else nn.Linear(config.d_model, config.vocab_size, bias=False))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 style init: N(0, 0.02), residual output projections shrunk by 1/sqrt(2L) so the
+        residual stream's variance does not grow with depth. Blocks' own parameters (conv,
+        RG-LRU gates and Lambda, norms) keep the init their modules gave them."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_residual_out = name.endswith(("out_proj", "mlp.down"))
+                nn.init.normal_(module.weight, std=residual_std if is_residual_out else 0.02)
+
+    @property
+    def output_weight(self) -> Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def init_cache(self, batch_size: int, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> ChimeraCache:
+        weight = self.embed.weight
+        device = weight.device if device is None else torch.device(device)
+        dtype = weight.dtype if dtype is None else dtype
+        layers = tuple(block.mixer.init_cache(batch_size, device, dtype) for block in self.blocks)
+        return ChimeraCache(layers, 0)
+
+    def forward(self, tokens: Tensor, cache: ChimeraCache | None = None
+                ) -> tuple[Tensor, ChimeraCache | None]:
+        """tokens: (B, T) int64 -> logits (B, T, vocab), and the updated cache (or None)."""
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (batch, time), got shape {tuple(tokens.shape)}")
+        position = 0 if cache is None else cache.position
+        if cache is None and tokens.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds max_seq_len="
+                             f"{self.config.max_seq_len}")
+        x = self.embed(tokens)
+        new_layers = []
+        for i, block in enumerate(self.blocks):
+            x, layer_cache = block(x, position, None if cache is None else cache.layers[i])
+            new_layers.append(layer_cache)
+        logits = F.linear(self.final_norm(x), self.output_weight)
+        if cache is None:
+            return logits, None
+        return logits, ChimeraCache(tuple(new_layers), position + tokens.shape[1])
+
+    def param_counts(self) -> ParamCounts:
+        return count_params(self)
+
+
+def count_params(model: Chimera) -> ParamCounts:
+    embedding = model.embed.weight.numel()
+    if model.lm_head is not None:
+        embedding += model.lm_head.weight.numel()
+    total = sum(p.numel() for p in model.parameters())
+    return ParamCounts(embedding, total - embedding)
+
+
+def param_counts_of(config: ChimeraConfig) -> ParamCounts:
+    """Parameter counts of a config without allocating weights (built on the meta device)."""
+    with torch.device("meta"):
+        return count_params(Chimera(config))

@@ -1,0 +1,97 @@
+"""The Griffin recurrent block: a GeLU gate branch and a conv + RG-LRU branch, multiplied.
+
+    y = gelu(W_y x)                         gate branch                       (B, T, lru)
+    u = conv4(W_u x)                        causal depthwise temporal conv    (B, T, lru)
+    h = RG-LRU(u)                           gated linear recurrence, fp32 state
+    out = W_o (h * y)
+
+The RG-LRU itself lives in ``chimera.rglru``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from chimera.config import ChimeraConfig
+from chimera.rglru import RGLRU
+
+class RecurrentCache(NamedTuple):
+    """Decoding state of one recurrent block: O(1) in sequence length."""
+
+    conv: Tensor  # (B, conv_width - 1, lru) the last inputs of the temporal conv
+    state: Tensor  # (B, lru) the RG-LRU state, always fp32
+
+
+class _CausalConv(torch.autograd.Function):
+    """Depthwise causal conv over whole sequences from a zero history:
+    ``out_t = bias + sum_k weight[k] * u_{t-k}``, as in-place shifted products with a hand-written
+    backward (about 2x faster than autograd of the padded version: no padding copy, fewer
+    temporaries)."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        length = u.shape[1]
+        out = torch.addcmul(bias, u, weight[0])
+        for k in range(1, min(weight.shape[0], length)):
+            out[:, k:].addcmul_(u[:, :length - k], weight[k])
+        ctx.save_for_backward(u, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        u, weight = ctx.saved_tensors
+        length = u.shape[1]
+        grad_u = grad * weight[0]
+        grad_weight = torch.zeros_like(weight)
+        grad_weight[0] = torch.linalg.vecdot(grad, u, dim=1).sum(0)
+        for k in range(1, min(weight.shape[0], length)):
+            grad_u[:, :length - k].addcmul_(grad[:, k:], weight[k])
+            grad_weight[k] = torch.linalg.vecdot(grad[:, k:], u[:, :length - k], dim=1).sum(0)
+        return grad_u, grad_weight, grad.sum(dim=(0, 1))
+
+
+class RecurrentBlock(nn.Module):
+    def __init__(self, config: ChimeraConfig) -> None:
+        super().__init__()
+        width = config.lru_dim
+        self.width = width
+        self.conv_width = config.conv_width
+        self.in_proj = nn.Linear(config.d_model, 2 * width, bias=False)  # gate branch | rnn branch
+        self.conv_weight = nn.Parameter(torch.empty(config.conv_width, width))
+        self.conv_bias = nn.Parameter(torch.zeros(width))
+        self.rg_lru = RGLRU(width, config.n_heads)
+        self.out_proj = nn.Linear(width, config.d_model, bias=False)
+        nn.init.normal_(self.conv_weight, std=1.0 / math.sqrt(config.conv_width))
+
+    def init_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> RecurrentCache:
+        return RecurrentCache(
+            conv=torch.zeros(batch_size, self.conv_width - 1, self.width, device=device, dtype=dtype),
+            state=torch.zeros(batch_size, self.width, device=device, dtype=torch.float32),
+        )
+
+    def _conv(self, u: Tensor, history: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Causal depthwise conv; ``history`` holds the previous conv_width-1 inputs when
+        decoding. Returns the output and the history to keep (None without a cache)."""
+        if history is None:
+            return _CausalConv.apply(u, self.conv_weight, self.conv_bias), None
+        length = u.shape[1]
+        padded = torch.cat([history.to(u.dtype), u], dim=1)  # (B, conv_width - 1 + T, lru)
+        out = self.conv_bias.expand_as(u)
+        for k in range(self.conv_width):  # weight[k] multiplies the input k steps back
+            start = self.conv_width - 1 - k
+            out = torch.addcmul(out, padded[:, start:start + length], self.conv_weight[k])
+        return out, padded[:, padded.shape[1] - (self.conv_width - 1):]
+
+    def forward(self, x: Tensor, cache: RecurrentCache | None = None
+                ) -> tuple[Tensor, RecurrentCache | None]:
+        gate, u = self.in_proj(x).chunk(2, dim=-1)
+        u, conv_history = self._conv(u, None if cache is None else cache.conv)
+        h, state = self.rg_lru(u, None if cache is None else cache.state)
+        out = self.out_proj(h * F.gelu(gate, approximate="tanh"))
+        new_cache = None if cache is None else RecurrentCache(conv_history, state)
+        return out, new_cache
