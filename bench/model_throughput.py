@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,8 @@ def make_train_step(model: Chimera, batch: int, length: int):
     return step
 
 
-def interleaved_seconds(fns: dict[str, callable], repeats: int, warmup: int = 1) -> dict[str, float]:
+def interleaved_seconds(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1
+                        ) -> dict[str, float]:
     """Median seconds per call of each fn, calling them in turn so drift hits all equally."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -153,7 +155,8 @@ def main() -> None:
     console = Console()
     console.print(f"[bold]Chimera '{args.preset}' ({config.summary()}, pattern "
                   f"{config.pattern}) vs attention-only twin[/bold]; torch {torch.__version__}, "
-                  f"{torch.get_num_threads()} threads, fp32 CPU, {args.tokens_per_step} tokens/step")
+                  f"{torch.get_num_threads()} threads, fp32 CPU, "
+                  f"{args.tokens_per_step} tokens/step")
 
     table = Table(title="training tokens/s (forward + backward + AdamW)")
     for col in ("seq len", "batch", "hybrid tok/s", "attention-only tok/s", "hybrid / attention",

@@ -90,7 +90,8 @@ class SlidingWindowAttention(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_ntk_scale,
                                       table_length=config.max_seq_len)
 
-    def init_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> AttentionCache:
+    def init_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype
+                   ) -> AttentionCache:
         shape = (batch_size, self.n_kv_heads, self.window, self.head_dim)
         return AttentionCache(torch.zeros(shape, device=device, dtype=dtype),
                               torch.zeros(shape, device=device, dtype=dtype))

@@ -85,6 +85,7 @@ def load_model(directory: str | Path, expected_config: ChimeraConfig | None = No
         wrong = sorted(n for n in set(expected) & set(stored) if expected[n] != stored[n])
         raise CheckpointError(
             f"{weights_path}: weights do not match {CONFIG_FILE}: missing {missing[:5]}, "
-            f"unexpected {extra[:5]}, wrong shape {[(n, stored[n], expected[n]) for n in wrong[:5]]}")
+            f"unexpected {extra[:5]}, wrong shape "
+            f"{[(n, stored[n], expected[n]) for n in wrong[:5]]}")
     model.load_state_dict(state)
     return model

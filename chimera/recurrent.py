@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from chimera.config import ChimeraConfig
 from chimera.rglru import RGLRU
 
+
 class RecurrentCache(NamedTuple):
     """Decoding state of one recurrent block: O(1) in sequence length."""
 
@@ -68,9 +69,11 @@ class RecurrentBlock(nn.Module):
         self.out_proj = nn.Linear(width, config.d_model, bias=False)
         nn.init.normal_(self.conv_weight, std=1.0 / math.sqrt(config.conv_width))
 
-    def init_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> RecurrentCache:
+    def init_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype
+                   ) -> RecurrentCache:
         return RecurrentCache(
-            conv=torch.zeros(batch_size, self.conv_width - 1, self.width, device=device, dtype=dtype),
+            conv=torch.zeros(batch_size, self.conv_width - 1, self.width, device=device,
+                             dtype=dtype),
             state=torch.zeros(batch_size, self.width, device=device, dtype=torch.float32),
         )
 

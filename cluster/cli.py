@@ -124,8 +124,13 @@ def _build_tokenizer(args: argparse.Namespace, spec, console: Console):
 
 
 def cmd_data_prepare(args: argparse.Namespace, console: Console) -> int:
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn, \
-        TransferSpeedColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeElapsedColumn,
+        TransferSpeedColumn,
+    )
 
     from chimera.tokenizer import TokenizerError
     from trainers.corpus import CorpusError

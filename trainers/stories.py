@@ -180,7 +180,7 @@ class _Writer:
         if rng.random() < 0.4:
             self.detour(friend, depth=1)
         self.add(f"{friend.name} brought {_a(obj)} to help.",
-                 f"They tried again, and this time they did it!",
+                 "They tried again, and this time they did it!",
                  f"{hero.name} felt {rng.choice(FEELINGS_GOOD)}.")
         self.facts.update(object=obj, problem=f"could not {activity}",
                           resolution=f"{hero.name} and {friend.name} did it together",
@@ -196,7 +196,7 @@ class _Writer:
         self.add(f"They both felt {rng.choice(FEELINGS_BAD)}.",
                  f"Then {hero.name} had an idea.")
         self.say(hero, f"Let us take turns with the {obj}.")
-        self.add(f"They took turns and played all day.",
+        self.add("They took turns and played all day.",
                  f"{friend.name} felt {rng.choice(FEELINGS_GOOD)}.")
         self.facts.update(object=obj, problem=f"both wanted the {obj}",
                           resolution="they took turns")

@@ -4,8 +4,14 @@ import pytest
 import torch
 
 from chimera.config import ChimeraConfig
-from chimera.generation import (SamplingConfig, apply_repetition_penalty, filter_top_k,
-                                filter_top_p, generate, stream)
+from chimera.generation import (
+    SamplingConfig,
+    apply_repetition_penalty,
+    filter_top_k,
+    filter_top_p,
+    generate,
+    stream,
+)
 from chimera.model import Chimera
 
 

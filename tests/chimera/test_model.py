@@ -82,8 +82,8 @@ def test_preset_parameter_counts_match_the_published_sizes(name, published, tole
 
 
 def test_published_presets_have_the_published_shapes():
-    assert (PRESETS["small"].n_layers, PRESETS["small"].d_model, PRESETS["small"].pattern.count("R")) \
-        == (12, 768, 8)
+    small = PRESETS["small"]
+    assert (small.n_layers, small.d_model, small.pattern.count("R")) == (12, 768, 8)
     assert (PRESETS["medium"].pattern.count("R"), PRESETS["medium"].pattern.count("A"),
             PRESETS["medium"].n_heads) == (11, 5, 16)
     assert (PRESETS["base"].pattern.count("R"), PRESETS["base"].pattern.count("A"),

@@ -2,8 +2,18 @@
 
 import pytest
 
-from chimera.tokenizer import (ASSISTANT, END_OF_TEXT, END_OF_TURN, USER, TokenizerError,
-                               end_of_text_id, fingerprint, load_tokenizer, train_bpe, train_char)
+from chimera.tokenizer import (
+    ASSISTANT,
+    END_OF_TEXT,
+    END_OF_TURN,
+    USER,
+    TokenizerError,
+    end_of_text_id,
+    fingerprint,
+    load_tokenizer,
+    train_bpe,
+    train_char,
+)
 
 TEXTS = ["The cat sat on the mat. The dog sat on the log."] * 30 + \
         ["Héllo wörld, naïve café! 🙂 Tabs\tand\nnewlines."] * 5

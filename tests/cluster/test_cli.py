@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from chimera.checkpoint import save_model
-from chimera.model import Chimera, param_counts_of
 from chimera.config import PRESETS
+from chimera.model import Chimera, param_counts_of
 from cluster.cli import main
 
 

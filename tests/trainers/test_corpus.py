@@ -8,8 +8,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from trainers.corpus import (CorpusError, CorpusFormat, CorpusSpec, DecodeErrors, Separator,
-                             clean_wikitext, corpus_fingerprint, iter_documents)
+from trainers.corpus import (
+    CorpusError,
+    CorpusFormat,
+    CorpusSpec,
+    DecodeErrors,
+    Separator,
+    clean_wikitext,
+    corpus_fingerprint,
+    iter_documents,
+)
 
 
 def test_text_file_split_on_end_of_text_lines(tmp_path):

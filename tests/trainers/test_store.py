@@ -2,17 +2,21 @@
 
 import json
 import math
-import os
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
 from chimera.tokenizer import end_of_text_id, fingerprint, train_bpe, train_char
-from trainers.corpus import CorpusError, CorpusSpec, Separator, iter_documents
-from trainers.store import (SplitConfig, StoreError, TokenStore, prepare_store, saved_tokenizer,
-                            token_dtype)
+from trainers.corpus import CorpusError, CorpusSpec, iter_documents
+from trainers.store import (
+    SplitConfig,
+    StoreError,
+    TokenStore,
+    prepare_store,
+    saved_tokenizer,
+    token_dtype,
+)
 
 STORIES = CorpusSpec("stories", stories_bytes=60_000, seed=1)
 

@@ -2,8 +2,7 @@
 
 from collections import Counter
 
-from trainers.stories import generate_stories, stories_of_size
-from trainers.stories import _Writer
+from trainers.stories import _Writer, generate_stories, stories_of_size
 
 
 def test_same_seed_same_stories_and_other_seed_other_stories():
