@@ -129,3 +129,19 @@ def param_counts_of(config: ChimeraConfig) -> ParamCounts:
     """Parameter counts of a config without allocating weights (built on the meta device)."""
     with torch.device("meta"):
         return count_params(Chimera(config))
+
+
+def param_counts_analytic(config: ChimeraConfig) -> ParamCounts:
+    """The same counts by formula, ~1000x faster than building the model (the search counts
+    thousands of genomes); tests hold it equal to ``param_counts_of``."""
+    d, w, f = config.d_model, config.lru_dim, config.ffn_hidden
+    kv_dim = config.n_kv_heads * config.head_dim
+    norms_and_mlp = 2 * d + 3 * d * f
+    recurrent = (2 * d * w + (config.conv_width + 1) * w  # in_proj, conv weight + bias
+                 + 2 * w * w // config.n_heads + 2 * w  # block-diagonal gates + biases
+                 + w + w * d)  # Lambda, out_proj
+    attention = d * (d + 2 * kv_dim) + d * d
+    layers = sum(norms_and_mlp + (recurrent if t is BlockType.RECURRENT else attention)
+                 for t in config.block_types)
+    embedding = config.vocab_size * d * (1 if config.tie_embeddings else 2)
+    return ParamCounts(embedding, layers + d)

@@ -9,14 +9,17 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 
 from chimera.config import PRESETS, ChimeraConfig, get_preset
 
 EXIT_USAGE = 2
+DEFAULT_BUDGET_SECONDS = 180.0
+DEFAULT_CANDIDATE_TOKENS = 100_000
 
 
 class CommandError(Exception):
@@ -207,11 +210,114 @@ def cmd_data_stories(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*"
+                       r"(?:(\d+(?:\.\d+)?)s?)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '5m', '1h', '1h30m' or plain seconds -> seconds."""
+    match = _DURATION.match(text)
+    if not match or not any(match.groups()):
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 90s, 5m, 1h)")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise argparse.ArgumentTypeError(f"duration must be positive: {text!r}")
+    return total
+
+
+def _evolve_settings(args: argparse.Namespace):
+    import dataclasses
+
+    from cluster.evolve import EvolveSettings, load_settings
+    from search.evolution import EvolutionConfig
+    from search.genome import get_space
+    from search.loop import SearchLimits
+    from trainers.candidate import BudgetKind, TrainBudget, TrainHparams
+
+    wall = args.budget
+    if wall is None and args.max_candidates is None and args.max_generations is None:
+        wall = DEFAULT_BUDGET_SECONDS
+    limits = SearchLimits(wall_seconds=wall, max_candidates=args.max_candidates,
+                          max_generations=args.max_generations)
+    if args.resume:  # the stored configuration, with this session's limits and execution
+        settings = load_settings(args.resume)
+        return dataclasses.replace(settings, limits=limits, workers=args.workers,
+                                   address=args.address, in_process=args.in_process)
+    get_space(args.space)  # fail early on a bad name
+    kind, amount = next(((k, v) for k, v in ((BudgetKind.TOKENS, args.candidate_tokens),
+                                             (BudgetKind.STEPS, args.candidate_steps),
+                                             (BudgetKind.SECONDS, args.candidate_seconds))
+                         if v is not None), (BudgetKind.TOKENS, DEFAULT_CANDIDATE_TOKENS))
+    run_dir = args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+    return EvolveSettings(
+        run_dir=run_dir, corpus=_corpus_spec(args), tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size, space=args.space,
+        evolution=EvolutionConfig(population_size=args.population,
+                                  tournament_size=args.tournament),
+        limits=limits, candidate_budget=TrainBudget(kind, amount),
+        hparams=TrainHparams(learning_rate=args.lr, batch_size=args.batch_size,
+                             seq_len=args.seq_len),
+        seed=args.seed, warm_start=not args.no_warm_start, workers=args.workers,
+        cpus_per_candidate=args.cpus_per_candidate, gpus_per_candidate=args.gpus_per_candidate,
+        address=args.address, in_process=args.in_process)
+
+
 def cmd_evolve(args: argparse.Namespace, console: Console) -> int:
-    # Placeholder until the `chimera evolve` issue lands: show what the search would start from.
-    console.print("[bold]chimera evolve[/bold]: the evolutionary search is not built yet "
-                  "(see the `chimera evolve` issue). It will start from these presets:")
-    return cmd_model_presets(args, console)
+    from chimera.tokenizer import TokenizerError
+    from cluster.evolve import print_outcome, run_evolve
+    from trainers.corpus import CorpusError
+    from trainers.store import StoreError
+
+    try:
+        settings = _evolve_settings(args)
+        console.print(f"[bold]chimera evolve[/bold] -> {settings.run_dir} "
+                      f"({settings.space} space, candidates train "
+                      f"{settings.candidate_budget.describe()} each)")
+        outcome = run_evolve(settings, console, live=not args.no_live)
+    except (CorpusError, TokenizerError, StoreError, ValueError, FileNotFoundError) as err:
+        raise CommandError(str(err)) from None
+    print_outcome(outcome, settings.run_dir, console)
+    return 130 if outcome.report.stop_reason == "interrupted" else 0
+
+
+def cmd_leaderboard(args: argparse.Namespace, console: Console) -> int:
+    import json
+    from pathlib import Path
+
+    from rich.live import Live
+
+    from results.db import RunDatabase
+    from results.leaderboard import counts_line, leaderboard_table
+
+    path = Path(args.run) / "results.db" if Path(args.run).is_dir() else Path(args.run)
+    try:
+        db = RunDatabase(path, readonly=True)
+    except FileNotFoundError as err:
+        raise CommandError(f"{err}; is {args.run} a run directory?") from None
+
+    def render():
+        return Group(leaderboard_table(db.leaderboard(args.top), f"top {args.top} of {args.run}"),
+                     counts_line(db.counts()))
+
+    if args.json:
+        rows = db.leaderboard(args.top)
+        for row in rows:
+            row["genome"], row["parents"] = json.loads(row["genome"]), json.loads(row["parents"])
+            row.pop("result", None)
+        print(json.dumps(rows, indent=2))
+    elif args.watch:
+        with Live(render(), console=console, refresh_per_second=1) as live:
+            try:
+                while True:
+                    time.sleep(args.interval)
+                    live.update(render())
+            except KeyboardInterrupt:
+                pass
+    else:
+        console.print(render())
+    db.close()
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,8 +375,61 @@ def build_parser() -> argparse.ArgumentParser:
     stories.add_argument("--seed", type=int, default=0)
     stories.set_defaults(handler=cmd_data_stories)
 
-    evolve = commands.add_parser("evolve", help="run an evolutionary architecture search")
+    evolve = commands.add_parser(
+        "evolve", help="run an evolutionary architecture search",
+        description="Aging evolution over Chimera architectures, candidates trained on Ray "
+                    "workers, results in RUN_DIR/results.db, a live leaderboard.")
+    limits = evolve.add_argument_group("limits")
+    limits.add_argument("--budget", type=parse_duration, default=None,
+                        help="wall-clock budget, e.g. 90s, 5m, 1h (default 3m when no other "
+                             "limit is given)")
+    limits.add_argument("--max-candidates", type=int)
+    limits.add_argument("--max-generations", type=int)
+    run = evolve.add_argument_group("run")
+    run.add_argument("--run-dir", help="where the run lives (default runs/<timestamp>)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--no-live", action="store_true", help="no live display")
+    data = evolve.add_argument_group("data (default: the built-in story corpus)")
+    data.add_argument("--corpus", default="stories")
+    data.add_argument("--corpus-size", type=parse_size, default="2MB")
+    data.add_argument("--tokenizer", default="bpe", help="bpe, char or a tokenizer directory")
+    data.add_argument("--vocab-size", type=int, default=1024)
+    data.add_argument("--format", choices=["auto", "text", "jsonl", "parquet"], default="auto")
+    data.add_argument("--text-field", default="text")
+    data.add_argument("--separator", choices=["eot", "blank"], default="eot")
+    data.add_argument("--errors", choices=["strict", "replace"], default="strict")
+    data.add_argument("--clean-wikitext", action="store_true")
+    search = evolve.add_argument_group("search")
+    search.add_argument("--space", default="cpu", help="cpu (default) or published")
+    search.add_argument("--population", type=int, default=16)
+    search.add_argument("--tournament", type=int, default=4)
+    search.add_argument("--no-warm-start", action="store_true", help="do not seed with presets")
+    candidates = evolve.add_argument_group("candidate training")
+    per = candidates.add_mutually_exclusive_group()
+    per.add_argument("--candidate-tokens", type=int)
+    per.add_argument("--candidate-steps", type=int)
+    per.add_argument("--candidate-seconds", type=float)
+    candidates.add_argument("--lr", type=float, default=3e-3)
+    candidates.add_argument("--batch-size", type=int, default=16)
+    candidates.add_argument("--seq-len", type=int, default=128)
+    cluster = evolve.add_argument_group("execution")
+    cluster.add_argument("--address", help="join a Ray cluster (e.g. auto); default: embedded")
+    cluster.add_argument("--workers", type=int, help="candidates at once (default: all CPUs)")
+    cluster.add_argument("--cpus-per-candidate", type=float, default=1.0)
+    cluster.add_argument("--gpus-per-candidate", type=float, default=0.0)
+    cluster.add_argument("--in-process", action="store_true",
+                         help="no Ray: train candidates one at a time in this process")
     evolve.set_defaults(handler=cmd_evolve)
+
+    board = commands.add_parser("leaderboard", help="show a run's leaderboard (also while it "
+                                                    "runs)")
+    board.add_argument("run", help="a run directory or its results.db")
+    board.add_argument("--top", type=int, default=10)
+    board.add_argument("--watch", action="store_true", help="refresh until Ctrl+C")
+    board.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    board.add_argument("--json", action="store_true", help="machine-readable output")
+    board.set_defaults(handler=cmd_leaderboard)
     return parser
 
 
@@ -282,7 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args, console)
     except CommandError as err:
-        Console(stderr=True).print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {err}",
+                                                 highlight=False)
         return EXIT_USAGE
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from chimera.config import PRESETS, BlockType, ChimeraConfig
-from chimera.model import Chimera, param_counts_of
+from chimera.model import Chimera, param_counts_analytic, param_counts_of
 from chimera.recurrent import RecurrentCache
 
 
@@ -98,6 +98,23 @@ def test_param_counts_on_meta_equal_a_real_model():
     counts = param_counts_of(config)
     assert counts.total == real
     assert counts.embedding == 2 * 53 * 32  # untied: the output head counts as embedding
+
+
+def test_analytic_parameter_count_equals_the_built_model():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(40):
+        heads = rng.choice([1, 2, 4, 8])
+        config = _config(d_model=heads * rng.choice([2, 4, 6, 8]), n_heads=heads,
+                         n_kv_heads=rng.choice([k for k in (1, 2, 4, 8) if heads % k == 0]),
+                         n_layers=rng.randint(1, 7), recurrence_ratio=rng.randint(0, 4),
+                         ffn_multiplier=rng.choice([1.5, 2.0, 3.3]),
+                         tie_embeddings=rng.random() < 0.5,
+                         lru_width=rng.choice([None, heads * 4]), conv_width=rng.randint(1, 5))
+        assert param_counts_analytic(config) == param_counts_of(config), config
+    for preset in PRESETS.values():
+        assert param_counts_analytic(preset) == param_counts_of(preset)
 
 
 def test_tied_embeddings_share_one_matrix():

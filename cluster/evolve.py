@@ -1,0 +1,229 @@
+"""``chimera evolve``: wire data, strategy, evaluator, database and display into one run.
+
+A run lives in a directory::
+
+    run.json      the run's full configuration (written atomically)
+    results.db    every candidate (SQLite; see results.db)
+    store/        the Arrow token store and its tokenizer
+
+Resuming (``--resume RUN``) reads the configuration back, replays the finished candidates into
+the strategy (so the population is what it was), relaunches what was pending, running or
+cancelled, and never trains a finished genome again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+
+from chimera.tokenizer import load_tokenizer, train_bpe, train_char
+from cluster.worker import CandidateSettings, CandidateTrainer
+from results.db import RunDatabase
+from results.leaderboard import leaderboard_table, live_view
+from search.evolution import AgingEvolution, EvolutionConfig, Proposal
+from search.genome import Genome, get_space, preset_seeds
+from search.loop import InProcessEvaluator, SearchLimits, SearchLoop, SearchReport, fitness_of
+from trainers.candidate import BudgetKind, TrainBudget, TrainHparams
+from trainers.corpus import CorpusFormat, CorpusSpec, DecodeErrors, Separator, iter_documents
+from trainers.store import SplitConfig, prepare_store, saved_tokenizer
+
+CONFIG_FILE = "run.json"
+DATABASE_FILE = "results.db"
+STORE_DIR = "store"
+
+
+@dataclass(frozen=True)
+class EvolveSettings:
+    run_dir: str
+    corpus: CorpusSpec = CorpusSpec("stories", stories_bytes=2_000_000)
+    tokenizer: str = "bpe"  # bpe | char | a tokenizer directory
+    vocab_size: int = 1024
+    space: str = "cpu"
+    evolution: EvolutionConfig = EvolutionConfig()
+    limits: SearchLimits = SearchLimits(wall_seconds=180)
+    candidate_budget: TrainBudget = TrainBudget(BudgetKind.TOKENS, 100_000)
+    hparams: TrainHparams = TrainHparams()
+    seed: int = 0
+    warm_start: bool = True
+    workers: int | None = None  # None: as many as the cluster's CPUs allow
+    cpus_per_candidate: float = 1.0
+    gpus_per_candidate: float = 0.0
+    address: str | None = None  # None: an embedded local Ray
+    in_process: bool = False  # no Ray: one candidate at a time in this process
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=_enum_value))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EvolveSettings:
+        corpus = dict(data["corpus"])
+        corpus.update(format=CorpusFormat(corpus["format"]), separator=Separator(
+            corpus["separator"]), errors=DecodeErrors(corpus["errors"]))
+        budget = data["candidate_budget"]
+        return cls(**{**data, "corpus": CorpusSpec(**corpus),
+                      "evolution": EvolutionConfig(**data["evolution"]),
+                      "limits": SearchLimits(**data["limits"]),
+                      "candidate_budget": TrainBudget(BudgetKind(budget["kind"]),
+                                                      budget["amount"]),
+                      "hparams": TrainHparams(**data["hparams"])})
+
+
+def _enum_value(value):
+    return value.value
+
+
+@dataclass
+class EvolveOutcome:
+    report: SearchReport
+    leaders: list[dict] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def load_settings(run_dir: str | Path) -> EvolveSettings:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a Chimera run (no {CONFIG_FILE})")
+    return EvolveSettings.from_dict(json.loads(path.read_text()))
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def prepare_data(settings: EvolveSettings, console: Console):
+    """The run's token store (reused when it is already there and current)."""
+    out = Path(settings.run_dir) / STORE_DIR
+    recipe = {"bpe": f"bpe:{settings.vocab_size}", "char": "char"}.get(settings.tokenizer)
+    if recipe is None:
+        tokenizer = load_tokenizer(settings.tokenizer)
+    else:
+        tokenizer = saved_tokenizer(out, settings.corpus, recipe)
+        if tokenizer is None:
+            with console.status(f"training the {recipe} tokenizer on "
+                                f"{settings.corpus.describe()}"):
+                documents = iter_documents(settings.corpus)
+                tokenizer = (train_bpe(documents, settings.vocab_size) if settings.tokenizer
+                             == "bpe" else train_char(documents))
+    with console.status("preparing the token store"):
+        store, _ = prepare_store(settings.corpus, tokenizer, out,
+                                 SplitConfig(seed=settings.seed), tokenizer_recipe=recipe)
+    return store
+
+
+def _proposal_of(row: dict) -> Proposal:
+    return Proposal(Genome.from_dict(json.loads(row["genome"])), tuple(json.loads(row["parents"])),
+                    row["operator"], row["generation"])
+
+
+def build_strategy(settings: EvolveSettings, vocab_size: int, db: RunDatabase):
+    """A fresh strategy, or one replayed from the database's history when resuming."""
+    space = dataclasses.replace(get_space(settings.space), vocab_size=vocab_size)
+    seeds = preset_seeds(space) if settings.warm_start else []
+    strategy = AgingEvolution(space, settings.evolution, settings.seed, seeds)
+    history = db.finished_in_order()
+    for row in history:
+        strategy.tell(row["id"], _proposal_of(row), fitness_of(json.loads(row["result"])))
+    if history:  # a resumed search draws fresh randomness, deterministically
+        strategy.rng = random.Random(f"{settings.seed}:{len(history)}")
+    relaunch = [(row["id"], _proposal_of(row)) for row in db.unfinished()]
+    for _, proposal in relaunch:
+        strategy.seen.add(proposal.genome.key)
+    return strategy, len(history), relaunch
+
+
+def start_ray(settings: EvolveSettings) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if settings.address:
+        ray.init(address=settings.address, logging_level=logging.WARNING, log_to_driver=False)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
+                 logging_level=logging.WARNING, log_to_driver=False)
+
+
+def _make_evaluator(settings: EvolveSettings, candidate: CandidateSettings):
+    if settings.in_process:
+        trainer = CandidateTrainer(candidate, "in-process")
+        return InProcessEvaluator(lambda genome: trainer.train(genome.to_dict()), slots=1)
+    import ray
+
+    from cluster.evaluator import RayEvaluator
+
+    start_ray(settings)
+    workers = settings.workers or max(
+        1, int(ray.cluster_resources().get("CPU", 1) // settings.cpus_per_candidate))
+    return RayEvaluator(candidate, workers, settings.cpus_per_candidate,
+                        settings.gpus_per_candidate)
+
+
+def run_evolve(settings: EvolveSettings, console: Console | None = None,
+               live: bool = True) -> EvolveOutcome:
+    console = console or Console()
+    run_dir = Path(settings.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    store = prepare_data(settings, console)
+    _write_json_atomic(run_dir / CONFIG_FILE, settings.to_dict())
+    db = RunDatabase(run_dir / DATABASE_FILE)
+    db.set_config(settings.to_dict() | {"store": store.meta})
+    strategy, already, relaunch = build_strategy(settings, store.vocab_size, db)
+    candidate = CandidateSettings(
+        store_dir=str(store.root), budget=settings.candidate_budget, hparams=settings.hparams,
+        seed=settings.seed, threads=max(1, int(settings.cpus_per_candidate)),
+        device="cuda" if settings.gpus_per_candidate > 0 else "cpu")
+    evaluator = _make_evaluator(settings, candidate)
+    started = time.monotonic()
+
+    def view():
+        return live_view(db.candidates(), db.counts(), time.monotonic() - started,
+                         settings.limits.wall_seconds, settings.limits.max_candidates)
+
+    # Transient: when the run ends the live view gives way to the final leaderboard.
+    display = Live(view(), console=console, refresh_per_second=4, transient=True) \
+        if live else None
+    loop = SearchLoop(strategy, evaluator, db, settings.limits,
+                      on_tick=(lambda: display.update(view())) if display else None)
+    try:
+        if display:
+            display.start()
+        report = loop.run(already_launched=already + len(relaunch), relaunch=relaunch)
+    except KeyboardInterrupt:
+        for candidate_id in evaluator.cancel_all():
+            db.record_cancelled(candidate_id, "interrupted")
+        loop.report.stop_reason = "interrupted"
+        report = loop.report
+    finally:
+        if display:
+            display.stop()
+        if hasattr(evaluator, "close"):
+            evaluator.close()
+    outcome = EvolveOutcome(report, db.leaderboard(top=10), db.counts())
+    db.close()
+    return outcome
+
+
+def print_outcome(outcome: EvolveOutcome, run_dir: str, console: Console) -> None:
+    report = outcome.report
+    console.print(leaderboard_table(outcome.leaders, f"leaderboard of {run_dir}"))
+    console.print(f"stopped: {report.stop_reason}; {report.completed} trained, {report.reused} "
+                  f"reused, {report.cancelled} cancelled in {report.seconds:.0f}s "
+                  f"({', '.join(f'{k} {v}' for k, v in sorted(report.statuses.items()))})",
+                  highlight=False)
+    if outcome.leaders:
+        best, worst = outcome.leaders[0], outcome.leaders[-1]
+        console.print(f"best: #{best['id']} {best['summary']} at {best['val_bpb']:.4f} bpb "
+                      f"(worst finished: {worst['val_bpb']:.4f})", highlight=False)

@@ -1,0 +1,96 @@
+"""Rich rendering of a run: the leaderboard, the workers, the counts and the live view.
+
+Everything here takes plain rows (dicts from the run database) and returns rich renderables, so
+the same code serves the live display of ``chimera evolve`` and ``chimera leaderboard``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from rich.console import Group
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+STATUS_STYLE = {"ok": "green", "diverged": "yellow", "out_of_memory": "magenta",
+                "failed": "red", "running": "cyan", "pending": "dim", "cancelled": "dim"}
+
+
+def format_params(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+def leaderboard_table(rows: list[dict], title: str = "leaderboard") -> Table:
+    table = Table(title=title, title_justify="left", expand=False)
+    for column, justify in (("rank", "right"), ("id", "right"), ("genome", "left"),
+                            ("params", "right"), ("val bpb", "right"), ("tok/s", "right"),
+                            ("status", "left"), ("origin", "left")):
+        table.add_column(column, justify=justify)
+    for rank, row in enumerate(rows, start=1):
+        origin = row["operator"] + (f" of {','.join(map(str, _parents(row)))}"
+                                    if _parents(row) else "")
+        bpb = row.get("val_bpb")
+        table.add_row(str(rank), str(row["id"]), row["summary"], format_params(row.get("params")),
+                      "-" if bpb is None else f"{bpb:.4f}",
+                      "-" if row.get("tokens_per_second") is None
+                      else f"{row['tokens_per_second']:,.0f}",
+                      Text(row["status"], style=STATUS_STYLE.get(row["status"], "")), origin)
+    return table
+
+
+def _parents(row: dict) -> list[int]:
+    parents = row.get("parents") or "[]"
+    return json.loads(parents) if isinstance(parents, str) else list(parents)
+
+
+def counts_line(counts: dict[str, int]) -> Text:
+    done = counts.get("ok", 0)
+    parts = [f"done {done}", f"failed {counts.get('failed', 0)}",
+             f"diverged {counts.get('diverged', 0)}",
+             f"out of memory {counts.get('out_of_memory', 0)}",
+             f"running {counts.get('running', 0)}", f"reused {counts.get('reused', 0)}",
+             f"cancelled {counts.get('cancelled', 0)}"]
+    return Text("  ".join(parts))
+
+
+def workers_table(running: list[dict], now: float | None = None) -> Table:
+    """What each worker trains now: rows of candidates with status 'running'."""
+    now = time.time() if now is None else now
+    table = Table(title="workers", title_justify="left")
+    for column in ("worker", "candidate", "genome", "for"):
+        table.add_column(column)
+    for row in running:
+        elapsed = now - (row.get("started_at") or now)
+        table.add_row(row.get("worker") or "-", str(row["id"]), row["summary"], f"{elapsed:.0f}s")
+    if not running:
+        table.add_row("-", "-", "idle", "")
+    return table
+
+
+def budget_bar(elapsed: float, total: float | None, launched: int,
+               max_candidates: int | None) -> Group:
+    """Progress through the run's budget with an ETA: time, or candidates when no time limit."""
+    if total:
+        fraction = min(1.0, elapsed / total)
+        label = f"budget {elapsed:,.0f}s / {total:,.0f}s, ETA {max(0.0, total - elapsed):,.0f}s"
+    elif max_candidates:
+        fraction = min(1.0, launched / max_candidates)
+        label = f"candidates {launched} / {max_candidates}"
+    else:
+        fraction, label = 0.0, f"candidates {launched}"
+    return Group(Text(label), ProgressBar(total=1.0, completed=fraction, width=60), Text(""))
+
+
+def live_view(candidates: list[dict], counts: dict[str, int], elapsed: float,
+              wall_seconds: float | None, max_candidates: int | None, top: int = 10) -> Group:
+    leaders = sorted((c for c in candidates if c["status"] == "ok" and c.get("reused_from")
+                      is None), key=lambda c: (c["val_bpb"], c["id"]))[:top]
+    running = [c for c in candidates if c["status"] == "running"]
+    launched = sum(1 for c in candidates if c["status"] != "pending")
+    return Group(budget_bar(elapsed, wall_seconds, launched, max_candidates),
+                 workers_table(running), leaderboard_table(leaders, f"top {top}"),
+                 counts_line(counts))

@@ -1,0 +1,99 @@
+"""Asynchronous regularized (aging) evolution (Real et al., 2019).
+
+A population of the ``population_size`` most recently evaluated genomes. Each new child comes
+from a tournament: sample ``tournament_size`` members, take the fittest as the parent, mutate it
+(or cross it with the runner-up). When a result arrives the child joins the population and the
+oldest member leaves, however fit it is: that ageing regularises the search. There is no
+generation barrier: ``ask`` can be called whenever a worker is free, before earlier children
+have been told.
+
+Before the population is full, the first children are the warm-start seeds, then random samples.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass
+
+from search.genome import Genome, SearchSpace
+from search.operators import crossover, mutate
+
+
+@dataclass(frozen=True)
+class Proposal:
+    genome: Genome
+    parents: tuple[int, ...] = ()  # candidate ids
+    operator: str = "random"  # seed | random | mutation | crossover
+    generation: int = 0  # 0 for seeds and random samples; parent's generation + 1
+
+
+@dataclass(frozen=True)
+class Member:
+    candidate_id: int
+    genome: Genome
+    fitness: float  # lower is better (validation bits per byte); inf for failed candidates
+    generation: int
+
+
+@dataclass(frozen=True)
+class EvolutionConfig:
+    population_size: int = 16
+    tournament_size: int = 4
+    crossover_probability: float = 0.25
+    max_dedupe_tries: int = 20
+
+    def __post_init__(self) -> None:
+        if self.population_size < 2:
+            raise ValueError(f"population_size={self.population_size}: must be at least 2")
+        if not 1 <= self.tournament_size <= self.population_size:
+            raise ValueError(f"tournament_size={self.tournament_size}: must be in "
+                             f"[1, population_size={self.population_size}]")
+
+
+class AgingEvolution:
+    def __init__(self, space: SearchSpace, config: EvolutionConfig, seed: int,
+                 seeds: list[Genome] = ()) -> None:
+        self.space, self.config = space, config
+        self.rng = random.Random(seed)
+        self.population: deque[Member] = deque()
+        self.pending_seeds = list(seeds)
+        self.proposed = 0
+        self.seen: set[str] = set()  # genome keys already proposed or evaluated
+
+    def ask(self) -> Proposal:
+        """The next genome to evaluate; avoids genomes already seen when it can."""
+        self.proposed += 1
+        proposal = self._propose()
+        for _ in range(self.config.max_dedupe_tries):
+            if proposal.genome.key not in self.seen:
+                break
+            proposal = self._propose()
+        self.seen.add(proposal.genome.key)
+        return proposal
+
+    def _propose(self) -> Proposal:
+        while self.pending_seeds:
+            genome = self.space.repair(self.pending_seeds.pop(0))
+            if genome.key not in self.seen:
+                return Proposal(genome, operator="seed")
+        if len(self.population) < self.config.population_size:
+            return Proposal(self.space.sample(self.rng), operator="random")
+        contestants = sorted(self.rng.sample(list(self.population), self.config.tournament_size),
+                             key=lambda m: (m.fitness, m.candidate_id))
+        parent = contestants[0]
+        if len(contestants) > 1 and self.rng.random() < self.config.crossover_probability:
+            other = contestants[1]
+            child = crossover(parent.genome, other.genome, self.space, self.rng)
+            return Proposal(child, (parent.candidate_id, other.candidate_id), "crossover",
+                            max(parent.generation, other.generation) + 1)
+        child = mutate(parent.genome, self.space, self.rng)
+        return Proposal(child, (parent.candidate_id,), "mutation", parent.generation + 1)
+
+    def tell(self, candidate_id: int, proposal: Proposal, fitness: float) -> None:
+        """A result arrived: the child joins, the oldest member leaves."""
+        self.seen.add(proposal.genome.key)
+        self.population.append(Member(candidate_id, proposal.genome, fitness,
+                                      proposal.generation))
+        while len(self.population) > self.config.population_size:
+            self.population.popleft()

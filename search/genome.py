@@ -1,0 +1,170 @@
+"""Genomes and search spaces.
+
+A ``Genome`` holds the architecture genes; a ``SearchSpace`` says which values each gene may
+take. ``SearchSpace.repair`` maps any genome onto the nearest valid one (divisibility, ranges, a
+parameter budget): constraints are repaired, never violated. Every genome has a canonical hash,
+the identity used to never train the same architecture twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from chimera.config import PRESETS, ChimeraConfig
+from chimera.model import param_counts_analytic
+
+GENES = ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_multiplier", "recurrence_ratio",
+         "window_size", "dropout")
+
+
+@dataclass(frozen=True)
+class Genome:
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_multiplier: float
+    recurrence_ratio: int
+    window_size: int
+    dropout: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Genome:
+        return cls(**{gene: data[gene] for gene in GENES})
+
+    @classmethod
+    def from_config(cls, config: ChimeraConfig) -> Genome:
+        return cls(**{gene: getattr(config, gene) for gene in GENES})
+
+    @property
+    def key(self) -> str:
+        """Canonical hash: equal genomes, equal keys, across processes and runs."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def to_config(self, vocab_size: int, max_seq_len: int) -> ChimeraConfig:
+        return ChimeraConfig(vocab_size=vocab_size, max_seq_len=max_seq_len, **self.to_dict())
+
+    def summary(self) -> str:
+        """Compact, e.g. ``d384 L8 RRRA w256 h6 kv2 f3``."""
+        period = "R" * self.recurrence_ratio + "A"
+        return (f"d{self.d_model} L{self.n_layers} {period} w{self.window_size} "
+                f"h{self.n_heads} kv{self.n_kv_heads} f{self.ffn_multiplier:g}")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The values each gene may take (ordered, so 'a small step' means a neighbouring value)."""
+
+    name: str
+    d_model: tuple[int, ...]
+    n_layers: tuple[int, ...]
+    n_heads: tuple[int, ...]
+    n_kv_heads: tuple[int, ...]
+    ffn_multiplier: tuple[float, ...]
+    recurrence_ratio: tuple[int, ...]
+    window_size: tuple[int, ...]
+    dropout: tuple[float, ...]
+    vocab_size: int = 4096  # for the parameter budget; the store's vocabulary in practice
+    max_params: int | None = None  # total parameters, embedding included
+
+    def values(self, gene: str) -> tuple:
+        return getattr(self, gene)
+
+    def sample(self, rng: random.Random) -> Genome:
+        return self.repair(Genome(**{g: rng.choice(self.values(g)) for g in GENES}))
+
+    def params(self, genome: Genome) -> int:
+        return _total_params(genome, self.vocab_size)
+
+    def repair(self, genome: Genome) -> Genome:
+        """The nearest valid genome: each gene snapped to the space, heads dividing the width
+        (with an even head size for RoPE), KV heads dividing heads, then shrunk (width first,
+        then depth) until it fits the parameter budget."""
+        genes = {g: _nearest(self.values(g), getattr(genome, g)) for g in GENES}
+        genes["n_heads"] = _nearest([h for h in self.n_heads
+                                     if genes["d_model"] % h == 0 and (genes["d_model"] // h) % 2
+                                     == 0] or [1], genes["n_heads"])
+        genes["n_kv_heads"] = _nearest([k for k in self.n_kv_heads if genes["n_heads"] % k == 0]
+                                       or [1], genes["n_kv_heads"])
+        repaired = Genome(**genes)
+        if self.max_params is not None:
+            while self.params(repaired) > self.max_params:
+                smaller = self._shrink(repaired)
+                if smaller == repaired:
+                    break  # the smallest genome in the space; nothing left to shrink
+                repaired = smaller
+        return repaired
+
+    def _shrink(self, genome: Genome) -> Genome:
+        widths = [d for d in self.d_model if d < genome.d_model]
+        depths = [n for n in self.n_layers if n < genome.n_layers]
+        if widths and (genome.d_model >= 2 * min(self.d_model) or not depths):
+            return self.repair(dataclasses.replace(genome, d_model=widths[-1]))
+        if depths:
+            return self.repair(dataclasses.replace(genome, n_layers=depths[-1]))
+        return genome
+
+    def contains(self, genome: Genome) -> bool:
+        return self.repair(genome) == genome
+
+
+@functools.lru_cache(maxsize=65_536)
+def _total_params(genome: Genome, vocab_size: int) -> int:
+    return param_counts_analytic(genome.to_config(vocab_size, max_seq_len=1)).total
+
+
+def _nearest(values: Sequence, value):
+    return min(values, key=lambda v: (abs(v - value), v))
+
+
+def _multiples(start: int, stop: int, step: int) -> tuple[int, ...]:
+    return tuple(range(start, stop + 1, step))
+
+
+# The published ranges of the Chimera seeds.
+PUBLISHED = SearchSpace(
+    name="published",
+    d_model=_multiples(512, 2048, 128), n_layers=_multiples(6, 24, 1),
+    n_heads=_multiples(4, 16, 1), n_kv_heads=_multiples(1, 8, 1),
+    ffn_multiplier=(2.0, 2.5, 3.0, 3.5, 4.0), recurrence_ratio=_multiples(1, 5, 1),
+    window_size=(256, 512, 768, 1024, 1536, 2048), dropout=(0.0, 0.05, 0.1, 0.15),
+    vocab_size=32_000)
+
+# CPU-sized: candidates of ~0.1-2M parameters that train in seconds on one core.
+CPU = SearchSpace(
+    name="cpu",
+    d_model=_multiples(64, 256, 32), n_layers=_multiples(2, 8, 1),
+    n_heads=(2, 4, 8), n_kv_heads=(1, 2, 4),
+    ffn_multiplier=(2.0, 2.5, 3.0, 3.5, 4.0), recurrence_ratio=_multiples(0, 4, 1),
+    window_size=(32, 64, 128, 256), dropout=(0.0, 0.05, 0.1),
+    vocab_size=1024, max_params=2_000_000)
+
+SPACES = {space.name: space for space in (CPU, PUBLISHED)}
+
+
+def get_space(name: str) -> SearchSpace:
+    try:
+        return SPACES[name]
+    except KeyError:
+        raise ValueError(f"unknown search space {name!r}; choose one of: "
+                         f"{', '.join(SPACES)}") from None
+
+
+def preset_seeds(space: SearchSpace) -> list[Genome]:
+    """Warm start: the presets, repaired into the space (deduplicated, in preset order)."""
+    seeds: list[Genome] = []
+    for config in PRESETS.values():
+        genome = space.repair(Genome.from_config(config))
+        if genome not in seeds:
+            seeds.append(genome)
+    return seeds

@@ -1,0 +1,217 @@
+"""The search loop: keeps every worker busy, records everything, stops within its limits.
+
+It knows a strategy (``ask``/``tell``), an ``Evaluator`` (where candidates train: in this process
+for tests, a Ray actor pool in production) and a ``Recorder`` (where results go: the run
+database). It never imports Ray or the database; it passes plain data.
+
+A genome is never trained twice: a proposal whose genome already has a recorded result is told
+that result at once and recorded as reused. Limits: wall-clock seconds (no candidate is launched
+that would overrun, judged by the median duration so far; what is still running at the deadline
+is cancelled and recorded), a number of candidates, and a number of generations.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from search.evolution import Proposal
+from search.genome import Genome
+
+FAILED_FITNESS = math.inf
+
+
+class Evaluator(Protocol):
+    slots: int  # how many candidates can train at once
+
+    def submit(self, candidate_id: int, genome: Genome) -> None: ...
+
+    def next_result(self, timeout: float | None) -> tuple[int, dict] | None:
+        """(candidate id, result as plain data) of the next finished candidate, or None."""
+
+    def in_flight(self) -> int: ...
+
+    def running(self) -> dict[int, str]:
+        """Candidate id -> worker name, for what is training now."""
+
+    def cancel_all(self) -> list[int]: ...
+
+
+class Recorder(Protocol):
+    def lookup(self, genome_key: str) -> tuple[int, dict] | None:
+        """(candidate id, result) of a finished candidate with this genome, if any."""
+
+    def record_proposal(self, proposal: dict) -> int: ...
+
+    def record_start(self, candidate_id: int, worker: str) -> None: ...
+
+    def record_result(self, candidate_id: int, result: dict) -> None: ...
+
+    def record_reused(self, proposal: dict, source_id: int, result: dict) -> int: ...
+
+    def record_cancelled(self, candidate_id: int, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class SearchLimits:
+    wall_seconds: float | None = None
+    max_candidates: int | None = None  # launched (trained or reused), resumed ones included
+    max_generations: int | None = None  # children deeper than this are not launched
+
+    def __post_init__(self) -> None:
+        if self.wall_seconds is None and self.max_candidates is None \
+                and self.max_generations is None:
+            raise ValueError("a search needs a limit: wall-clock seconds, a number of candidates "
+                             "or a number of generations")
+
+
+@dataclass
+class SearchReport:
+    launched: int = 0
+    completed: int = 0
+    reused: int = 0
+    cancelled: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    stop_reason: str = ""
+    seconds: float = 0.0
+
+
+def fitness_of(result: dict) -> float:
+    value = result.get("val_bpb")
+    return value if result.get("status") == "ok" and value is not None else FAILED_FITNESS
+
+
+def proposal_record(proposal: Proposal) -> dict:
+    genome = proposal.genome
+    return {"genome": genome.to_dict(), "genome_key": genome.key, "summary": genome.summary(),
+            "parents": list(proposal.parents), "operator": proposal.operator,
+            "generation": proposal.generation}
+
+
+class SearchLoop:
+    def __init__(self, strategy, evaluator: Evaluator, recorder: Recorder, limits: SearchLimits,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_tick: Callable[[], None] | None = None, poll_seconds: float = 0.5) -> None:
+        self.strategy, self.evaluator, self.recorder = strategy, evaluator, recorder
+        self.limits, self.clock, self.on_tick, self.poll = limits, clock, on_tick, poll_seconds
+        self.report = SearchReport()
+        self.proposals: dict[int, Proposal] = {}
+        self.durations: list[float] = []
+        self.start = self.deadline = 0.0
+
+    # ------------------------------------------------------------------ limits
+    def _time_reason(self) -> str | None:
+        if self.limits.wall_seconds is not None:
+            expected = statistics.median(self.durations) if self.durations else 0.0
+            if self.clock() + expected > self.deadline:
+                return "the time budget would be overrun by another candidate"
+        return None
+
+    def _stop_reason(self, launched_total: int) -> str | None:
+        limits = self.limits
+        if limits.max_candidates is not None and launched_total >= limits.max_candidates:
+            return f"reached {limits.max_candidates} candidates"
+        return self._time_reason()
+
+    def run(self, already_launched: int = 0, relaunch: list[tuple[int, Proposal]] = ()
+            ) -> SearchReport:
+        """Run until a limit. ``already_launched``: candidates of earlier sessions (resume);
+        ``relaunch``: candidates that were in flight when an earlier session stopped."""
+        self.start = self.clock()
+        self.deadline = self.start + (self.limits.wall_seconds or math.inf)
+        launched_total = already_launched
+        queue = list(relaunch)
+        stopping = False
+        while True:
+            while not stopping and self.evaluator.in_flight() < self.evaluator.slots:
+                # Candidates owed by an earlier session come first; they are already counted.
+                reason = self._time_reason() if queue else self._stop_reason(launched_total)
+                if reason is None and queue:
+                    self._launch(*queue.pop(0))
+                    continue
+                proposal = None if reason else self.strategy.ask()
+                if proposal is not None and self.limits.max_generations is not None \
+                        and proposal.generation > self.limits.max_generations:
+                    reason = f"reached generation {self.limits.max_generations}"
+                if reason:
+                    stopping, self.report.stop_reason = True, reason
+                    break
+                launched_total += 1
+                self._launch_or_reuse(proposal)
+            if self.evaluator.in_flight() == 0:
+                break
+            if self.clock() >= self.deadline:
+                for candidate_id in self.evaluator.cancel_all():
+                    self.recorder.record_cancelled(candidate_id, "time budget reached")
+                    self.report.cancelled += 1
+                self.report.stop_reason = "time budget reached"
+                break
+            timeout = min(self.poll, max(0.0, self.deadline - self.clock()))
+            finished = self.evaluator.next_result(timeout)
+            if finished is not None:
+                self._finish(*finished)
+            if self.on_tick:
+                self.on_tick()
+        self.report.seconds = self.clock() - self.start
+        return self.report
+
+    # ------------------------------------------------------------------ steps
+    def _launch_or_reuse(self, proposal: Proposal) -> None:
+        record = proposal_record(proposal)
+        known = self.recorder.lookup(proposal.genome.key)
+        if known is not None:  # never train a genome twice
+            source_id, result = known
+            candidate_id = self.recorder.record_reused(record, source_id, result)
+            self.strategy.tell(candidate_id, proposal, fitness_of(result))
+            self.report.reused += 1
+            return
+        self._launch(self.recorder.record_proposal(record), proposal)
+
+    def _launch(self, candidate_id: int, proposal: Proposal) -> None:
+        self.proposals[candidate_id] = proposal
+        self.evaluator.submit(candidate_id, proposal.genome)
+        self.recorder.record_start(candidate_id, self.evaluator.running().get(candidate_id, ""))
+        self.report.launched += 1
+
+    def _finish(self, candidate_id: int, result: dict) -> None:
+        proposal = self.proposals.pop(candidate_id)
+        self.recorder.record_result(candidate_id, result)
+        self.strategy.tell(candidate_id, proposal, fitness_of(result))
+        self.durations.append(result.get("wall_seconds", 0.0))
+        self.report.completed += 1
+        status = result.get("status", "failed")
+        self.report.statuses[status] = self.report.statuses.get(status, 0) + 1
+
+
+class InProcessEvaluator:
+    """Trains candidates one at a time in this process, when their result is asked for.
+
+    With one slot the search is strictly ask, train, tell: deterministic for a given seed."""
+
+    def __init__(self, train: Callable[[Genome], dict], slots: int = 1) -> None:
+        self.train, self.slots = train, slots
+        self.queue: list[tuple[int, Genome]] = []
+
+    def submit(self, candidate_id: int, genome: Genome) -> None:
+        self.queue.append((candidate_id, genome))
+
+    def next_result(self, timeout: float | None) -> tuple[int, dict] | None:
+        if not self.queue:
+            return None
+        candidate_id, genome = self.queue.pop(0)
+        return candidate_id, self.train(genome)
+
+    def in_flight(self) -> int:
+        return len(self.queue)
+
+    def running(self) -> dict[int, str]:
+        return {candidate_id: "in-process" for candidate_id, _ in self.queue}
+
+    def cancel_all(self) -> list[int]:
+        cancelled = [candidate_id for candidate_id, _ in self.queue]
+        self.queue.clear()
+        return cancelled

@@ -1,0 +1,36 @@
+"""Genetic operators: pure functions of their inputs and an explicit RNG, always returning a
+valid (repaired) genome of the space."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+from search.genome import GENES, Genome, SearchSpace
+
+STEP_PROBABILITY = 0.7  # a mutated gene moves to a neighbouring value; otherwise it is resampled
+
+
+def mutate(genome: Genome, space: SearchSpace, rng: random.Random, n_genes: int = 1) -> Genome:
+    """Change ``n_genes`` genes: each a small step (neighbouring value) or a resample. The
+    result always differs from the parent when the space allows it."""
+    for _ in range(10):
+        genes = genome.to_dict()
+        for gene in rng.sample(GENES, n_genes):
+            values = space.values(gene)
+            index = values.index(min(values, key=lambda v: abs(v - genes[gene])))
+            if rng.random() < STEP_PROBABILITY and len(values) > 1:
+                index = min(len(values) - 1, max(0, index + rng.choice((-1, 1))))
+                genes[gene] = values[index]
+            else:
+                genes[gene] = rng.choice(values)
+        child = space.repair(Genome(**genes))
+        if child != genome:
+            return child
+    return child
+
+
+def crossover(a: Genome, b: Genome, space: SearchSpace, rng: random.Random) -> Genome:
+    """Uniform crossover: each gene from either parent with equal probability."""
+    genes = {gene: getattr(a if rng.random() < 0.5 else b, gene) for gene in GENES}
+    return space.repair(dataclasses.replace(a, **genes))

@@ -1,0 +1,136 @@
+"""`chimera evolve` end to end: in-process and on Ray, resume after SIGKILL, live leaderboard."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.cli import main, parse_duration
+
+TINY = ["--corpus-size", "60KB", "--tokenizer", "char", "--batch-size", "4", "--seq-len", "32",
+        "--population", "4", "--tournament", "2", "--no-live"]
+
+
+def _evolve_argv(run_dir, *extra):
+    return ["evolve", "--run-dir", str(run_dir), *TINY, *extra]
+
+
+def _finished(run_dir):
+    with sqlite3.connect(Path(run_dir) / "results.db") as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute(
+            "SELECT * FROM candidates WHERE status IN ('ok','diverged','failed','out_of_memory') "
+            "ORDER BY id")]
+
+
+def _wait_for(predicate, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return True
+        except (sqlite3.Error, FileNotFoundError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+def test_evolve_in_process_finds_a_clearly_better_model_and_is_deterministic(tmp_path, capsys):
+    argv = ["--in-process", "--max-candidates", "6", "--candidate-steps", "15", "--seed", "3"]
+    assert main(_evolve_argv(tmp_path / "a", *argv)) == 0
+    out = capsys.readouterr().out
+    assert "leaderboard of" in out and "best: #" in out
+    rows = _finished(tmp_path / "a")
+    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
+    bpbs = sorted(r["val_bpb"] for r in rows)
+    assert bpbs[0] < bpbs[-1] - 0.05  # the best beats the worst clearly
+    assert (tmp_path / "a" / "run.json").is_file() and (tmp_path / "a" / "store").is_dir()
+    assert main(_evolve_argv(tmp_path / "b", *argv)) == 0
+    again = _finished(tmp_path / "b")
+    assert [(r["genome_key"], r["val_bpb"]) for r in again] == \
+        [(r["genome_key"], r["val_bpb"]) for r in rows]
+
+
+def test_evolve_killed_with_sigkill_resumes_losing_and_repeating_nothing(tmp_path):
+    run = tmp_path / "run"
+    argv = _evolve_argv(run, "--in-process", "--max-candidates", "8", "--candidate-steps", "40")
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_for(lambda: len(_finished(run)) >= 3)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = {r["id"]: r for r in _finished(run)}
+    assert 3 <= len(before) < 8
+
+    assert main(["evolve", "--resume", str(run), "--in-process", "--max-candidates", "8",
+                 "--no-live"]) == 0
+    after = _finished(run)
+    assert len(after) == 8
+    for row in after:  # nothing completed was lost or changed
+        if row["id"] in before:
+            assert row["result"] == before[row["id"]]["result"]
+    trained = [r["genome_key"] for r in after if r["reused_from"] is None]
+    assert len(trained) == len(set(trained))  # nothing trained twice
+    assert sorted(r["id"] for r in after) == list(range(1, 9))  # the interrupted one finished
+
+
+def test_leaderboard_command_reads_a_live_run(tmp_path, capsys):
+    run = tmp_path / "live"
+    argv = _evolve_argv(run, "--in-process", "--max-candidates", "30", "--candidate-steps", "40")
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: len(_finished(run)) >= 2)
+        assert main(["leaderboard", str(run), "--json", "--top", "3"]) == 0
+        assert proc.poll() is None  # the search was still running while we read
+        rows = json.loads(capsys.readouterr().out)
+        assert 2 <= len(rows) <= 3 and rows[0]["val_bpb"] <= rows[-1]["val_bpb"]
+        assert isinstance(rows[0]["genome"], dict) and "d_model" in rows[0]["genome"]
+        assert main(["leaderboard", str(run)]) == 0
+        assert "val bpb" in capsys.readouterr().out
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_leaderboard_of_a_missing_run_is_a_clean_error(tmp_path, capsys):
+    assert main(["leaderboard", str(tmp_path / "nope")]) == 2
+    assert "no run database" in capsys.readouterr().err
+
+
+def test_resume_of_a_directory_that_is_not_a_run(tmp_path, capsys):
+    assert main(["evolve", "--resume", str(tmp_path), "--no-live"]) == 2
+    assert "not a Chimera run" in capsys.readouterr().err
+
+
+@pytest.fixture
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_evolve_on_a_local_ray_cluster_uses_every_worker(tmp_path, local_ray, capsys):
+    run = tmp_path / "ray"
+    assert main(_evolve_argv(run, "--workers", "2", "--max-candidates", "6",
+                             "--candidate-steps", "15")) == 0
+    rows = _finished(run)
+    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
+    assert {r["worker"].split("@")[0] for r in rows} == {"worker-0", "worker-1"}
+
+
+def test_durations_parse():
+    assert parse_duration("90s") == 90 and parse_duration("5m") == 300
+    assert parse_duration("1h30m") == 5400 and parse_duration("45") == 45
+    with pytest.raises(Exception, match="not a duration"):
+        parse_duration("soon")

@@ -1,0 +1,140 @@
+"""Aging evolution and the search loop, with an in-process evaluator and a fake clock."""
+
+import math
+import random
+
+import pytest
+
+from results.db import RunDatabase
+from search.evolution import AgingEvolution, EvolutionConfig
+from search.genome import CPU, SearchSpace
+from search.loop import InProcessEvaluator, SearchLimits, SearchLoop
+
+
+def fake_result(genome, status="ok", seconds=1.0):
+    # A made-up fitness that prefers wide, shallow models: enough to watch selection work.
+    bpb = 2.0 - genome.d_model / 256 + genome.n_layers / 20
+    return {"status": status, "val_bpb": bpb if status == "ok" else None,
+            "val_loss": bpb, "wall_seconds": seconds, "params": 1000}
+
+
+def test_aging_removes_the_oldest_not_the_worst():
+    strategy = AgingEvolution(CPU, EvolutionConfig(population_size=3, tournament_size=2), 0)
+    for candidate_id, fitness in enumerate([0.1, 5.0, 6.0, 7.0]):
+        strategy.tell(candidate_id, strategy.ask(), fitness)
+    assert [m.candidate_id for m in strategy.population] == [1, 2, 3]  # the best (0) aged out
+
+
+def test_children_come_from_tournaments_once_the_population_is_full():
+    strategy = AgingEvolution(CPU, EvolutionConfig(population_size=4, tournament_size=4), 0,
+                              seeds=[])
+    ops = []
+    for i in range(10):
+        proposal = strategy.ask()
+        ops.append(proposal.operator)
+        strategy.tell(i, proposal, float(i))
+    assert ops[:4] == ["random"] * 4 and set(ops[4:]) <= {"mutation", "crossover"}
+    # A full tournament always picks the fittest member as (first) parent.
+    assert all(p for p in ops[4:])
+
+
+def test_strategy_avoids_genomes_it_has_seen():
+    strategy = AgingEvolution(CPU, EvolutionConfig(population_size=4, tournament_size=2), 1)
+    keys = []
+    for i in range(40):
+        proposal = strategy.ask()
+        keys.append(proposal.genome.key)
+        strategy.tell(i, proposal, random.Random(i).random())
+    assert len(set(keys)) == len(keys)
+
+
+def _loop(tmp_path, train, limits, space=CPU, seed=0, clock=None, name="r.db"):
+    db = RunDatabase(tmp_path / name)
+    strategy = AgingEvolution(space, EvolutionConfig(population_size=4, tournament_size=2), seed)
+    kwargs = {"clock": clock} if clock else {}
+    loop = SearchLoop(strategy, InProcessEvaluator(train), db, limits, **kwargs)
+    return loop, db
+
+
+def test_a_repeated_genome_reuses_the_recorded_result(tmp_path):
+    tiny = SearchSpace(name="tiny", d_model=(64,), n_layers=(2, 3), n_heads=(2,),
+                       n_kv_heads=(1,), ffn_multiplier=(2.0,), recurrence_ratio=(1,),
+                       window_size=(32,), dropout=(0.0,), vocab_size=64)
+    trained = []
+
+    def train(genome):
+        trained.append(genome.key)
+        return fake_result(genome)
+
+    loop, db = _loop(tmp_path, train, SearchLimits(max_candidates=8), space=tiny)
+    report = loop.run()
+    assert len(trained) == len(set(trained)) == 2  # the space has two genomes
+    assert report.reused == 6 and report.completed == 2
+    rows = db.candidates()
+    assert len(rows) == 8 and sum(r["reused_from"] is not None for r in rows) == 6
+    assert db.counts()["reused"] == 6
+
+
+def test_diverged_and_failed_candidates_are_recorded_and_the_search_goes_on(tmp_path):
+    def train(genome):
+        if genome.n_layers % 3 == 0:
+            return fake_result(genome, "diverged") | {"error": "loss nan at step 3"}
+        if genome.n_layers % 3 == 1:
+            return fake_result(genome, "failed") | {"error": "boom"}
+        return fake_result(genome)
+
+    loop, db = _loop(tmp_path, train, SearchLimits(max_candidates=20))
+    report = loop.run()
+    statuses = {row["status"] for row in db.candidates()}
+    assert {"diverged", "failed", "ok"} <= statuses
+    assert report.completed + report.reused == 20
+    diverged = [r for r in db.candidates() if r["status"] == "diverged"][0]
+    assert diverged["error"] == "loss nan at step 3" and diverged["val_bpb"] is None
+    assert all(math.isfinite(r["val_bpb"]) for r in db.leaderboard())
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_time_budget_stops_launching_what_would_overrun(tmp_path):
+    clock = FakeClock()
+
+    def train(genome):
+        clock.now += 10.0  # every candidate takes 10 seconds
+        return fake_result(genome, seconds=10.0)
+
+    loop, db = _loop(tmp_path, train, SearchLimits(wall_seconds=45), clock=clock)
+    report = loop.run()
+    # Launched at t=0, 10, 20, 30; at t=40 another 10 s would overrun 45.
+    assert report.completed == 4 and report.cancelled == 0
+    assert "overrun" in report.stop_reason and clock.now == 40.0
+
+
+def test_max_candidates_and_generations(tmp_path):
+    loop, db = _loop(tmp_path, fake_result, SearchLimits(max_candidates=7))
+    assert loop.run().completed == 7 and len(db.candidates()) == 7
+    loop, db = _loop(tmp_path, fake_result, SearchLimits(max_generations=2), name="g.db")
+    report = loop.run()
+    assert "generation 2" in report.stop_reason
+    assert max(r["generation"] for r in db.candidates()) == 2
+
+
+def test_same_seed_same_search_with_one_worker(tmp_path):
+    def history(seed, name):
+        loop, db = _loop(tmp_path, fake_result, SearchLimits(max_candidates=15), seed=seed,
+                         name=name)
+        loop.run()
+        return [(r["genome_key"], r["operator"], r["parents"]) for r in db.candidates()]
+
+    assert history(5, "a.db") == history(5, "b.db")
+    assert history(5, "a.db") != history(6, "c.db")
+
+
+def test_limits_need_at_least_one_bound():
+    with pytest.raises(ValueError, match="needs a limit"):
+        SearchLimits()

@@ -1,0 +1,85 @@
+"""Genomes, spaces and operators: always valid, deterministic per seed."""
+
+import random
+
+import pytest
+
+from chimera.config import ChimeraConfig
+from search.genome import CPU, PUBLISHED, Genome, get_space, preset_seeds
+from search.operators import crossover, mutate
+
+
+def _valid(genome: Genome, space) -> bool:
+    ChimeraConfig(vocab_size=space.vocab_size, **genome.to_dict())  # raises if invalid
+    in_ranges = all(getattr(genome, g) in space.values(g) for g in genome.to_dict())
+    fits = space.max_params is None or space.params(genome) <= space.max_params
+    return in_ranges and fits
+
+
+@pytest.mark.parametrize("space", [CPU, PUBLISHED], ids=lambda s: s.name)
+def test_operators_always_yield_valid_genomes(space):
+    rng = random.Random(0)
+    population = [space.sample(rng) for _ in range(20)]
+    for _ in range(150):
+        a, b = rng.sample(population, 2)
+        child = mutate(a, space, rng) if rng.random() < 0.5 else crossover(a, b, space, rng)
+        assert _valid(child, space), child
+        population.append(child)
+
+
+def test_operators_are_deterministic_per_seed():
+    def run(seed):
+        rng = random.Random(seed)
+        genome = CPU.sample(rng)
+        out = []
+        for _ in range(30):
+            other = CPU.sample(rng)
+            genome = mutate(crossover(genome, other, CPU, rng), CPU, rng)
+            out.append(genome)
+        return out
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+def test_mutation_changes_the_genome_a_little():
+    rng = random.Random(1)
+    for _ in range(50):
+        parent = CPU.sample(rng)
+        child = mutate(parent, CPU, rng)
+        assert child != parent
+        changed = [g for g, v in parent.to_dict().items() if child.to_dict()[g] != v]
+        assert 1 <= len(changed) <= 4  # one gene, plus what repair adjusts with it
+
+
+def test_repair_fixes_divisibility_and_the_parameter_budget():
+    broken = Genome(d_model=100, n_layers=30, n_heads=7, n_kv_heads=3, ffn_multiplier=9.0,
+                    recurrence_ratio=9, window_size=1000, dropout=0.5)
+    fixed = CPU.repair(broken)
+    assert _valid(fixed, CPU)
+    assert fixed.d_model % fixed.n_heads == 0 and fixed.n_heads % fixed.n_kv_heads == 0
+    assert CPU.repair(fixed) == fixed  # idempotent
+
+
+def test_genome_hash_is_canonical():
+    genome = CPU.sample(random.Random(5))
+    same = Genome.from_dict(dict(reversed(list(genome.to_dict().items()))))
+    assert same.key == genome.key and len(genome.key) == 16
+    other = mutate(genome, CPU, random.Random(0))
+    assert other.key != genome.key
+
+
+def test_presets_warm_start_inside_the_space():
+    seeds = preset_seeds(CPU)
+    assert len(seeds) >= 3 and all(_valid(s, CPU) for s in seeds)
+    assert len({s.key for s in seeds}) == len(seeds)
+
+
+def test_published_space_has_the_published_ranges():
+    assert (min(PUBLISHED.d_model), max(PUBLISHED.d_model)) == (512, 2048)
+    assert (min(PUBLISHED.n_layers), max(PUBLISHED.n_layers)) == (6, 24)
+    assert (min(PUBLISHED.recurrence_ratio), max(PUBLISHED.recurrence_ratio)) == (1, 5)
+    assert (min(PUBLISHED.window_size), max(PUBLISHED.window_size)) == (256, 2048)
+    assert max(PUBLISHED.dropout) == 0.15
+    with pytest.raises(ValueError, match="unknown search space"):
+        get_space("huge")

@@ -1,0 +1,220 @@
+"""Train one candidate architecture for a short budget and score it on the fixed validation set.
+
+``train_candidate`` never raises for a bad candidate: it returns a ``CandidateResult`` whose
+status says what happened (ok, diverged, out_of_memory, failed with the error). With a token or
+step budget and a seed, the result is reproducible: initialisation comes from the seed and every
+batch is a pure function of (seed, step) in the store.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import resource
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from chimera.config import ChimeraConfig
+from chimera.model import Chimera
+from trainers.store import TokenStore
+
+
+class BudgetKind(str, enum.Enum):
+    TOKENS = "tokens"
+    STEPS = "steps"
+    SECONDS = "seconds"
+
+
+@dataclass(frozen=True)
+class TrainBudget:
+    kind: BudgetKind
+    amount: float
+
+    def __post_init__(self) -> None:
+        if not self.amount > 0:
+            raise ValueError(f"budget amount must be positive, got {self.amount}")
+
+    def describe(self) -> str:
+        return f"{self.amount:g} {self.kind.value}"
+
+
+@dataclass(frozen=True)
+class TrainHparams:
+    """Training hyperparameters of a short candidate run (the promote step tunes these)."""
+
+    learning_rate: float = 3e-3
+    min_lr_fraction: float = 0.1  # cosine decays to this share of the peak
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    batch_size: int = 16
+    seq_len: int = 128
+    eval_batches: int = 8  # of the fixed validation set
+
+
+class Status(str, enum.Enum):
+    OK = "ok"
+    DIVERGED = "diverged"
+    OUT_OF_MEMORY = "out_of_memory"
+    FAILED = "failed"
+
+
+@dataclass
+class CandidateResult:
+    status: Status
+    val_loss: float | None = None  # nats per token
+    val_bpb: float | None = None  # bits per byte of the validation text
+    params: int = 0
+    non_embedding_params: int = 0
+    steps: int = 0
+    tokens: int = 0
+    tokens_per_second: float = 0.0
+    wall_seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["status"] = self.status.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CandidateResult:
+        data = dict(data)
+        data["status"] = Status(data["status"])
+        data["loss_curve"] = [tuple(point) for point in data.get("loss_curve", [])]
+        return cls(**data)
+
+
+def learning_rate_at(progress: float, hparams: TrainHparams) -> float:
+    """Linear warmup then cosine decay to ``min_lr_fraction`` of the peak; progress in [0, 1]."""
+    peak = hparams.learning_rate
+    if progress < hparams.warmup_fraction:
+        return peak * (progress / hparams.warmup_fraction)
+    decay = (progress - hparams.warmup_fraction) / max(1e-9, 1 - hparams.warmup_fraction)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, decay)))
+    return peak * (hparams.min_lr_fraction + (1 - hparams.min_lr_fraction) * cosine)
+
+
+def make_optimizer(model: torch.nn.Module, hparams: TrainHparams) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases, Lambda or the conv)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": hparams.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=hparams.learning_rate, betas=(hparams.beta1, hparams.beta2))
+
+
+@torch.no_grad()
+def evaluate(model: Chimera, batches: list[torch.Tensor], device: torch.device) -> float:
+    """Mean loss in nats per token over the given (B, T + 1) batches."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = batch.to(device)
+        with _autocast(device):
+            logits, _ = model(batch[:, :-1])
+        total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(),
+                                 reduction="sum").item()
+        count += batch[:, 1:].numel()
+    model.train()
+    return total / count
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def _total_steps(budget: TrainBudget, hparams: TrainHparams) -> int | None:
+    if budget.kind is BudgetKind.STEPS:
+        return max(1, int(budget.amount))
+    if budget.kind is BudgetKind.TOKENS:
+        return max(1, int(budget.amount // (hparams.batch_size * hparams.seq_len)))
+    return None  # seconds: the schedule follows the clock
+
+
+def train_candidate(config: ChimeraConfig, store: TokenStore, budget: TrainBudget,
+                    hparams: TrainHparams = TrainHparams(), seed: int = 0,
+                    device: str | torch.device = "cpu") -> CandidateResult:
+    """Train ``config`` from scratch within ``budget`` and score it. Never raises for a bad
+    candidate; the status and error say what went wrong."""
+    device = torch.device(device)
+    start = time.perf_counter()
+    result = CandidateResult(status=Status.FAILED)
+    try:
+        if config.vocab_size < store.vocab_size:
+            raise ValueError(f"config vocab_size {config.vocab_size} is smaller than the store's "
+                             f"{store.vocab_size}")
+        torch.manual_seed(seed)
+        model = Chimera(config).to(device)
+        counts = model.param_counts()
+        result.params, result.non_embedding_params = counts.total, counts.non_embedding
+        optimizer = make_optimizer(model, hparams)
+        total_steps = _total_steps(budget, hparams)
+        tokens_per_step = hparams.batch_size * hparams.seq_len
+        train_start = time.perf_counter()
+        step = 0
+        while True:
+            elapsed = time.perf_counter() - train_start
+            if total_steps is not None:
+                if step >= total_steps:
+                    break
+                progress = step / total_steps
+            else:
+                if elapsed >= budget.amount:
+                    break
+                progress = elapsed / budget.amount
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate_at(progress, hparams)
+            batch = store.sample("train", hparams.batch_size, hparams.seq_len, seed, step)
+            batch = batch.to(device)
+            with _autocast(device):
+                logits, _ = model(batch[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            if not torch.isfinite(loss):
+                result.status, result.error = Status.DIVERGED, f"loss {loss.item()} at step {step}"
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), hparams.grad_clip)
+            optimizer.step()
+            step += 1
+            if step == 1 or step % 10 == 0:
+                result.loss_curve.append((step, loss.item()))
+        train_seconds = time.perf_counter() - train_start
+        result.steps, result.tokens = step, step * tokens_per_step
+        result.tokens_per_second = result.tokens / max(train_seconds, 1e-9)
+        if result.status is not Status.DIVERGED:
+            val_batches = store.validation_batches(hparams.batch_size, hparams.seq_len,
+                                                   hparams.eval_batches)
+            result.val_loss = evaluate(model, val_batches, device)
+            if math.isfinite(result.val_loss):
+                result.val_bpb = store.bits_per_byte(result.val_loss, "val")
+                result.status = Status.OK
+            else:
+                result.status, result.error = Status.DIVERGED, "non-finite validation loss"
+    except torch.OutOfMemoryError as err:
+        result.status, result.error = Status.OUT_OF_MEMORY, str(err).splitlines()[0]
+    except MemoryError:
+        result.status, result.error = Status.OUT_OF_MEMORY, "host memory exhausted"
+    except Exception as err:  # a bad candidate must never take the search down
+        result.status = Status.FAILED
+        result.error = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}"
+    result.wall_seconds = time.perf_counter() - start
+    result.peak_memory_mb = _peak_memory_mb(device)
+    return result
