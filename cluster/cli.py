@@ -102,30 +102,6 @@ def _corpus_spec(args: argparse.Namespace):
                       stories_bytes=args.corpus_size, seed=args.seed)
 
 
-def _tokenizer_recipe(args: argparse.Namespace) -> str | None:
-    return {"bpe": f"bpe:{args.vocab_size}", "char": "char"}.get(args.tokenizer)
-
-
-def _build_tokenizer(args: argparse.Namespace, spec, console: Console):
-    """A tokenizer directory to load, or 'bpe' / 'char' to train one on the corpus (unless the
-    store at --out already holds one trained the same way on the same corpus)."""
-    from chimera.tokenizer import load_tokenizer, train_bpe, train_char
-    from trainers.corpus import iter_documents
-    from trainers.store import saved_tokenizer
-
-    recipe = _tokenizer_recipe(args)
-    if recipe is None:
-        return load_tokenizer(args.tokenizer)
-    saved = saved_tokenizer(args.out, spec, recipe)
-    if saved is not None:
-        return saved
-    if args.tokenizer == "bpe":
-        with console.status(f"training a {args.vocab_size}-token byte-level BPE"):
-            return train_bpe(iter_documents(spec), args.vocab_size)
-    with console.status("building a character vocabulary"):
-        return train_char(iter_documents(spec))
-
-
 def cmd_data_prepare(args: argparse.Namespace, console: Console) -> int:
     from rich.progress import (
         BarColumn,
@@ -137,19 +113,27 @@ def cmd_data_prepare(args: argparse.Namespace, console: Console) -> int:
 
     from chimera.tokenizer import TokenizerError
     from trainers.corpus import CorpusError
-    from trainers.store import SplitConfig, StoreError, prepare_store
+    from trainers.store import (
+        SplitConfig,
+        StoreError,
+        prepare_store,
+        tokenizer_for,
+        tokenizer_recipe,
+    )
 
     try:
         spec = _corpus_spec(args)
         split = SplitConfig(val_fraction=args.val_fraction, seed=args.seed)
-        tokenizer = _build_tokenizer(args, spec, console)
+        with console.status(f"preparing the {args.tokenizer} tokenizer"):
+            tokenizer = tokenizer_for(spec, args.tokenizer, args.vocab_size, args.out)
         with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                       TransferSpeedColumn(), TimeElapsedColumn(), console=console,
                       transient=True) as progress:
             task = progress.add_task("tokenizing", total=None)
             store, reused = prepare_store(spec, tokenizer, args.out, split,
                                           progress=lambda n: progress.advance(task, n),
-                                          tokenizer_recipe=_tokenizer_recipe(args))
+                                          tokenizer_recipe=tokenizer_recipe(
+                                              args.tokenizer, args.vocab_size))
     except (CorpusError, TokenizerError, StoreError) as err:
         raise CommandError(str(err)) from None
     verb = "reused the existing store at" if reused else "wrote"

@@ -26,7 +26,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.live import Live
 
-from chimera.tokenizer import load_tokenizer, train_bpe, train_char
 from cluster.worker import CandidateSettings, CandidateTrainer
 from results.db import RunDatabase
 from results.leaderboard import leaderboard_table, live_view
@@ -34,8 +33,8 @@ from search.evolution import AgingEvolution, EvolutionConfig, Proposal
 from search.genome import Genome, get_space, preset_seeds
 from search.loop import InProcessEvaluator, SearchLimits, SearchLoop, SearchReport, fitness_of
 from trainers.candidate import BudgetKind, TrainBudget, TrainHparams
-from trainers.corpus import CorpusFormat, CorpusSpec, DecodeErrors, Separator, iter_documents
-from trainers.store import SplitConfig, prepare_store, saved_tokenizer
+from trainers.corpus import CorpusFormat, CorpusSpec, DecodeErrors, Separator
+from trainers.store import SplitConfig, prepare_store, tokenizer_for, tokenizer_recipe
 
 CONFIG_FILE = "run.json"
 DATABASE_FILE = "results.db"
@@ -85,8 +84,9 @@ def _enum_value(value):
 @dataclass
 class EvolveOutcome:
     report: SearchReport
-    leaders: list[dict] = field(default_factory=list)
+    leaders: list[dict] = field(default_factory=list)  # the top 10
     counts: dict[str, int] = field(default_factory=dict)
+    worst_bpb: float | None = None  # of every candidate that finished ok
 
 
 def load_settings(run_dir: str | Path) -> EvolveSettings:
@@ -106,20 +106,12 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 def prepare_data(settings: EvolveSettings, console: Console):
     """The run's token store (reused when it is already there and current)."""
     out = Path(settings.run_dir) / STORE_DIR
-    recipe = {"bpe": f"bpe:{settings.vocab_size}", "char": "char"}.get(settings.tokenizer)
-    if recipe is None:
-        tokenizer = load_tokenizer(settings.tokenizer)
-    else:
-        tokenizer = saved_tokenizer(out, settings.corpus, recipe)
-        if tokenizer is None:
-            with console.status(f"training the {recipe} tokenizer on "
-                                f"{settings.corpus.describe()}"):
-                documents = iter_documents(settings.corpus)
-                tokenizer = (train_bpe(documents, settings.vocab_size) if settings.tokenizer
-                             == "bpe" else train_char(documents))
-    with console.status("preparing the token store"):
-        store, _ = prepare_store(settings.corpus, tokenizer, out,
-                                 SplitConfig(seed=settings.seed), tokenizer_recipe=recipe)
+    with console.status(f"preparing the {settings.tokenizer} tokenizer and the token store "
+                        f"from {settings.corpus.describe()}"):
+        tokenizer = tokenizer_for(settings.corpus, settings.tokenizer, settings.vocab_size, out)
+        store, _ = prepare_store(settings.corpus, tokenizer, out, SplitConfig(seed=settings.seed),
+                                 tokenizer_recipe=tokenizer_recipe(settings.tokenizer,
+                                                                   settings.vocab_size))
     return store
 
 
@@ -211,7 +203,9 @@ def run_evolve(settings: EvolveSettings, console: Console | None = None,
             display.stop()
         if hasattr(evaluator, "close"):
             evaluator.close()
-    outcome = EvolveOutcome(report, db.leaderboard(top=10), db.counts())
+    ranked = db.leaderboard()
+    outcome = EvolveOutcome(report, ranked[:10], db.counts(),
+                            ranked[-1]["val_bpb"] if ranked else None)
     db.close()
     return outcome
 
@@ -224,6 +218,6 @@ def print_outcome(outcome: EvolveOutcome, run_dir: str, console: Console) -> Non
                   f"({', '.join(f'{k} {v}' for k, v in sorted(report.statuses.items()))})",
                   highlight=False)
     if outcome.leaders:
-        best, worst = outcome.leaders[0], outcome.leaders[-1]
+        best = outcome.leaders[0]
         console.print(f"best: #{best['id']} {best['summary']} at {best['val_bpb']:.4f} bpb "
-                      f"(worst finished: {worst['val_bpb']:.4f})", highlight=False)
+                      f"(worst that finished ok: {outcome.worst_bpb:.4f})", highlight=False)

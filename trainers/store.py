@@ -148,6 +148,26 @@ def saved_tokenizer(out: str | Path, spec: CorpusSpec, recipe: str):
         return None
 
 
+def tokenizer_recipe(tokenizer: str, vocab_size: int) -> str | None:
+    """'bpe' and 'char' name tokenizers trained on the corpus; anything else is a directory."""
+    return {"bpe": f"bpe:{vocab_size}", "char": "char"}.get(tokenizer)
+
+
+def tokenizer_for(spec: CorpusSpec, tokenizer: str, vocab_size: int, out: str | Path):
+    """The tokenizer a store at ``out`` should use: a directory is loaded; 'bpe' / 'char' are
+    trained on the corpus, unless the store there already holds one made the same way."""
+    from chimera.tokenizer import load_tokenizer, train_bpe, train_char
+
+    recipe = tokenizer_recipe(tokenizer, vocab_size)
+    if recipe is None:
+        return load_tokenizer(tokenizer)
+    saved = saved_tokenizer(out, spec, recipe)
+    if saved is not None:
+        return saved
+    documents = iter_documents(spec)
+    return train_bpe(documents, vocab_size) if tokenizer == "bpe" else train_char(documents)
+
+
 def prepare_store(spec: CorpusSpec, tokenizer, out: str | Path,
                   split: SplitConfig = SplitConfig(), batch_docs: int = 512,
                   progress: Callable[[int], None] | None = None,
