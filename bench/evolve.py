@@ -4,8 +4,9 @@
 * one 2-thread worker vs two 1-thread workers.
 
 Every layout trains the same fixed list of genomes (sampled from the CPU search space with a
-seed, handed out largest first) with the same token budget on the built-in story corpus, so the comparison measures the
-execution layer, not different search trajectories. Each layout is timed twice, interleaved.
+seed, handed out largest first) with the same token budget on the built-in story corpus, so
+the comparison measures the execution layer, not different search trajectories. Each layout is
+timed twice, interleaved.
 
     python bench/evolve.py
 """

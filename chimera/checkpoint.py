@@ -27,7 +27,9 @@ class CheckpointError(ValueError):
     """A model directory that is missing, incomplete or does not match its config."""
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place:
+    readers see the old file or the new one, never half of one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -42,10 +44,10 @@ def save_model(model: Chimera, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    _atomic_write(directory / WEIGHTS_FILE,
+    atomic_write(directory / WEIGHTS_FILE,
                   lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     config_json = model.config.to_json() + "\n"
-    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_json))
+    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_json))
     return directory
 
 

@@ -171,25 +171,23 @@ def cmd_data_info(args: argparse.Namespace, console: Console) -> int:
 def cmd_data_stories(args: argparse.Namespace, console: Console) -> int:
     """Write the built-in story corpus, with each story's facts, as JSONL."""
     import json
-    import os
-    import tempfile
     from pathlib import Path
 
+    from chimera.checkpoint import atomic_write
     from trainers.stories import stories_of_size
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     count = 0
-    try:
-        with os.fdopen(fd, "w") as handle:
+
+    def write(tmp: str) -> None:
+        nonlocal count
+        with open(tmp, "w") as handle:
             for story in stories_of_size(args.size, args.seed):
                 handle.write(json.dumps({"text": story.text, "facts": story.facts}) + "\n")
                 count += 1
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(out, write)
     console.print(f"wrote {count:,} stories to {out}")
     return 0
 

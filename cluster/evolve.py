@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.live import Live
 
+from chimera.checkpoint import atomic_write
 from cluster.worker import CandidateSettings, CandidateTrainer
 from results.db import RunDatabase
 from results.leaderboard import leaderboard_table, live_view
@@ -97,10 +97,8 @@ def load_settings(run_dir: str | Path) -> EvolveSettings:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def prepare_data(settings: EvolveSettings, console: Console):
@@ -136,31 +134,35 @@ def build_strategy(settings: EvolveSettings, vocab_size: int, db: RunDatabase):
     return strategy, len(history), relaunch
 
 
-def start_ray(settings: EvolveSettings) -> None:
+def start_ray(settings: EvolveSettings) -> bool:
+    """Connect to Ray (an embedded local one unless an address is given). True if this call
+    started it, so the caller shuts it down again."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if settings.address:
         ray.init(address=settings.address, logging_level=logging.WARNING, log_to_driver=False)
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
                  logging_level=logging.WARNING, log_to_driver=False)
+    return True
 
 
 def _make_evaluator(settings: EvolveSettings, candidate: CandidateSettings):
+    """The evaluator, and whether Ray was started for it (and must be shut down)."""
     if settings.in_process:
         trainer = CandidateTrainer(candidate, "in-process")
-        return InProcessEvaluator(lambda genome: trainer.train(genome.to_dict()), slots=1)
+        return InProcessEvaluator(lambda genome: trainer.train(genome.to_dict()), slots=1), False
     import ray
 
     from cluster.evaluator import RayEvaluator
 
-    start_ray(settings)
+    started = start_ray(settings)
     workers = settings.workers or max(
         1, int(ray.cluster_resources().get("CPU", 1) // settings.cpus_per_candidate))
     return RayEvaluator(candidate, workers, settings.cpus_per_candidate,
-                        settings.gpus_per_candidate)
+                        settings.gpus_per_candidate), started
 
 
 def run_evolve(settings: EvolveSettings, console: Console | None = None,
@@ -177,7 +179,7 @@ def run_evolve(settings: EvolveSettings, console: Console | None = None,
         store_dir=str(store.root), budget=settings.candidate_budget, hparams=settings.hparams,
         seed=settings.seed, threads=max(1, int(settings.cpus_per_candidate)),
         device="cuda" if settings.gpus_per_candidate > 0 else "cpu")
-    evaluator = _make_evaluator(settings, candidate)
+    evaluator, started_ray = _make_evaluator(settings, candidate)
     started = time.monotonic()
 
     def view():
@@ -203,6 +205,10 @@ def run_evolve(settings: EvolveSettings, console: Console | None = None,
             display.stop()
         if hasattr(evaluator, "close"):
             evaluator.close()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
     ranked = db.leaderboard()
     outcome = EvolveOutcome(report, ranked[:10], db.counts(),
                             ranked[-1]["val_bpb"] if ranked else None)
