@@ -57,11 +57,17 @@ def test_evolve_in_process_finds_a_clearly_better_model_and_is_deterministic(tmp
         [(r["genome_key"], r["val_bpb"]) for r in rows]
 
 
+def _spawn_evolve(run, max_candidates):
+    """A search in another process, slow enough per candidate to be caught mid-run."""
+    argv = _evolve_argv(run, "--in-process", "--max-candidates", str(max_candidates),
+                        "--candidate-steps", "40")
+    return subprocess.Popen([sys.executable, "-m", "cluster.cli", *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def test_evolve_killed_with_sigkill_resumes_losing_and_repeating_nothing(tmp_path):
     run = tmp_path / "run"
-    argv = _evolve_argv(run, "--in-process", "--max-candidates", "8", "--candidate-steps", "40")
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", *argv],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = _spawn_evolve(run, 8)
     try:
         _wait_for(lambda: len(_finished(run)) >= 3)
     finally:
@@ -84,9 +90,7 @@ def test_evolve_killed_with_sigkill_resumes_losing_and_repeating_nothing(tmp_pat
 
 def test_leaderboard_command_reads_a_live_run(tmp_path, capsys):
     run = tmp_path / "live"
-    argv = _evolve_argv(run, "--in-process", "--max-candidates", "30", "--candidate-steps", "40")
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", *argv],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _spawn_evolve(run, 30)
     try:
         _wait_for(lambda: len(_finished(run)) >= 2)
         assert main(["leaderboard", str(run), "--json", "--top", "3"]) == 0
