@@ -242,7 +242,7 @@ def _evolve_settings(args: argparse.Namespace):
                              seq_len=args.seq_len),
         seed=args.seed, warm_start=not args.no_warm_start, workers=args.workers,
         cpus_per_candidate=args.cpus_per_candidate, gpus_per_candidate=args.gpus_per_candidate,
-        address=args.address, in_process=args.in_process)
+        address=args.address, in_process=args.in_process, database=args.database)
 
 
 def cmd_evolve(args: argparse.Namespace, console: Console) -> int:
@@ -269,12 +269,18 @@ def cmd_leaderboard(args: argparse.Namespace, console: Console) -> int:
 
     from rich.live import Live
 
+    from cluster.evolve import load_settings
     from results.db import RunDatabase
     from results.leaderboard import counts_line, leaderboard_table
 
-    path = Path(args.run) / "results.db" if Path(args.run).is_dir() else Path(args.run)
+    target = args.run  # a run directory, a results.db file, or a database URL
+    if Path(args.run).is_dir():
+        try:
+            target = load_settings(args.run).database_target
+        except FileNotFoundError:
+            target = str(Path(args.run) / "results.db")
     try:
-        db = RunDatabase(path, readonly=True)
+        db = RunDatabase(target, readonly=True)
     except FileNotFoundError as err:
         raise CommandError(f"{err}; is {args.run} a run directory?") from None
 
@@ -372,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--no-live", action="store_true", help="no live display")
+    run.add_argument("--database", metavar="URL",
+                     help="a SQLAlchemy URL for the results (default: RUN_DIR/results.db)")
     data = evolve.add_argument_group("data (default: the built-in story corpus)")
     data.add_argument("--corpus", default="stories")
     data.add_argument("--corpus-size", type=parse_size, default="2MB")
@@ -406,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     board = commands.add_parser("leaderboard", help="show a run's leaderboard (also while it "
                                                     "runs)")
-    board.add_argument("run", help="a run directory or its results.db")
+    board.add_argument("run", help="a run directory, its results.db, or a database URL")
     board.add_argument("--top", type=int, default=10)
     board.add_argument("--watch", action="store_true", help="refresh until Ctrl+C")
     board.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")

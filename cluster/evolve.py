@@ -3,7 +3,7 @@
 A run lives in a directory::
 
     run.json      the run's full configuration (written atomically)
-    results.db    every candidate (SQLite; see results.db)
+    results.db    every candidate (SQLite, or a server database named by a SQLAlchemy URL)
     store/        the Arrow token store and its tokenizer
 
 Resuming (``--resume RUN``) reads the configuration back, replays the finished candidates into
@@ -59,6 +59,11 @@ class EvolveSettings:
     gpus_per_candidate: float = 0.0
     address: str | None = None  # None: an embedded local Ray
     in_process: bool = False  # no Ray: one candidate at a time in this process
+    database: str | None = None  # a SQLAlchemy URL; None: RUN_DIR/results.db (SQLite)
+
+    @property
+    def database_target(self) -> str:
+        return self.database or str(Path(self.run_dir) / DATABASE_FILE)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self), default=_enum_value))
@@ -172,7 +177,7 @@ def run_evolve(settings: EvolveSettings, console: Console | None = None,
     run_dir.mkdir(parents=True, exist_ok=True)
     store = prepare_data(settings, console)
     _write_json_atomic(run_dir / CONFIG_FILE, settings.to_dict())
-    db = RunDatabase(run_dir / DATABASE_FILE)
+    db = RunDatabase(settings.database_target)
     db.set_config(settings.to_dict() | {"store": store.meta})
     strategy, already, relaunch = build_strategy(settings, store.vocab_size, db)
     candidate = CandidateSettings(

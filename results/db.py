@@ -1,146 +1,188 @@
-"""The run database: one SQLite file per run holding the run's configuration and every
-candidate (genome, lineage, budget, metrics, status, worker, timings).
+"""The run database: the run's configuration and every candidate (genome, lineage, budget,
+metrics, status, worker, timings).
 
-Every write is its own transaction and the journal is write-ahead (WAL): a process killed at any
-moment loses no completed result, and other processes (``chimera leaderboard``) can read while a
-search writes. It deals in plain data only; it knows nothing of genomes or Ray.
+By default one SQLite file per run (``runs/NAME/results.db``); any SQLAlchemy URL (e.g.
+``postgresql://user@host/chimera``) puts it on a database server instead. Every write is its own
+transaction; SQLite runs with a write-ahead journal, so a process killed at any moment loses no
+completed result and other processes (``chimera leaderboard``) can read while a search writes.
+It deals in plain data only; it knows nothing of genomes or Ray.
 
-Inspect with any SQLite tool: ``sqlite3 runs/NAME/results.db 'select * from candidates'``.
+Inspect with any SQL tool: ``sqlite3 runs/NAME/results.db 'select * from candidates'``.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 from pathlib import Path
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS run (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS candidates (
-    id INTEGER PRIMARY KEY,            -- birth order
-    genome_key TEXT NOT NULL,
-    genome TEXT NOT NULL,              -- JSON
-    summary TEXT NOT NULL,
-    parents TEXT NOT NULL,             -- JSON list of candidate ids
-    operator TEXT NOT NULL,            -- seed | random | mutation | crossover
-    generation INTEGER NOT NULL,
-    status TEXT NOT NULL,              -- pending | running | ok | diverged | out_of_memory |
-                                       -- failed | cancelled
-    reused_from INTEGER,               -- set when the genome's earlier result was reused
-    val_loss REAL, val_bpb REAL, params INTEGER, non_embedding_params INTEGER,
-    tokens INTEGER, tokens_per_second REAL, wall_seconds REAL, peak_memory_mb REAL,
-    result TEXT,                       -- the full result as JSON (loss curve included)
-    error TEXT, worker TEXT,
-    created_at REAL NOT NULL, started_at REAL, finished_at REAL
-);
-CREATE INDEX IF NOT EXISTS candidates_by_genome ON candidates (genome_key);
-"""
+from sqlalchemy import (
+    Column,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
 
 FINISHED = ("ok", "diverged", "out_of_memory", "failed")
 UNFINISHED = ("pending", "running", "cancelled")
 METRIC_COLUMNS = ("val_loss", "val_bpb", "params", "non_embedding_params", "tokens",
                   "tokens_per_second", "wall_seconds", "peak_memory_mb")
 
+metadata = MetaData()
+run_table = Table("run", metadata,
+                  Column("key", String(64), primary_key=True),
+                  Column("value", Text, nullable=False))
+candidates_table = Table(
+    "candidates", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),  # birth order
+    Column("genome_key", String(32), nullable=False, index=True),
+    Column("genome", Text, nullable=False),  # JSON
+    Column("summary", String(200), nullable=False),
+    Column("parents", Text, nullable=False),  # JSON list of candidate ids
+    Column("operator", String(32), nullable=False),  # seed | random | mutation | crossover
+    Column("generation", Integer, nullable=False),
+    # pending | running | ok | diverged | out_of_memory | failed | cancelled
+    Column("status", String(32), nullable=False),
+    Column("reused_from", Integer),  # set when the genome's earlier result was reused
+    Column("val_loss", Float), Column("val_bpb", Float), Column("params", Integer),
+    Column("non_embedding_params", Integer), Column("tokens", Integer),
+    Column("tokens_per_second", Float), Column("wall_seconds", Float),
+    Column("peak_memory_mb", Float),
+    Column("result", Text),  # the full result as JSON (loss curve included)
+    Column("error", Text), Column("worker", String(200)),
+    Column("created_at", Float, nullable=False), Column("started_at", Float),
+    Column("finished_at", Float),
+)
+_c = candidates_table.c
+
+
+def database_url(target: str | Path) -> str:
+    """A SQLAlchemy URL as is; a filesystem path as a SQLite URL."""
+    text = str(target)
+    return text if "://" in text else f"sqlite:///{Path(text).resolve()}"
+
 
 class RunDatabase:
-    def __init__(self, path: str | Path, readonly: bool = False) -> None:
-        self.path = Path(path)
-        if readonly:
-            if not self.path.is_file():
-                raise FileNotFoundError(f"{self.path}: no run database")
-            uri = f"file:{self.path}?mode=ro"
-            self.conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=30)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable commits
-            self.conn.executescript(SCHEMA)
-        self.conn.row_factory = sqlite3.Row
-        self.lock = threading.Lock()
+    def __init__(self, target: str | Path, readonly: bool = False) -> None:
+        self.url = database_url(target)
+        sqlite = self.url.startswith("sqlite")
+        if sqlite:
+            path = Path(self.url.removeprefix("sqlite:///"))
+            if readonly and not path.is_file():
+                raise FileNotFoundError(f"{path}: no run database")
+            if readonly:  # never create or modify another process's database
+                self.url = f"sqlite:///file:{path}?mode=ro&uri=true"
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+        self.engine = create_engine(self.url)
+        if sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas(readonly))
+        if not readonly:
+            metadata.create_all(self.engine)
 
     def close(self) -> None:
-        self.conn.close()
+        self.engine.dispose()
 
-    def _write(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
-        with self.lock, self.conn:  # one transaction per write
-            return self.conn.execute(sql, params)
+    def _write(self, statement):
+        with self.engine.begin() as conn:  # one transaction per write
+            return conn.execute(statement)
 
-    def _rows(self, sql: str, params: tuple = ()) -> list[dict]:
-        with self.lock:
-            return [dict(row) for row in self.conn.execute(sql, params).fetchall()]
+    def _rows(self, statement) -> list[dict]:
+        with self.engine.connect() as conn:
+            return [dict(row) for row in conn.execute(statement).mappings()]
 
     # ------------------------------------------------------------------ run configuration
     def set_config(self, config: dict) -> None:
-        self._write("INSERT OR REPLACE INTO run (key, value) VALUES ('config', ?)",
-                    (json.dumps(config, sort_keys=True),))
+        with self.engine.begin() as conn:
+            conn.execute(delete(run_table).where(run_table.c.key == "config"))
+            conn.execute(insert(run_table).values(key="config",
+                                                  value=json.dumps(config, sort_keys=True)))
 
     def config(self) -> dict | None:
-        rows = self._rows("SELECT value FROM run WHERE key = 'config'")
+        rows = self._rows(select(run_table.c.value).where(run_table.c.key == "config"))
         return json.loads(rows[0]["value"]) if rows else None
 
     # ------------------------------------------------------------------ the Recorder protocol
     def lookup(self, genome_key: str) -> tuple[int, dict] | None:
-        rows = self._rows(
-            f"SELECT id, result FROM candidates WHERE genome_key = ? AND reused_from IS NULL "
-            f"AND status IN {FINISHED} ORDER BY id LIMIT 1", (genome_key,))
+        rows = self._rows(select(_c.id, _c.result).where(
+            _c.genome_key == genome_key, _c.reused_from.is_(None), _c.status.in_(FINISHED))
+            .order_by(_c.id).limit(1))
         return (rows[0]["id"], json.loads(rows[0]["result"])) if rows else None
 
     def record_proposal(self, proposal: dict) -> int:
-        cursor = self._write(
-            "INSERT INTO candidates (genome_key, genome, summary, parents, operator, generation, "
-            "status, created_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
-            (proposal["genome_key"], json.dumps(proposal["genome"], sort_keys=True),
-             proposal["summary"], json.dumps(proposal["parents"]), proposal["operator"],
-             proposal["generation"], time.time()))
-        return cursor.lastrowid
+        result = self._write(insert(candidates_table).values(
+            genome_key=proposal["genome_key"],
+            genome=json.dumps(proposal["genome"], sort_keys=True), summary=proposal["summary"],
+            parents=json.dumps(proposal["parents"]), operator=proposal["operator"],
+            generation=proposal["generation"], status="pending", created_at=time.time()))
+        return result.inserted_primary_key[0]
 
     def record_start(self, candidate_id: int, worker: str) -> None:
-        self._write("UPDATE candidates SET status = 'running', worker = ?, started_at = ?, "
-                    "error = NULL WHERE id = ?", (worker, time.time(), candidate_id))
+        self._write(update(candidates_table).where(_c.id == candidate_id).values(
+            status="running", worker=worker, started_at=time.time(), error=None))
 
     def record_result(self, candidate_id: int, result: dict) -> None:
-        self._write(
-            f"UPDATE candidates SET status = ?, {', '.join(f'{c} = ?' for c in METRIC_COLUMNS)},"
-            f" result = ?, error = ?, finished_at = ? WHERE id = ?",
-            (result["status"], *(result.get(c) for c in METRIC_COLUMNS), json.dumps(result),
-             result.get("error"), time.time(), candidate_id))
+        self._write(update(candidates_table).where(_c.id == candidate_id).values(
+            status=result["status"], result=json.dumps(result), error=result.get("error"),
+            finished_at=time.time(), **{c: result.get(c) for c in METRIC_COLUMNS}))
 
     def record_reused(self, proposal: dict, source_id: int, result: dict) -> int:
         candidate_id = self.record_proposal(proposal)
         self.record_result(candidate_id, result)
-        self._write("UPDATE candidates SET reused_from = ?, worker = 'reused' WHERE id = ?",
-                    (source_id, candidate_id))
+        self._write(update(candidates_table).where(_c.id == candidate_id).values(
+            reused_from=source_id, worker="reused"))
         return candidate_id
 
     def record_cancelled(self, candidate_id: int, reason: str) -> None:
-        self._write("UPDATE candidates SET status = 'cancelled', error = ?, finished_at = ? "
-                    "WHERE id = ?", (reason, time.time(), candidate_id))
+        self._write(update(candidates_table).where(_c.id == candidate_id).values(
+            status="cancelled", error=reason, finished_at=time.time()))
 
     # ------------------------------------------------------------------ queries
     def candidates(self) -> list[dict]:
-        return self._rows("SELECT * FROM candidates ORDER BY id")
+        return self._rows(select(candidates_table).order_by(_c.id))
 
     def finished_in_order(self) -> list[dict]:
         """Finished candidates (trained or reused) in birth order: a search's history."""
-        return self._rows(f"SELECT * FROM candidates WHERE status IN {FINISHED} ORDER BY id")
+        return self._rows(select(candidates_table).where(_c.status.in_(FINISHED))
+                          .order_by(_c.id))
 
     def unfinished(self) -> list[dict]:
         """Candidates an interrupted search still owes: pending, running or cancelled."""
-        return self._rows(f"SELECT * FROM candidates WHERE status IN {UNFINISHED} ORDER BY id")
+        return self._rows(select(candidates_table).where(_c.status.in_(UNFINISHED))
+                          .order_by(_c.id))
 
     def leaderboard(self, top: int | None = None) -> list[dict]:
         """Trained candidates that finished ok, best validation bits per byte first."""
-        limit = "" if top is None else f" LIMIT {int(top)}"
-        return self._rows("SELECT * FROM candidates WHERE status = 'ok' AND reused_from IS NULL "
-                          "ORDER BY val_bpb, id" + limit)
+        return self._rows(select(candidates_table)
+                          .where(_c.status == "ok", _c.reused_from.is_(None))
+                          .order_by(_c.val_bpb, _c.id).limit(top))
 
     def counts(self) -> dict[str, int]:
-        rows = self._rows("SELECT status, COUNT(*) AS n FROM candidates "
-                          "WHERE reused_from IS NULL GROUP BY status")
+        rows = self._rows(select(_c.status, func.count().label("n"))
+                          .where(_c.reused_from.is_(None)).group_by(_c.status))
         counts = {row["status"]: row["n"] for row in rows}
-        counts["reused"] = self._rows("SELECT COUNT(*) AS n FROM candidates "
-                                      "WHERE reused_from IS NOT NULL")[0]["n"]
+        counts["reused"] = self._rows(select(func.count().label("n"))
+                                      .where(_c.reused_from.is_not(None)))[0]["n"]
         return counts
+
+
+def _sqlite_pragmas(readonly: bool):
+    def on_connect(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA busy_timeout = 30000")  # wait for a writer instead of failing
+        if not readonly:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable commits
+        cursor.close()
+
+    return on_connect

@@ -105,6 +105,18 @@ def test_leaderboard_command_reads_a_live_run(tmp_path, capsys):
         proc.wait()
 
 
+def test_results_can_go_to_a_database_url(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'elsewhere' / 'shared.db'}"
+    argv = ["--in-process", "--max-candidates", "3", "--candidate-steps", "5", "--database", url]
+    assert main(_evolve_argv(tmp_path / "run", *argv)) == 0
+    assert not (tmp_path / "run" / "results.db").exists()
+    assert (tmp_path / "elsewhere" / "shared.db").is_file()
+    capsys.readouterr()
+    for target in (url, str(tmp_path / "run")):  # by URL, or by the run that names it
+        assert main(["leaderboard", target, "--json"]) == 0
+        assert len(json.loads(capsys.readouterr().out)) == 3
+
+
 def test_leaderboard_of_a_missing_run_is_a_clean_error(tmp_path, capsys):
     assert main(["leaderboard", str(tmp_path / "nope")]) == 2
     assert "no run database" in capsys.readouterr().err
