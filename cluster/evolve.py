@@ -174,8 +174,7 @@ def run_evolve(settings: EvolveSettings, console: Console | None = None,
                live: bool = True) -> EvolveOutcome:
     console = console or Console()
     run_dir = Path(settings.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    store = prepare_data(settings, console)
+    store = prepare_data(settings, console)  # bad data fails here, before the run exists
     _write_json_atomic(run_dir / CONFIG_FILE, settings.to_dict())
     db = RunDatabase(settings.database_target)
     db.set_config(settings.to_dict() | {"store": store.meta})
