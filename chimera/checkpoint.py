@@ -45,7 +45,7 @@ def save_model(model: Chimera, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     atomic_write(directory / WEIGHTS_FILE,
-                  lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+                 lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     config_json = model.config.to_json() + "\n"
     atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_json))
     return directory

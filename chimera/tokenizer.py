@@ -39,10 +39,10 @@ class TokenizerError(ValueError):
     """A tokenizer that cannot be built or loaded as asked."""
 
 
-def _wrap(backend: Tokenizer, extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+def _wrap(backend: Tokenizer, unk_token: str | None = None) -> PreTrainedTokenizerFast:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT,
-        unk_token=UNKNOWN if UNKNOWN in extra_special else None,
+        unk_token=unk_token,
         additional_special_tokens=list(CHAT_TOKENS))
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
@@ -83,7 +83,7 @@ def train_char(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens(list(SPECIAL_TOKENS) + [UNKNOWN])
-    return _wrap(backend, extra_special=(UNKNOWN,))
+    return _wrap(backend, unk_token=UNKNOWN)
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:

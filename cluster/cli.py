@@ -269,7 +269,7 @@ def cmd_leaderboard(args: argparse.Namespace, console: Console) -> int:
 
     from rich.live import Live
 
-    from cluster.evolve import load_settings
+    from cluster.evolve import DATABASE_FILE, load_settings
     from results.db import RunDatabase
     from results.leaderboard import counts_line, leaderboard_table
 
@@ -278,7 +278,7 @@ def cmd_leaderboard(args: argparse.Namespace, console: Console) -> int:
         try:
             target = load_settings(args.run).database_target
         except FileNotFoundError:
-            target = str(Path(args.run) / "results.db")
+            target = str(Path(args.run) / DATABASE_FILE)
     try:
         db = RunDatabase(target, readonly=True)
     except FileNotFoundError as err:

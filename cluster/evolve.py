@@ -39,6 +39,7 @@ from trainers.store import SplitConfig, prepare_store, tokenizer_for, tokenizer_
 CONFIG_FILE = "run.json"
 DATABASE_FILE = "results.db"
 STORE_DIR = "store"
+LIVE_TOP = 10  # leaderboard rows in the live view and the final report
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def _enum_value(value):
 @dataclass
 class EvolveOutcome:
     report: SearchReport
-    leaders: list[dict] = field(default_factory=list)  # the top 10
+    leaders: list[dict] = field(default_factory=list)  # the top LIVE_TOP
     counts: dict[str, int] = field(default_factory=dict)
     worst_bpb: float | None = None  # of every candidate that finished ok
 
@@ -187,8 +188,9 @@ def run_evolve(settings: EvolveSettings, console: Console | None = None,
     started = time.monotonic()
 
     def view():
-        return live_view(db.candidates(), db.counts(), time.monotonic() - started,
-                         settings.limits.wall_seconds, settings.limits.max_candidates)
+        return live_view(db.leaderboard(LIVE_TOP), db.running(), db.counts(),
+                         time.monotonic() - started, settings.limits.wall_seconds,
+                         settings.limits.max_candidates)
 
     # Transient: when the run ends the live view gives way to the final leaderboard.
     display = Live(view(), console=console, refresh_per_second=4, transient=True) \
@@ -214,7 +216,7 @@ def run_evolve(settings: EvolveSettings, console: Console | None = None,
 
             ray.shutdown()
     ranked = db.leaderboard()
-    outcome = EvolveOutcome(report, ranked[:10], db.counts(),
+    outcome = EvolveOutcome(report, ranked[:LIVE_TOP], db.counts(),
                             ranked[-1]["val_bpb"] if ranked else None)
     db.close()
     return outcome

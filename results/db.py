@@ -161,6 +161,10 @@ class RunDatabase:
         return self._rows(select(candidates_table).where(_c.status.in_(UNFINISHED))
                           .order_by(_c.id))
 
+    def running(self) -> list[dict]:
+        return self._rows(select(candidates_table).where(_c.status == "running")
+                          .order_by(_c.id))
+
     def leaderboard(self, top: int | None = None) -> list[dict]:
         """Trained candidates that finished ok, best validation bits per byte first."""
         return self._rows(select(candidates_table)

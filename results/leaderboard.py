@@ -85,12 +85,10 @@ def budget_bar(elapsed: float, total: float | None, launched: int,
     return Group(Text(label), ProgressBar(total=1.0, completed=fraction, width=60), Text(""))
 
 
-def live_view(candidates: list[dict], counts: dict[str, int], elapsed: float,
-              wall_seconds: float | None, max_candidates: int | None, top: int = 10) -> Group:
-    leaders = sorted((c for c in candidates if c["status"] == "ok" and c.get("reused_from")
-                      is None), key=lambda c: (c["val_bpb"], c["id"]))[:top]
-    running = [c for c in candidates if c["status"] == "running"]
-    launched = sum(1 for c in candidates if c["status"] != "pending")
+def live_view(leaders: list[dict], running: list[dict], counts: dict[str, int], elapsed: float,
+              wall_seconds: float | None, max_candidates: int | None) -> Group:
+    """Budget, workers, the best ``leaders`` and the counts: what ``chimera evolve`` shows."""
+    launched = sum(counts.values()) - counts.get("pending", 0)  # reused ones count too
     return Group(budget_bar(elapsed, wall_seconds, launched, max_candidates),
-                 workers_table(running), leaderboard_table(leaders, f"top {top}"),
+                 workers_table(running), leaderboard_table(leaders, f"top {len(leaders)}"),
                  counts_line(counts))

@@ -58,12 +58,10 @@ class AgingEvolution:
         self.rng = random.Random(seed)
         self.population: deque[Member] = deque()
         self.pending_seeds = list(seeds)
-        self.proposed = 0
         self.seen: set[str] = set()  # genome keys already proposed or evaluated
 
     def ask(self) -> Proposal:
         """The next genome to evaluate; avoids genomes already seen when it can."""
-        self.proposed += 1
         proposal = self._propose()
         for _ in range(self.config.max_dedupe_tries):
             if proposal.genome.key not in self.seen:

@@ -76,6 +76,8 @@ class CandidateResult:
     tokens: int = 0
     tokens_per_second: float = 0.0
     wall_seconds: float = 0.0
+    # CUDA: peak allocated during this candidate. CPU: the worker process's peak resident memory
+    # so far (Linux has no per-interval peak), so in a reused worker it covers earlier ones too.
     peak_memory_mb: float = 0.0
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     error: str | None = None
@@ -154,6 +156,8 @@ def train_candidate(config: ChimeraConfig, store: TokenStore, budget: TrainBudge
     """Train ``config`` from scratch within ``budget`` and score it. Never raises for a bad
     candidate; the status and error say what went wrong."""
     device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     result = CandidateResult(status=Status.FAILED)
     try:

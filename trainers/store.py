@@ -31,7 +31,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from chimera.tokenizer import end_of_text_id, fingerprint
+from chimera.tokenizer import (
+    TokenizerError,
+    end_of_text_id,
+    fingerprint,
+    load_tokenizer,
+    train_bpe,
+    train_char,
+)
 from trainers.corpus import CorpusSpec, corpus_fingerprint, iter_documents
 
 SCHEMA_VERSION = 1
@@ -132,8 +139,6 @@ def _write_table(path: Path, name: str, array: np.ndarray, metadata: dict[str, s
 def saved_tokenizer(out: str | Path, spec: CorpusSpec, recipe: str):
     """The tokenizer saved in an existing store at ``out`` if it was trained by ``recipe``
     (e.g. 'bpe:4096') on this very corpus, so preparing again need not retrain it; else None."""
-    from chimera.tokenizer import TokenizerError, load_tokenizer
-
     meta_path = Path(out) / META_FILE
     try:
         meta = json.loads(meta_path.read_text())
@@ -156,8 +161,6 @@ def tokenizer_recipe(tokenizer: str, vocab_size: int) -> str | None:
 def tokenizer_for(spec: CorpusSpec, tokenizer: str, vocab_size: int, out: str | Path):
     """The tokenizer a store at ``out`` should use: a directory is loaded; 'bpe' / 'char' are
     trained on the corpus, unless the store there already holds one made the same way."""
-    from chimera.tokenizer import load_tokenizer, train_bpe, train_char
-
     recipe = tokenizer_recipe(tokenizer, vocab_size)
     if recipe is None:
         return load_tokenizer(tokenizer)

@@ -41,8 +41,8 @@ def test_live_view_renders_budget_workers_and_leaderboard_columns(tmp_path):
     db = RunDatabase(tmp_path / "r.db")
     _fill(db)
     console = Console(record=True, width=140)
-    console.print(live_view(db.candidates(), db.counts(), elapsed=30, wall_seconds=120,
-                            max_candidates=None, top=5))
+    console.print(live_view(db.leaderboard(5), db.running(), db.counts(), elapsed=30,
+                            wall_seconds=120, max_candidates=None))
     text = console.export_text()
     for expected in ("budget 30s / 120s, ETA 90s", "worker-1", "d96 L4 RA w32 h2 kv1 f2",
                      "rank", "genome", "params", "val bpb", "tok/s", "status", "origin",
