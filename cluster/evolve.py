@@ -26,7 +26,14 @@ from rich.console import Console
 from rich.live import Live
 
 from chimera.checkpoint import atomic_write
-from cluster.worker import CandidateSettings, CandidateTrainer
+from cluster.node_store import DEFAULT_CACHE_ROOT, StoreTransfer
+from cluster.worker import (
+    CandidateSettings,
+    CandidateTrainer,
+    FaultPolicy,
+    machine_memory,
+    memory_rejection,
+)
 from results.db import RunDatabase
 from results.leaderboard import leaderboard_table, live_view
 from search.evolution import AgingEvolution, EvolutionConfig, Proposal
@@ -61,6 +68,9 @@ class EvolveSettings:
     address: str | None = None  # None: an embedded local Ray
     in_process: bool = False  # no Ray: one candidate at a time in this process
     database: str | None = None  # a SQLAlchemy URL; None: RUN_DIR/results.db (SQLite)
+    faults: FaultPolicy = FaultPolicy()
+    store_transfer: StoreTransfer = StoreTransfer.AUTO
+    store_cache: str = DEFAULT_CACHE_ROOT  # node-local copies of the store live here
 
     @property
     def database_target(self) -> str:
@@ -75,7 +85,12 @@ class EvolveSettings:
         corpus.update(format=CorpusFormat(corpus["format"]), separator=Separator(
             corpus["separator"]), errors=DecodeErrors(corpus["errors"]))
         budget = data["candidate_budget"]
-        return cls(**{**data, "corpus": CorpusSpec(**corpus),
+        extra = {}  # settings added after a run was made keep their defaults
+        if "faults" in data:
+            extra["faults"] = FaultPolicy(**data["faults"])
+        if "store_transfer" in data:
+            extra["store_transfer"] = StoreTransfer(data["store_transfer"])
+        return cls(**{**data, **extra, "corpus": CorpusSpec(**corpus),
                       "evolution": EvolutionConfig(**data["evolution"]),
                       "limits": SearchLimits(**data["limits"]),
                       "candidate_budget": TrainBudget(BudgetKind(budget["kind"]),
@@ -159,16 +174,63 @@ def _make_evaluator(settings: EvolveSettings, candidate: CandidateSettings):
     """The evaluator, and whether Ray was started for it (and must be shut down)."""
     if settings.in_process:
         trainer = CandidateTrainer(candidate, "in-process")
-        return InProcessEvaluator(lambda genome: trainer.train(genome.to_dict()), slots=1), False
+        available = machine_memory()
+        return InProcessEvaluator(
+            lambda genome: trainer.train(genome.to_dict()), slots=1,
+            reject=lambda genome: memory_rejection(genome, candidate, available,
+                                                   "this machine")), False
     import ray
 
     from cluster.evaluator import RayEvaluator
+    from cluster.node_store import ship_store
 
     started = start_ray(settings)
     workers = settings.workers or max(
         1, int(ray.cluster_resources().get("CPU", 1) // settings.cpus_per_candidate))
+    # Ship the store through the object store only where a node may not see this directory.
+    alone = sum(1 for node in ray.nodes() if node.get("Alive")) == 1
+    store = ship_store(candidate.store_dir, settings.store_transfer, settings.store_cache,
+                       ship=settings.store_transfer is StoreTransfer.COPY or not alone)
     return RayEvaluator(candidate, workers, settings.cpus_per_candidate,
-                        settings.gpus_per_candidate), started
+                        settings.gpus_per_candidate, store, settings.faults,
+                        name_prefix=f"{Path(settings.run_dir).name}-"), started
+
+
+class EventLog:
+    """A ``Recorder`` that writes to the database and prints one line per event."""
+
+    def __init__(self, db: RunDatabase, console: Console) -> None:
+        self.db, self.console = db, console
+
+    def _say(self, text: str) -> None:
+        self.console.print(f"[{time.strftime('%H:%M:%S')}] {text}", highlight=False)
+
+    def lookup(self, genome_key: str):
+        return self.db.lookup(genome_key)
+
+    def record_proposal(self, proposal: dict) -> int:
+        return self.db.record_proposal(proposal)
+
+    def record_start(self, candidate_id: int, worker: str) -> None:
+        self.db.record_start(candidate_id, worker)
+        self._say(f"#{candidate_id} started on {worker or 'a worker'}")
+
+    def record_result(self, candidate_id: int, result: dict) -> None:
+        self.db.record_result(candidate_id, result)
+        bpb = result.get("val_bpb")
+        score = f"{bpb:.4f} bpb" if bpb is not None else (result.get("error") or "")[:200]
+        attempts = result.get("attempts", 1)
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        self._say(f"#{candidate_id} {result['status']}{tries}: {score}")
+
+    def record_reused(self, proposal: dict, source_id: int, result: dict) -> int:
+        candidate_id = self.db.record_reused(proposal, source_id, result)
+        self._say(f"#{candidate_id} reuses #{source_id} (same genome)")
+        return candidate_id
+
+    def record_cancelled(self, candidate_id: int, reason: str) -> None:
+        self.db.record_cancelled(candidate_id, reason)
+        self._say(f"#{candidate_id} cancelled: {reason}")
 
 
 def run_evolve(settings: EvolveSettings, console: Console | None = None,
@@ -182,7 +244,8 @@ def run_evolve(settings: EvolveSettings, console: Console | None = None,
     strategy, already, relaunch = build_strategy(settings, store.vocab_size, db)
     candidate = CandidateSettings(
         store_dir=str(store.root), budget=settings.candidate_budget, hparams=settings.hparams,
-        seed=settings.seed, threads=max(1, int(settings.cpus_per_candidate)),
+        seed=settings.seed, vocab_size=store.vocab_size,
+        threads=max(1, int(settings.cpus_per_candidate)),
         device="cuda" if settings.gpus_per_candidate > 0 else "cpu")
     evaluator, started_ray = _make_evaluator(settings, candidate)
     started = time.monotonic()
@@ -192,10 +255,13 @@ def run_evolve(settings: EvolveSettings, console: Console | None = None,
                          time.monotonic() - started, settings.limits.wall_seconds,
                          settings.limits.max_candidates)
 
-    # Transient: when the run ends the live view gives way to the final leaderboard.
+    # Transient: when the run ends the live view gives way to the final leaderboard. Without a
+    # terminal (a submitted Ray job, a log file) each event is a line instead.
+    live = live and console.is_terminal
     display = Live(view(), console=console, refresh_per_second=4, transient=True) \
         if live else None
-    loop = SearchLoop(strategy, evaluator, db, settings.limits,
+    recorder = db if live else EventLog(db, console)
+    loop = SearchLoop(strategy, evaluator, recorder, settings.limits,
                       on_tick=(lambda: display.update(view())) if display else None)
     try:
         if display:

@@ -2,18 +2,27 @@
 
 ``CandidateTrainer`` is used as is by the in-process evaluator, and wrapped in a Ray actor by
 ``cluster.evaluator``; either way one trainer opens the token store once (memory-mapped) and is
-reused for every candidate it trains.
+reused for every candidate it trains. As a Ray actor it runs two threads: one trains, the other
+answers heartbeats with the time since training last made progress.
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import time
 from dataclasses import dataclass
 
 import torch
 
+from cluster.node_store import Origin, StoreSource, open_on_node
 from search.genome import Genome
-from trainers.candidate import TrainBudget, TrainHparams, train_candidate
+from trainers.candidate import (
+    TrainBudget,
+    TrainHparams,
+    estimate_training_memory,
+    train_candidate,
+)
 from trainers.store import TokenStore
 
 
@@ -25,23 +34,96 @@ class CandidateSettings:
     budget: TrainBudget
     hparams: TrainHparams
     seed: int
+    vocab_size: int
     threads: int = 1  # torch threads: the CPUs the worker was given
     device: str = "cpu"
 
 
+@dataclass(frozen=True)
+class FaultPolicy:
+    """How the Ray evaluator treats lost and hung workers (see ``cluster.evaluator``)."""
+
+    max_attempts: int = 3  # runs of one candidate: the first and up to two retries
+    heartbeat_seconds: float = 10.0  # how often a busy worker is asked for a heartbeat
+    hang_seconds: float = 300.0  # no heartbeat, or no training progress, for this long: hung
+    start_seconds: float = 600.0  # a worker not running by then is given up
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if not 0 < self.heartbeat_seconds < self.hang_seconds:
+            raise ValueError("heartbeat_seconds must be positive and below hang_seconds")
+
+
+def memory_needed(genome: Genome, settings: CandidateSettings) -> int:
+    config = genome.to_config(settings.vocab_size, settings.hparams.seq_len)
+    return estimate_training_memory(config, settings.hparams)
+
+
+def memory_rejection(genome: Genome, settings: CandidateSettings, available: int,
+                     where: str) -> str | None:
+    """Why ``genome`` cannot train within ``available`` bytes, or None if it can."""
+    needed = memory_needed(genome, settings)
+    if needed <= available:
+        return None
+    hp = settings.hparams
+    return (f"needs ~{needed / 2**30:.2f} GiB to train (weights, gradients, AdamW state and "
+            f"activations at batch {hp.batch_size} x {hp.seq_len} tokens); {where} offers "
+            f"{available / 2**30:.2f} GiB")
+
+
+def machine_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _ray_node_id() -> str:
+    """The Ray node this process runs on, or "" outside Ray."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 class CandidateTrainer:
-    def __init__(self, settings: CandidateSettings, name: str = "worker") -> None:
+    def __init__(self, settings: CandidateSettings, name: str = "worker",
+                 store: StoreSource | None = None) -> None:
         self.settings = settings
         self.name = f"{name}@{socket.gethostname()}"
-        # The driver verified the store's checksum; workers only check its layout.
-        self.store = TokenStore.open(settings.store_dir, verify=False)
+        self.node_id = _ray_node_id()
+        if store is None:  # the driver's own directory, read in place
+            self.store = TokenStore.open(settings.store_dir, verify=False)
+            self.store_origin, self.store_path = Origin.SHARED, settings.store_dir
+        else:
+            self.store, self.store_origin, path = open_on_node(store, self.node_id)
+            self.store_path = str(path)
         torch.set_num_threads(max(1, settings.threads))
+        self.last_progress: float | None = None  # None: not training
+
+    def describe(self) -> dict:
+        """Where this worker runs and how it got the store (answers once it has started)."""
+        info = {"name": self.name, "pid": os.getpid(), "node_id": self.node_id,
+                "store_origin": self.store_origin.value, "store_path": self.store_path}
+        if self.settings.device == "cuda" and torch.cuda.is_available():
+            info["device_memory"] = torch.cuda.get_device_properties(0).total_memory
+        return info
+
+    def heartbeat(self) -> float | None:
+        """Seconds since training last made progress; None when idle."""
+        last = self.last_progress
+        return None if last is None else time.monotonic() - last
+
+    def _progress(self) -> None:
+        self.last_progress = time.monotonic()
 
     def train(self, genome: dict) -> dict:
-        config = Genome.from_dict(genome).to_config(self.store.vocab_size,
-                                                    self.settings.hparams.seq_len)
-        result = train_candidate(config, self.store, self.settings.budget, self.settings.hparams,
-                                 self.settings.seed, self.settings.device)
+        self._progress()
+        try:
+            config = Genome.from_dict(genome).to_config(self.store.vocab_size,
+                                                        self.settings.hparams.seq_len)
+            result = train_candidate(config, self.store, self.settings.budget,
+                                     self.settings.hparams, self.settings.seed,
+                                     self.settings.device, on_progress=self._progress)
+        finally:
+            self.last_progress = None
         data = result.to_dict()
-        data["worker"] = self.name
+        data["worker"], data["node_id"] = self.name, self.node_id
         return data

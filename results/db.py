@@ -29,11 +29,13 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 
-FINISHED = ("ok", "diverged", "out_of_memory", "failed")
+FINISHED = ("ok", "diverged", "out_of_memory", "failed", "rejected")
 UNFINISHED = ("pending", "running", "cancelled")
 METRIC_COLUMNS = ("val_loss", "val_bpb", "params", "non_embedding_params", "tokens",
                   "tokens_per_second", "wall_seconds", "peak_memory_mb")
@@ -51,8 +53,9 @@ candidates_table = Table(
     Column("parents", Text, nullable=False),  # JSON list of candidate ids
     Column("operator", String(32), nullable=False),  # seed | random | mutation | crossover
     Column("generation", Integer, nullable=False),
-    # pending | running | ok | diverged | out_of_memory | failed | cancelled
+    # pending | running | ok | diverged | out_of_memory | failed | rejected | cancelled
     Column("status", String(32), nullable=False),
+    Column("attempts", Integer),  # runs it took: more than 1 when a worker was lost
     Column("reused_from", Integer),  # set when the genome's earlier result was reused
     Column("val_loss", Float), Column("val_bpb", Float), Column("params", Integer),
     Column("non_embedding_params", Integer), Column("tokens", Integer),
@@ -89,6 +92,7 @@ class RunDatabase:
             event.listen(self.engine, "connect", _sqlite_pragmas(readonly))
         if not readonly:
             metadata.create_all(self.engine)
+            _add_missing_columns(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -132,8 +136,10 @@ class RunDatabase:
             status="running", worker=worker, started_at=time.time(), error=None))
 
     def record_result(self, candidate_id: int, result: dict) -> None:
-        self._write(update(candidates_table).where(_c.id == candidate_id).values(
+        where = {"worker": result["worker"]} if result.get("worker") else {}  # the last attempt's
+        self._write(update(candidates_table).where(_c.id == candidate_id).values(**where,
             status=result["status"], result=json.dumps(result), error=result.get("error"),
+            attempts=result.get("attempts", 0 if result["status"] == "rejected" else 1),
             finished_at=time.time(), **{c: result.get(c) for c in METRIC_COLUMNS}))
 
     def record_reused(self, proposal: dict, source_id: int, result: dict) -> int:
@@ -178,6 +184,17 @@ class RunDatabase:
         counts["reused"] = self._rows(select(func.count().label("n"))
                                       .where(_c.reused_from.is_not(None)))[0]["n"]
         return counts
+
+
+def _add_missing_columns(engine) -> None:
+    """Bring a database made by an earlier version up to the current columns (all nullable),
+    so ``--resume`` works across upgrades."""
+    present = {column["name"] for column in inspect(engine).get_columns("candidates")}
+    with engine.begin() as conn:
+        for column in candidates_table.columns:
+            if column.name not in present:
+                kind = column.type.compile(dialect=engine.dialect)
+                conn.execute(text(f"ALTER TABLE candidates ADD COLUMN {column.name} {kind}"))
 
 
 def _sqlite_pragmas(readonly: bool):

@@ -52,7 +52,8 @@ def counts_line(counts: dict[str, int]) -> Text:
     parts = [f"done {done}", f"failed {counts.get('failed', 0)}",
              f"diverged {counts.get('diverged', 0)}",
              f"out of memory {counts.get('out_of_memory', 0)}",
-             f"running {counts.get('running', 0)}", f"reused {counts.get('reused', 0)}",
+             f"rejected {counts.get('rejected', 0)}", f"running {counts.get('running', 0)}",
+             f"reused {counts.get('reused', 0)}",
              f"cancelled {counts.get('cancelled', 0)}"]
     return Text("  ".join(parts))
 

@@ -23,6 +23,7 @@ from search.evolution import Proposal
 from search.genome import Genome
 
 FAILED_FITNESS = math.inf
+REJECTED = "rejected"  # the status of a candidate no worker could train
 
 
 class Evaluator(Protocol):
@@ -39,6 +40,9 @@ class Evaluator(Protocol):
         """Candidate id -> worker name, for what is training now."""
 
     def cancel_all(self) -> list[int]: ...
+
+    def rejection(self, genome: Genome) -> str | None:
+        """Why ``genome`` cannot train on any worker (e.g. too large for memory), or None."""
 
 
 class Recorder(Protocol):
@@ -74,6 +78,7 @@ class SearchReport:
     launched: int = 0
     completed: int = 0
     reused: int = 0
+    rejected: int = 0
     cancelled: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     stop_reason: str = ""
@@ -169,7 +174,15 @@ class SearchLoop:
             self.strategy.tell(candidate_id, proposal, fitness_of(result))
             self.report.reused += 1
             return
-        self._launch(self.recorder.record_proposal(record), proposal)
+        candidate_id = self.recorder.record_proposal(record)
+        reason = self.evaluator.rejection(proposal.genome)
+        if reason is not None:  # rejected before launch, so no worker is lost to it
+            self.recorder.record_result(candidate_id, {"status": REJECTED, "error": reason})
+            self.strategy.tell(candidate_id, proposal, FAILED_FITNESS)
+            self.report.rejected += 1
+            self._count(REJECTED)
+            return
+        self._launch(candidate_id, proposal)
 
     def _launch(self, candidate_id: int, proposal: Proposal) -> None:
         self.proposals[candidate_id] = proposal
@@ -183,7 +196,9 @@ class SearchLoop:
         self.strategy.tell(candidate_id, proposal, fitness_of(result))
         self.durations.append(result.get("wall_seconds", 0.0))
         self.report.completed += 1
-        status = result.get("status", "failed")
+        self._count(result.get("status", "failed"))
+
+    def _count(self, status: str) -> None:
         self.report.statuses[status] = self.report.statuses.get(status, 0) + 1
 
 
@@ -192,9 +207,13 @@ class InProcessEvaluator:
 
     With one slot the search is strictly ask, train, tell: deterministic for a given seed."""
 
-    def __init__(self, train: Callable[[Genome], dict], slots: int = 1) -> None:
-        self.train, self.slots = train, slots
+    def __init__(self, train: Callable[[Genome], dict], slots: int = 1,
+                 reject: Callable[[Genome], str | None] | None = None) -> None:
+        self.train, self.slots, self.reject = train, slots, reject
         self.queue: list[tuple[int, Genome]] = []
+
+    def rejection(self, genome: Genome) -> str | None:
+        return self.reject(genome) if self.reject else None
 
     def submit(self, candidate_id: int, genome: Genome) -> None:
         self.queue.append((candidate_id, genome))

@@ -13,13 +13,14 @@ import math
 import resource
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from chimera.config import ChimeraConfig
-from chimera.model import Chimera
+from chimera.config import BlockType, ChimeraConfig
+from chimera.model import Chimera, param_counts_analytic
 from trainers.store import TokenStore
 
 
@@ -115,11 +116,14 @@ def make_optimizer(model: torch.nn.Module, hparams: TrainHparams) -> torch.optim
 
 
 @torch.no_grad()
-def evaluate(model: Chimera, batches: list[torch.Tensor], device: torch.device) -> float:
+def evaluate(model: Chimera, batches: list[torch.Tensor], device: torch.device,
+             on_progress: Callable[[], None] | None = None) -> float:
     """Mean loss in nats per token over the given (B, T + 1) batches."""
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
+        if on_progress:
+            on_progress()
         batch = batch.to(device)
         with _autocast(device):
             logits, _ = model(batch[:, :-1])
@@ -142,6 +146,35 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
+# Bytes of fp32 training state per parameter: weights, gradients, AdamW's two moments.
+_STATE_BYTES_PER_PARAM = 16
+# What a worker process holds before its first candidate (interpreter, torch, the store mapping).
+_PROCESS_BASELINE_BYTES = 500 * 2**20
+
+
+def estimate_training_memory(config: ChimeraConfig, hparams: TrainHparams) -> int:
+    """An upper estimate of the bytes one fp32 training step of ``config`` needs: training state
+    (16 bytes per parameter) plus the activations autograd keeps for the backward pass, counted
+    per token and layer from the tensors each block saves, plus the logits and their gradient.
+
+    It decides which candidates are rejected before launch, so it errs high: on CPU it measures
+    1.0-1.5x the peak resident memory of a fresh process (``python bench/cluster.py --memory``)."""
+    d, w, f = config.d_model, config.lru_dim, config.ffn_hidden
+    kv = config.n_kv_heads * config.head_dim
+    mlp = 2 * d + 4 * f  # norm in/out, gate and up projections, their activations
+    recurrent = d + 12 * w  # branches, GeLU gate, conv, two gates, decay, scan input and state
+    attention = 3 * d + 2 * kv + 2 * d  # norm, q, k, v (rotated), attention output
+    per_token = sum(mlp + (recurrent if kind is BlockType.RECURRENT else attention)
+                    for kind in config.block_types)
+    # Measured peaks run ~1.7x the saved tensors: gradients of activations in flight during the
+    # backward pass and the allocator's slack (bench: python bench/cluster.py --memory).
+    per_token = 1.75 * per_token + 4 * config.vocab_size + 2 * d  # + logits, fp32 copy, grad
+    tokens = hparams.batch_size * hparams.seq_len
+    params = param_counts_analytic(config).total
+    return int(_PROCESS_BASELINE_BYTES + _STATE_BYTES_PER_PARAM * params
+               + 4 * tokens * per_token)
+
+
 def _total_steps(budget: TrainBudget, hparams: TrainHparams) -> int | None:
     if budget.kind is BudgetKind.STEPS:
         return max(1, int(budget.amount))
@@ -152,9 +185,12 @@ def _total_steps(budget: TrainBudget, hparams: TrainHparams) -> int | None:
 
 def train_candidate(config: ChimeraConfig, store: TokenStore, budget: TrainBudget,
                     hparams: TrainHparams = TrainHparams(), seed: int = 0,
-                    device: str | torch.device = "cpu") -> CandidateResult:
+                    device: str | torch.device = "cpu",
+                    on_progress: Callable[[], None] | None = None) -> CandidateResult:
     """Train ``config`` from scratch within ``budget`` and score it. Never raises for a bad
-    candidate; the status and error say what went wrong."""
+    candidate; the status and error say what went wrong. ``on_progress`` is called before every
+    training step and evaluation batch: a worker's heartbeat, so a hung one can be told apart
+    from a slow one."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -183,6 +219,8 @@ def train_candidate(config: ChimeraConfig, store: TokenStore, budget: TrainBudge
                 if elapsed >= budget.amount:
                     break
                 progress = elapsed / budget.amount
+            if on_progress:
+                on_progress()
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate_at(progress, hparams)
             batch = store.sample("train", hparams.batch_size, hparams.seq_len, seed, step)
@@ -206,7 +244,7 @@ def train_candidate(config: ChimeraConfig, store: TokenStore, budget: TrainBudge
         if result.status is not Status.DIVERGED:
             val_batches = store.validation_batches(hparams.batch_size, hparams.seq_len,
                                                    hparams.eval_batches)
-            result.val_loss = evaluate(model, val_batches, device)
+            result.val_loss = evaluate(model, val_batches, device, on_progress)
             if math.isfinite(result.val_loss):
                 result.val_bpb = store.bits_per_byte(result.val_loss, "val")
                 result.status = Status.OK
