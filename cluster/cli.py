@@ -212,6 +212,8 @@ def _evolve_settings(args: argparse.Namespace):
     import dataclasses
 
     from cluster.evolve import EvolveSettings, load_settings
+    from cluster.node_store import DEFAULT_CACHE_ROOT, StoreTransfer
+    from cluster.worker import FaultPolicy
     from search.evolution import EvolutionConfig
     from search.genome import get_space
     from search.loop import SearchLimits
@@ -225,7 +227,8 @@ def _evolve_settings(args: argparse.Namespace):
     if args.resume:  # the stored configuration, with this session's limits and execution
         settings = load_settings(args.resume)
         return dataclasses.replace(settings, limits=limits, workers=args.workers,
-                                   address=args.address, in_process=args.in_process)
+                                   address=args.address, in_process=args.in_process,
+                                   faults=_fault_policy(args, settings.faults))
     get_space(args.space)  # fail early on a bad name
     kind, amount = next(((k, v) for k, v in ((BudgetKind.TOKENS, args.candidate_tokens),
                                              (BudgetKind.STEPS, args.candidate_steps),
@@ -242,7 +245,20 @@ def _evolve_settings(args: argparse.Namespace):
                              seq_len=args.seq_len),
         seed=args.seed, warm_start=not args.no_warm_start, workers=args.workers,
         cpus_per_candidate=args.cpus_per_candidate, gpus_per_candidate=args.gpus_per_candidate,
-        address=args.address, in_process=args.in_process, database=args.database)
+        address=args.address, in_process=args.in_process, database=args.database,
+        faults=_fault_policy(args, FaultPolicy()), store_transfer=StoreTransfer(
+            args.store_transfer), store_cache=args.store_cache or DEFAULT_CACHE_ROOT)
+
+
+def _fault_policy(args: argparse.Namespace, base):
+    """``base`` with the fault options given on the command line."""
+    import dataclasses
+
+    given = {field: value for field, value in (("max_attempts", args.max_attempts),
+                                               ("heartbeat_seconds", args.heartbeat),
+                                               ("hang_seconds", args.hang_timeout))
+             if value is not None}
+    return dataclasses.replace(base, **given)
 
 
 def cmd_evolve(args: argparse.Namespace, console: Console) -> int:
@@ -410,6 +426,20 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--gpus-per-candidate", type=float, default=0.0)
     cluster.add_argument("--in-process", action="store_true",
                          help="no Ray: train candidates one at a time in this process")
+    faults = evolve.add_argument_group("faults (Ray)")
+    faults.add_argument("--max-attempts", type=int,
+                        help="runs of a candidate whose worker dies or hangs (default 3)")
+    faults.add_argument("--heartbeat", type=parse_duration,
+                        help="how often a busy worker is asked for a heartbeat (default 10s)")
+    faults.add_argument("--hang-timeout", type=parse_duration,
+                        help="no heartbeat or no training progress for this long: the worker "
+                             "is hung, killed and its candidate retried (default 5m)")
+    faults.add_argument("--store-transfer", choices=["auto", "copy"], default="auto",
+                        help="auto: nodes read the run's store in place when they can see it, "
+                             "else get one copy per node; copy: always a node-local copy")
+    faults.add_argument("--store-cache", metavar="DIR",
+                        help="where nodes keep their copy of the store (default "
+                             "$TMPDIR/chimera-stores)")
     evolve.set_defaults(handler=cmd_evolve)
 
     board = commands.add_parser("leaderboard", help="show a run's leaderboard (also while it "
