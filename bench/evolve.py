@@ -41,22 +41,42 @@ LAYOUTS = {  # name: (workers, CPUs and torch threads per worker)
 }
 
 
-def run_layout(genomes, store_dir: str, budget: TrainBudget, workers: int, cpus: int) -> float:
-    """Seconds to train every genome with this layout (actors started and warm first)."""
-    settings = CandidateSettings(store_dir=store_dir, budget=budget,
-                                 hparams=TrainHparams(), seed=0, threads=cpus)
+def story_store(work: Path):
+    """The built-in 2 MB story corpus with a 1024-token BPE, as ``chimera evolve`` uses."""
+    corpus = CorpusSpec("stories", stories_bytes=2_000_000)
+    return prepare_store(corpus, train_bpe(iter_documents(corpus), 1024), work / "store")[0]
+
+
+def sample_genomes(count: int, seed: int = 0):
+    """``count`` genomes of the CPU space, largest first: with few candidates of uneven size the
+    order decides how long the last one runs alone (the tail), and largest-first keeps that tail
+    short for every layout."""
+    rng = random.Random(seed)
+    return sorted((CPU.sample(rng) for _ in range(count)), key=CPU.params, reverse=True)
+
+
+def train_all(evaluator: RayEvaluator, genomes) -> float:
+    """Seconds for ``evaluator`` to train every genome (its actors started and warm first)."""
+    evaluator.wait_until_started(timeout=300)
+    warm = [worker.actor.train.remote(genomes[-1].to_dict()) for worker in evaluator.free]
+    ray.get(warm)  # actor start-up and imports are not what we measure
+    start = time.perf_counter()
+    queue = list(enumerate(genomes))
+    while queue or evaluator.in_flight():
+        while queue and evaluator.in_flight() < evaluator.slots:
+            evaluator.submit(*queue.pop(0))
+        result = evaluator.next_result(timeout=None)
+        assert result is None or result[1]["status"] == "ok", result
+    return time.perf_counter() - start
+
+
+def run_layout(genomes, store, budget: TrainBudget, workers: int, cpus: int) -> float:
+    settings = CandidateSettings(store_dir=str(store.root), budget=budget,
+                                 hparams=TrainHparams(), seed=0, vocab_size=store.vocab_size,
+                                 threads=cpus)
     evaluator = RayEvaluator(settings, workers, cpus_per_candidate=cpus)
     try:
-        warm = [actor.train.remote(genomes[0].to_dict()) for actor in evaluator.free]
-        ray.get(warm)  # actor start-up and imports are not what we measure
-        start = time.perf_counter()
-        queue = list(enumerate(genomes))
-        while queue or evaluator.in_flight():
-            while queue and evaluator.in_flight() < evaluator.slots:
-                evaluator.submit(*queue.pop(0))
-            result = evaluator.next_result(timeout=None)
-            assert result is None or result[1]["status"] == "ok", result
-        return time.perf_counter() - start
+        return train_all(evaluator, genomes)
     finally:
         evaluator.close()
 
@@ -70,21 +90,15 @@ def main() -> None:
     console = Console()
     work = Path(tempfile.mkdtemp(prefix="chimera-bench-evolve-"))
     try:
-        corpus = CorpusSpec("stories", stories_bytes=2_000_000)
-        store, _ = prepare_store(corpus, train_bpe(iter_documents(corpus), 1024), work / "store")
-        space = CPU
-        rng = random.Random(0)
-        # Largest first: with few candidates of uneven size, the order decides how long the last
-        # one runs alone (the tail), and largest-first keeps that tail short for every layout.
-        genomes = sorted((space.sample(rng) for _ in range(args.candidates)),
-                         key=space.params, reverse=True)
+        store = story_store(work)
+        genomes = sample_genomes(args.candidates)
         budget = TrainBudget(BudgetKind.TOKENS, args.tokens)
         ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=False)
         seconds: dict[str, list[float]] = {name: [] for name in LAYOUTS}
         for _ in range(args.repeats):
             for name, (workers, cpus) in LAYOUTS.items():
-                seconds[name].append(run_layout(genomes, str(store.root), budget, workers, cpus))
+                seconds[name].append(run_layout(genomes, store, budget, workers, cpus))
         per_hour = {name: len(genomes) * 3600 / statistics.median(ts)
                     for name, ts in seconds.items()}
 

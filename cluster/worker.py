@@ -12,6 +12,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -105,6 +106,25 @@ class CandidateTrainer:
         if self.settings.device == "cuda" and torch.cuda.is_available():
             info["device_memory"] = torch.cuda.get_device_properties(0).total_memory
         return info
+
+    def store_memory(self, touch: bool = True) -> dict[str, int]:
+        """Resident bytes of the token store's files in this process, from /proc/self/smaps:
+        ``rss`` counts every page it maps, ``pss`` its proportional share (a page that k
+        processes share counts 1/k). ``touch`` first reads every page, as training does in time.
+        """
+        if touch:
+            for split in ("train", "val"):
+                tokens = self.store.tokens(split)
+                int(tokens[:: max(1, 4096 // tokens.itemsize)].sum())
+        totals = {"rss": 0, "pss": 0}
+        inside = False
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            head = line.split()
+            if head and not head[0].endswith(":"):  # a mapping's header: range perms ... path
+                inside = len(head) >= 6 and head[5].startswith(str(self.store_path))
+            elif inside and head[0] in ("Rss:", "Pss:"):
+                totals[head[0][:-1].lower()] += int(head[1]) * 1024
+        return totals
 
     def heartbeat(self) -> float | None:
         """Seconds since training last made progress; None when idle."""

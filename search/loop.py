@@ -148,6 +148,8 @@ class SearchLoop:
                 launched_total += 1
                 self._launch_or_reuse(proposal)
             if self.evaluator.in_flight() == 0:
+                if not stopping and self.evaluator.slots == 0:
+                    self.report.stop_reason = "no worker is left to train candidates"
                 break
             if self.clock() >= self.deadline:
                 for candidate_id in self.evaluator.cancel_all():

@@ -1,5 +1,6 @@
 """Aging evolution and the search loop, with an in-process evaluator and a fake clock."""
 
+import json
 import math
 import random
 
@@ -91,6 +92,36 @@ def test_diverged_and_failed_candidates_are_recorded_and_the_search_goes_on(tmp_
     diverged = [r for r in db.candidates() if r["status"] == "diverged"][0]
     assert diverged["error"] == "loss nan at step 3" and diverged["val_bpb"] is None
     assert all(math.isfinite(r["val_bpb"]) for r in db.leaderboard())
+
+
+def test_rejected_candidates_never_train_and_the_search_goes_on(tmp_path):
+    trained = []
+
+    def train(genome):
+        trained.append(genome.key)
+        return fake_result(genome)
+
+    db = RunDatabase(tmp_path / "r.db")
+    strategy = AgingEvolution(CPU, EvolutionConfig(population_size=4, tournament_size=2), 0)
+    too_wide = InProcessEvaluator(train, reject=lambda g: "too wide" if g.d_model > 128 else None)
+    report = SearchLoop(strategy, too_wide, db, SearchLimits(max_candidates=12)).run()
+    rows = db.candidates()
+    rejected = [r for r in rows if r["status"] == "rejected"]
+    assert rejected and all(r["d_model"] > 128 for r in map(_genome_of, rejected))
+    assert all(r["error"] == "too wide" and r["attempts"] == 0 for r in rejected)
+    assert len(trained) == len(rows) - len(rejected) - report.reused
+    assert report.rejected == len(rejected) and report.statuses["rejected"] == len(rejected)
+
+
+def _genome_of(row):
+    return json.loads(row["genome"])
+
+
+def test_a_search_without_workers_stops_and_says_why(tmp_path):
+    loop, _ = _loop(tmp_path, fake_result, SearchLimits(max_candidates=3))
+    loop.evaluator.slots = 0
+    report = loop.run()
+    assert report.launched == 0 and report.stop_reason == "no worker is left to train candidates"
 
 
 class FakeClock:
