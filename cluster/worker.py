@@ -84,6 +84,13 @@ def _ray_node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
+def _ray_gpu_ids() -> list:
+    """The GPUs Ray gave this worker (what its CUDA_VISIBLE_DEVICES holds)."""
+    import ray
+
+    return [str(gpu) for gpu in ray.get_gpu_ids()] if ray.is_initialized() else []
+
+
 class CandidateTrainer:
     def __init__(self, settings: CandidateSettings, name: str = "worker",
                  store: StoreSource | None = None) -> None:
@@ -102,7 +109,8 @@ class CandidateTrainer:
     def describe(self) -> dict:
         """Where this worker runs and how it got the store (answers once it has started)."""
         info = {"name": self.name, "pid": os.getpid(), "node_id": self.node_id,
-                "store_origin": self.store_origin.value, "store_path": self.store_path}
+                "store_origin": self.store_origin.value, "store_path": self.store_path,
+                "gpu_ids": _ray_gpu_ids()}
         if self.settings.device == "cuda" and torch.cuda.is_available():
             info["device_memory"] = torch.cuda.get_device_properties(0).total_memory
         return info

@@ -253,3 +253,20 @@ def test_store_reaches_each_node_once_and_its_actors_share_it(two_nodes, store, 
         assert len(copies) == 2
         assert all(p.read_bytes() == (store.root / "meta.json").read_bytes() for p in copies)
         evaluator.close()
+
+
+def test_fractional_gpus_pack_two_workers_on_one_gpu(two_nodes, store):
+    """Placement only (this machine has no GPU): a node advertising one GPU takes both workers
+    asking for half a GPU each, and Ray hands both the same device. Runs last: it adds a node."""
+    gpu_node = two_nodes.add_node(num_cpus=2, num_gpus=1, memory=NODE_MEMORY)
+    try:
+        evaluator = RayEvaluator(_settings(store), 2, 1.0, gpus_per_candidate=0.5)
+        try:
+            assert evaluator.wait_until_started(timeout=60) == 2
+            infos = [w.info for w in evaluator.workers.values()]
+            assert {info["node_id"] for info in infos} == {gpu_node.node_id}
+            assert [info["gpu_ids"] for info in infos] == [["0"], ["0"]]
+        finally:
+            evaluator.close()
+    finally:
+        two_nodes.remove_node(gpu_node)
