@@ -279,26 +279,85 @@ def cmd_evolve(args: argparse.Namespace, console: Console) -> int:
     return 130 if outcome.report.stop_reason == "interrupted" else 0
 
 
-def cmd_leaderboard(args: argparse.Namespace, console: Console) -> int:
-    import json
+def _open_run(run: str):
+    """The run database of a run directory, a results.db file or a database URL, read-only."""
     from pathlib import Path
-
-    from rich.live import Live
 
     from cluster.evolve import DATABASE_FILE, load_settings
     from results.db import RunDatabase
+
+    target = run
+    if Path(run).is_dir():
+        try:
+            target = load_settings(run).database_target
+        except FileNotFoundError:
+            target = str(Path(run) / DATABASE_FILE)
+    try:
+        return RunDatabase(target, readonly=True)
+    except FileNotFoundError as err:
+        raise CommandError(f"{err}; is {run} a run directory?") from None
+
+
+def cmd_export(args: argparse.Namespace, console: Console) -> int:
+    from pathlib import Path
+
+    from chimera.checkpoint import atomic_write
+    from results.export import write_parquet
+
+    db = _open_run(args.run)
+    out, written = Path(args.parquet), []
+    try:
+        rows = db.candidates()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda tmp: written.append(write_parquet(rows, tmp)))
+        count = written[0]
+    except OSError as err:
+        raise CommandError(f"cannot write {args.parquet}: {err.strerror or err}") from None
+    finally:
+        db.close()
+    console.print(f"wrote {count} candidates to {args.parquet}", highlight=False)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace, console: Console) -> int:
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    from chimera.checkpoint import atomic_write
+    from results.plots import best_so_far_figure, lineage_figure, pareto_figure
+    from search.pareto import pareto_front
+
+    db = _open_run(args.run)
+    try:
+        rows, leaders = db.candidates(), db.leaderboard(1)
+    finally:
+        db.close()
+    if not leaders:
+        raise CommandError(f"{args.run}: no candidate has finished ok yet; nothing to plot")
+    ok = [r for r in rows if r["status"] == "ok" and r["reused_from"] is None]
+    front = {ok[i]["id"] for i in pareto_front([(r["val_bpb"], r["params"]) for r in ok])}
+    out = Path(args.out or (Path(args.run) / "plots" if Path(args.run).is_dir() else "plots"))
+    out.mkdir(parents=True, exist_ok=True)
+    name = Path(args.run).parent.name if args.run.endswith(".db") else Path(args.run).name
+    figures = {"best_so_far.png": best_so_far_figure(rows, f"best so far: {name}"),
+               "pareto.png": pareto_figure(rows, front, f"bpb against parameters: {name}"),
+               "lineage.png": lineage_figure(rows, leaders[0]["id"])}
+    for name, figure in figures.items():
+        atomic_write(out / name, lambda tmp, f=figure: f.savefig(tmp, format="png", dpi=120))
+        plt.close(figure)
+        console.print(f"wrote {out / name}", highlight=False)
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from rich.live import Live
+
     from results.leaderboard import counts_line, leaderboard_table
 
-    target = args.run  # a run directory, a results.db file, or a database URL
-    if Path(args.run).is_dir():
-        try:
-            target = load_settings(args.run).database_target
-        except FileNotFoundError:
-            target = str(Path(args.run) / DATABASE_FILE)
-    try:
-        db = RunDatabase(target, readonly=True)
-    except FileNotFoundError as err:
-        raise CommandError(f"{err}; is {args.run} a run directory?") from None
+    db = _open_run(args.run)
 
     def render():
         return Group(leaderboard_table(db.leaderboard(args.top), f"top {args.top} of {args.run}"),
@@ -441,6 +500,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where nodes keep their copy of the store (default "
                              "$TMPDIR/chimera-stores)")
     evolve.set_defaults(handler=cmd_evolve)
+
+    export = commands.add_parser(
+        "export", help="export a run's candidates (Parquet, for pandas / duckdb / polars)")
+    export.add_argument("run", help="a run directory, its results.db, or a database URL")
+    export.add_argument("--parquet", required=True, metavar="FILE")
+    export.set_defaults(handler=cmd_export)
+
+    plot = commands.add_parser("plot", help="draw a run's progress, Pareto front and the "
+                                             "winner's lineage as PNG files")
+    plot.add_argument("run", help="a run directory, its results.db, or a database URL")
+    plot.add_argument("--out", metavar="DIR", help="default: RUN/plots")
+    plot.set_defaults(handler=cmd_plot)
 
     board = commands.add_parser("leaderboard", help="show a run's leaderboard (also while it "
                                                     "runs)")

@@ -1,0 +1,121 @@
+"""A run's story in three figures (matplotlib, no display needed):
+
+- best-so-far validation bits per byte against compute (worker-hours spent training, in the
+  order candidates finished), every candidate as a dot;
+- bits per byte against parameters, the Pareto front (fewer parameters, lower bpb) drawn as
+  a staircase;
+- the winner's lineage: its ancestors by generation and score, edges from parent to child,
+  labelled with the operator that made each one.
+
+Each function takes rows of the run database's ``candidates`` table and returns a Figure; the
+caller decides where (and how atomically) to save it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def _trained_ok(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["status"] == "ok" and r.get("reused_from") is None
+            and r.get("val_bpb") is not None]
+
+
+def best_so_far_figure(rows: list[dict], title: str = "") -> Figure:
+    trained = sorted((r for r in rows if r.get("reused_from") is None and r.get("finished_at")),
+                     key=lambda r: r["finished_at"])
+    hours, spent, points, best, best_line = [], 0.0, [], float("inf"), []
+    for row in trained:
+        spent += (row.get("wall_seconds") or 0.0) / 3600
+        if row["status"] == "ok" and row.get("val_bpb") is not None:
+            points.append((spent, row["val_bpb"]))
+            best = min(best, row["val_bpb"])
+        if best < float("inf"):
+            hours.append(spent)
+            best_line.append(best)
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    if points:
+        axes.scatter(*zip(*points), s=12, alpha=0.35, label="candidate")
+    axes.step(hours, best_line, where="post", linewidth=2, label="best so far")
+    axes.set_xlabel("compute (worker-hours of candidate training)")
+    axes.set_ylabel("validation bits per byte")
+    axes.set_title(title or "best so far")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+def pareto_figure(rows: list[dict], front_ids: set[int], title: str = "") -> Figure:
+    ok = _trained_ok(rows)
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    others = [r for r in ok if r["id"] not in front_ids]
+    front = sorted((r for r in ok if r["id"] in front_ids), key=lambda r: r["params"])
+    if others:
+        axes.scatter([r["params"] for r in others], [r["val_bpb"] for r in others], s=12,
+                     alpha=0.35, label="candidate")
+    if front:
+        axes.step([r["params"] for r in front], [r["val_bpb"] for r in front], where="post",
+                  color="tab:red", linewidth=1.5)
+        axes.scatter([r["params"] for r in front], [r["val_bpb"] for r in front], s=28,
+                     color="tab:red", label="Pareto front", zorder=3)
+        for row in front:
+            axes.annotate(f"#{row['id']}", (row["params"], row["val_bpb"]), fontsize=7,
+                          xytext=(3, 3), textcoords="offset points")
+    axes.set_xscale("log")
+    axes.set_xlabel("parameters")
+    axes.set_ylabel("validation bits per byte")
+    axes.set_title(title or "bits per byte against size")
+    axes.grid(alpha=0.3, which="both")
+    axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+def ancestors(rows: list[dict], winner_id: int) -> dict[int, dict]:
+    """The winner and every candidate it descends from, by id."""
+    by_id = {r["id"]: r for r in rows}
+    found: dict[int, dict] = {}
+    stack = [winner_id]
+    while stack:
+        candidate = stack.pop()
+        if candidate in found or candidate not in by_id:
+            continue
+        found[candidate] = by_id[candidate]
+        stack.extend(json.loads(by_id[candidate]["parents"]))
+    return found
+
+
+def lineage_figure(rows: list[dict], winner_id: int, title: str = "") -> Figure:
+    family = ancestors(rows, winner_id)
+    figure, axes = plt.subplots(figsize=(8, 5))
+
+    def position(row: dict) -> tuple[float, float]:
+        return row["generation"], row["val_bpb"] if row.get("val_bpb") is not None else float("nan")
+
+    for row in family.values():
+        for parent in json.loads(row["parents"]):
+            if parent in family:
+                (x0, y0), (x1, y1) = position(family[parent]), position(row)
+                axes.annotate("", (x1, y1), (x0, y0),
+                              arrowprops=dict(arrowstyle="->", alpha=0.5, linewidth=1))
+    for row in family.values():
+        x, y = position(row)
+        winner = row["id"] == winner_id
+        axes.scatter([x], [y], s=60 if winner else 25, zorder=3,
+                     color="tab:red" if winner else "tab:blue")
+        axes.annotate(f"#{row['id']} {row['operator']}\n{row['summary']}", (x, y), fontsize=6,
+                      xytext=(4, 4), textcoords="offset points")
+    axes.set_xlabel("generation")
+    axes.set_ylabel("validation bits per byte")
+    axes.set_title(title or f"lineage of #{winner_id}")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,76 @@
+"""`chimera export --parquet` round-trips the run database; `chimera plot` writes real PNGs."""
+
+import json
+
+import matplotlib.image
+import pyarrow.parquet as pq
+import pytest
+
+from cluster.cli import main
+from results.db import RunDatabase
+from results.plots import ancestors
+from search.evolution import AgingEvolution, EvolutionConfig
+from search.genome import CPU
+from search.loop import InProcessEvaluator, SearchLimits, SearchLoop
+
+
+def _fake_train(genome):
+    # a made-up score that prefers wide, shallow models, and a parameter count from the genome
+    if genome.n_layers == 7:
+        return {"status": "diverged", "error": "loss nan at step 3", "wall_seconds": 1.0}
+    bpb = 2.0 - genome.d_model / 256 + genome.n_layers / 20
+    return {"status": "ok", "val_bpb": bpb, "val_loss": bpb * 0.7, "wall_seconds": 2.0,
+            "params": CPU.params(genome), "tokens": 1000, "attempts": 1, "worker": "w@h"}
+
+
+@pytest.fixture
+def run_db(tmp_path):
+    """A finished search of 24 candidates (seeds, mutations, crossovers, one repeat or more)."""
+    path = tmp_path / "run" / "results.db"
+    db = RunDatabase(path)
+    strategy = AgingEvolution(CPU, EvolutionConfig(population_size=6, tournament_size=2), 0)
+    SearchLoop(strategy, InProcessEvaluator(_fake_train), db,
+               SearchLimits(max_candidates=24)).run()
+    db.close()
+    return path
+
+
+def test_export_round_trips_every_candidate(run_db, tmp_path, capsys):
+    out = tmp_path / "out" / "run.parquet"
+    assert main(["export", str(run_db), "--parquet", str(out)]) == 0
+    assert "wrote 24 candidates" in capsys.readouterr().out
+    table = pq.read_table(out)
+    rows = RunDatabase(run_db, readonly=True).candidates()
+    exported = table.to_pylist()
+    assert len(exported) == len(rows) == 24
+    for row, back in zip(rows, exported, strict=True):
+        genome = json.loads(row["genome"])
+        assert {gene: back[gene] for gene in genome} == genome
+        assert back["parents"] == json.loads(row["parents"])
+        for column in ("id", "genome_key", "summary", "operator", "generation", "status",
+                       "reused_from", "attempts", "val_bpb", "val_loss", "params", "error",
+                       "worker", "result"):
+            assert back[column] == row[column], column
+        assert back["finished_at"].timestamp() == pytest.approx(row["finished_at"], abs=1e-3)
+    assert {"ok", "diverged"} <= set(table.column("status").to_pylist())
+    assert not list(out.parent.glob(".run.parquet.*"))  # no temporary file left behind
+
+
+def test_plot_writes_three_pngs_and_follows_the_winners_lineage(run_db, tmp_path, capsys):
+    out = tmp_path / "plots"
+    assert main(["plot", str(run_db), "--out", str(out)]) == 0
+    for name in ("best_so_far.png", "pareto.png", "lineage.png"):
+        image = matplotlib.image.imread(out / name)  # a real PNG, with pixels
+        assert image.shape[0] > 200 and image.shape[1] > 300 and image.std() > 0
+    db = RunDatabase(run_db, readonly=True)
+    winner = db.leaderboard(1)[0]
+    family = ancestors(db.candidates(), winner["id"])
+    assert winner["id"] in family
+    for row in family.values():  # closed under parents
+        assert all(parent in family for parent in json.loads(row["parents"]))
+
+
+def test_plot_of_a_run_with_nothing_finished_is_a_clean_error(tmp_path, capsys):
+    RunDatabase(tmp_path / "results.db").close()
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "nothing to plot" in capsys.readouterr().err
