@@ -8,13 +8,15 @@ batch is a pure function of (seed, step) in the store.
 
 from __future__ import annotations
 
+import copy
 import enum
+import io
 import math
 import resource
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -82,9 +84,12 @@ class CandidateResult:
     peak_memory_mb: float = 0.0
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     error: str | None = None
+    state: TrainingState | None = field(default=None, repr=False)  # with keep_state only
 
     def to_dict(self) -> dict:
-        data = asdict(self)
+        """Plain data (JSON-ready); the training state is not part of it."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "state"}
+        data["loss_curve"] = [list(point) for point in self.loss_curve]
         data["status"] = self.status.value
         return data
 
@@ -183,14 +188,44 @@ def _total_steps(budget: TrainBudget, hparams: TrainHparams) -> int | None:
     return None  # seconds: the schedule follows the clock
 
 
+@dataclass
+class TrainingState:
+    """Where a candidate's training stands: weights, optimizer moments, the step reached and
+    the RNG, so that training continued from it equals training that never stopped (batches are
+    a pure function of (seed, step), and the schedule of ``schedule_steps``)."""
+
+    model: dict
+    optimizer: dict
+    step: int
+    rng: torch.Tensor
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        torch.save({"model": self.model, "optimizer": self.optimizer, "step": self.step,
+                    "rng": self.rng}, buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TrainingState:
+        state = torch.load(io.BytesIO(data), weights_only=True)  # tensors and plain data only
+        return cls(state["model"], state["optimizer"], state["step"], state["rng"])
+
+
 def train_candidate(config: ChimeraConfig, store: TokenStore, budget: TrainBudget,
                     hparams: TrainHparams = TrainHparams(), seed: int = 0,
                     device: str | torch.device = "cpu",
-                    on_progress: Callable[[], None] | None = None) -> CandidateResult:
-    """Train ``config`` from scratch within ``budget`` and score it. Never raises for a bad
-    candidate; the status and error say what went wrong. ``on_progress`` is called before every
-    training step and evaluation batch: a worker's heartbeat, so a hung one can be told apart
-    from a slow one."""
+                    on_progress: Callable[[], None] | None = None,
+                    resume: TrainingState | None = None, schedule_steps: int | None = None,
+                    keep_state: bool = False) -> CandidateResult:
+    """Train ``config`` within ``budget`` and score it. Never raises for a bad candidate; the
+    status and error say what went wrong. ``on_progress`` is called before every training step
+    and evaluation batch: a worker's heartbeat, so a hung one can be told apart from a slow one.
+
+    Continuing (the hurdles of a search): ``resume`` starts from a ``TrainingState`` instead of
+    from scratch, and a step or token ``budget`` then counts the total steps to reach, not the
+    steps to add. ``schedule_steps`` sets the length the learning-rate schedule spans (default:
+    the budget's steps), so a short first rung and its continuation follow the schedule of one
+    long run. ``keep_state`` puts the final ``TrainingState`` in ``result.state``."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -206,15 +241,24 @@ def train_candidate(config: ChimeraConfig, store: TokenStore, budget: TrainBudge
         result.params, result.non_embedding_params = counts.total, counts.non_embedding
         optimizer = make_optimizer(model, hparams)
         total_steps = _total_steps(budget, hparams)
+        if resume is not None and total_steps is None:
+            raise ValueError("continuing a candidate needs a step or token budget")
+        step = 0
+        if resume is not None:
+            model.load_state_dict(resume.model)
+            optimizer.load_state_dict(resume.optimizer)
+            torch.set_rng_state(resume.rng)
+            step = resume.step
+        schedule = schedule_steps or total_steps
         tokens_per_step = hparams.batch_size * hparams.seq_len
         train_start = time.perf_counter()
-        step = 0
+        first_step = step
         while True:
             elapsed = time.perf_counter() - train_start
             if total_steps is not None:
                 if step >= total_steps:
                     break
-                progress = step / total_steps
+                progress = min(1.0, step / schedule)
             else:
                 if elapsed >= budget.amount:
                     break
@@ -240,7 +284,12 @@ def train_candidate(config: ChimeraConfig, store: TokenStore, budget: TrainBudge
                 result.loss_curve.append((step, loss.item()))
         train_seconds = time.perf_counter() - train_start
         result.steps, result.tokens = step, step * tokens_per_step
-        result.tokens_per_second = result.tokens / max(train_seconds, 1e-9)
+        result.tokens_per_second = (step - first_step) * tokens_per_step / max(train_seconds,
+                                                                               1e-9)
+        if keep_state:  # before evaluation, which draws no randomness but switches modes
+            result.state = TrainingState(
+                {k: v.detach().clone() for k, v in model.state_dict().items()},
+                copy.deepcopy(optimizer.state_dict()), step, torch.get_rng_state())
         if result.status is not Status.DIVERGED:
             val_batches = store.validation_batches(hparams.batch_size, hparams.seq_len,
                                                    hparams.eval_batches)

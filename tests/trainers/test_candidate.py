@@ -4,11 +4,13 @@ import dataclasses
 import math
 
 import pytest
+import torch
 
 from chimera.config import ChimeraConfig
 from chimera.tokenizer import train_char
 from trainers.candidate import (
     BudgetKind,
+    CandidateResult,
     Status,
     TrainBudget,
     TrainHparams,
@@ -95,3 +97,36 @@ def test_schedule_warms_up_then_decays():
     assert math.isclose(learning_rate_at(0.1, hp), 1.0)
     assert math.isclose(learning_rate_at(1.0, hp), 0.1)
     assert learning_rate_at(0.5, hp) > learning_rate_at(0.9, hp)
+
+
+def test_continued_training_equals_uninterrupted_training(store):
+    """A short rung kept and continued (through bytes, as between workers) ends exactly where
+    one uninterrupted run of the same total steps does: weights, loss curve, validation loss.
+    Dropout is on, so the RNG must travel with the state too."""
+    from trainers.candidate import TrainingState
+
+    config = _config(store, dropout=0.1)
+    steps = TrainBudget(BudgetKind.STEPS, 12)
+    whole = train_candidate(config, store, steps, HPARAMS, seed=3, keep_state=True)
+    first = train_candidate(config, store, TrainBudget(BudgetKind.STEPS, 5), HPARAMS, seed=3,
+                            schedule_steps=12, keep_state=True)
+    resumed = TrainingState.from_bytes(first.state.to_bytes())
+    assert resumed.step == 5
+    rest = train_candidate(config, store, steps, HPARAMS, seed=3, resume=resumed,
+                           keep_state=True)
+    assert rest.status is Status.OK and rest.steps == 12
+    for name, tensor in whole.state.model.items():
+        assert torch.equal(tensor, rest.state.model[name]), name
+    assert rest.val_loss == whole.val_loss
+    assert first.loss_curve + rest.loss_curve == whole.loss_curve  # steps 1 | 10
+    # without the shared schedule the short rung would have annealed: a different model
+    annealed = train_candidate(config, store, TrainBudget(BudgetKind.STEPS, 5), HPARAMS, seed=3,
+                               keep_state=True)
+    assert not torch.equal(annealed.state.model["embed.weight"], first.state.model["embed.weight"])
+
+
+def test_result_data_leaves_the_training_state_out(store):
+    result = train_candidate(_config(store), store, TrainBudget(BudgetKind.STEPS, 2), HPARAMS,
+                             keep_state=True)
+    assert result.state is not None and "state" not in result.to_dict()
+    assert CandidateResult.from_dict(result.to_dict()).val_loss == result.val_loss
