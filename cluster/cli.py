@@ -243,7 +243,8 @@ def _evolve_settings(args: argparse.Namespace):
         limits=limits, candidate_budget=TrainBudget(kind, amount),
         hparams=TrainHparams(learning_rate=args.lr, batch_size=args.batch_size,
                              seq_len=args.seq_len),
-        seed=args.seed, warm_start=not args.no_warm_start, workers=args.workers,
+        seed=args.seed, warm_start=not args.no_warm_start, strategy=args.strategy,
+        workers=args.workers,
         cpus_per_candidate=args.cpus_per_candidate, gpus_per_candidate=args.gpus_per_candidate,
         address=args.address, in_process=args.in_process, database=args.database,
         faults=_fault_policy(args, FaultPolicy()), store_transfer=StoreTransfer(
@@ -467,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--clean-wikitext", action="store_true")
     search = evolve.add_argument_group("search")
     search.add_argument("--space", default="cpu", help="cpu (default) or published")
+    search.add_argument("--strategy", default="evolution",
+                        choices=["evolution", "random", "tpe", "nsga2"],
+                        help="aging evolution (default), or a baseline: random search, "
+                             "Optuna TPE, Optuna NSGA-II")
     search.add_argument("--population", type=int, default=16)
     search.add_argument("--tournament", type=int, default=4)
     search.add_argument("--no-warm-start", action="store_true", help="do not seed with presets")

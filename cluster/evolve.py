@@ -36,6 +36,7 @@ from cluster.worker import (
 )
 from results.db import RunDatabase
 from results.leaderboard import leaderboard_table, live_view
+from search.baselines import SAMPLERS, OptunaSearch, RandomSearch
 from search.evolution import AgingEvolution, EvolutionConfig, Proposal
 from search.genome import Genome, get_space, preset_seeds
 from search.loop import InProcessEvaluator, SearchLimits, SearchLoop, SearchReport, fitness_of
@@ -62,6 +63,7 @@ class EvolveSettings:
     hparams: TrainHparams = TrainHparams()
     seed: int = 0
     warm_start: bool = True
+    strategy: str = "evolution"  # evolution | random | tpe | nsga2 (the baselines)
     workers: int | None = None  # None: as many as the cluster's CPUs allow
     cpus_per_candidate: float = 1.0
     gpus_per_candidate: float = 0.0
@@ -139,12 +141,29 @@ def _proposal_of(row: dict) -> Proposal:
                     row["operator"], row["generation"])
 
 
+STRATEGIES = ("evolution", "random", "tpe", "nsga2")
+
+
+def make_strategy(name: str, space, settings: EvolveSettings, seeds: list[Genome]):
+    """Aging evolution, or a baseline on the same space and interface."""
+    if name == "evolution":
+        return AgingEvolution(space, settings.evolution, settings.seed, seeds)
+    if name == "random":
+        return RandomSearch(space, settings.seed, seeds)
+    if name in SAMPLERS:
+        return OptunaSearch(space, name, settings.seed, seeds,
+                            population_size=settings.evolution.population_size)
+    raise ValueError(f"unknown strategy {name!r}: choose from {', '.join(STRATEGIES)}")
+
+
 def build_strategy(settings: EvolveSettings, vocab_size: int, db: RunDatabase):
     """A fresh strategy, or one replayed from the database's history when resuming."""
     space = dataclasses.replace(get_space(settings.space), vocab_size=vocab_size)
-    seeds = preset_seeds(space) if settings.warm_start else []
-    strategy = AgingEvolution(space, settings.evolution, settings.seed, seeds)
     history = db.finished_in_order()
+    done = {row["genome_key"] for row in history}
+    seeds = [g for g in preset_seeds(space) if space.repair(g).key not in done] \
+        if settings.warm_start else []
+    strategy = make_strategy(settings.strategy, space, settings, seeds)
     for row in history:
         strategy.tell(row["id"], _proposal_of(row), fitness_of(json.loads(row["result"])))
     if history:  # a resumed search draws fresh randomness, deterministically

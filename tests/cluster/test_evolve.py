@@ -151,3 +151,14 @@ def test_durations_parse():
     assert parse_duration("1h30m") == 5400 and parse_duration("45") == 45
     with pytest.raises(Exception, match="not a duration"):
         parse_duration("soon")
+
+
+@pytest.mark.parametrize("strategy", ["random", "tpe", "nsga2"])
+def test_baseline_strategies_run_the_same_search(tmp_path, strategy, capsys):
+    run = tmp_path / strategy
+    assert main(_evolve_argv(run, "--in-process", "--strategy", strategy, "--max-candidates",
+                             "3", "--candidate-steps", "3", "--no-warm-start")) == 0
+    rows = _finished(run)
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
+    assert {r["operator"] for r in rows} == {strategy}
+    assert json.loads((run / "run.json").read_text())["strategy"] == strategy

@@ -1,0 +1,107 @@
+"""Baseline strategies on the same search space, behind the same ``ask``/``tell`` interface as
+aging evolution, so a comparison changes nothing but the strategy:
+
+- ``RandomSearch``: independent samples from the space (the presets first, as evolution does);
+- ``OptunaSearch``: an Optuna sampler (TPE, or NSGA-II) driving the genes through Optuna's
+  ask-and-tell interface. Each gene is an integer index into the space's ordered values, so
+  "near" means the same as it does for mutation; the sampled genome is repaired exactly like
+  any other (divisibility, parameter budget), and Optuna learns f(repair(x)).
+
+Failed candidates (infinite fitness) are told to Optuna as failed trials, which its samplers
+leave out of their models.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import optuna
+
+from search.evolution import Proposal
+from search.genome import GENES, Genome, SearchSpace
+
+MAX_DEDUPE_TRIES = 20
+
+
+class RandomSearch:
+    def __init__(self, space: SearchSpace, seed: int, seeds: list[Genome] = ()) -> None:
+        self.space = space
+        self.rng = random.Random(seed)
+        self.pending_seeds = list(seeds)
+        self.seen: set[str] = set()
+
+    def ask(self) -> Proposal:
+        while self.pending_seeds:
+            genome = self.space.repair(self.pending_seeds.pop(0))
+            if genome.key not in self.seen:
+                self.seen.add(genome.key)
+                return Proposal(genome, operator="seed")
+        genome = self.space.sample(self.rng)
+        for _ in range(MAX_DEDUPE_TRIES):
+            if genome.key not in self.seen:
+                break
+            genome = self.space.sample(self.rng)
+        self.seen.add(genome.key)
+        return Proposal(genome, operator="random")
+
+    def tell(self, candidate_id: int, proposal: Proposal, fitness: float) -> None:
+        self.seen.add(proposal.genome.key)
+
+
+SAMPLERS = {"tpe": "TPE", "nsga2": "NSGA-II"}
+
+
+def make_sampler(name: str, seed: int, population_size: int = 16) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        # multivariate: the genes interact (heads divide the width, the parameter budget)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True,
+                                          n_startup_trials=population_size)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=population_size)
+    raise ValueError(f"unknown Optuna sampler {name!r}: choose from {', '.join(SAMPLERS)}")
+
+
+class OptunaSearch:
+    def __init__(self, space: SearchSpace, sampler: str, seed: int, seeds: list[Genome] = (),
+                 population_size: int = 16) -> None:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.space, self.sampler_name = space, sampler
+        self.study = optuna.create_study(direction="minimize",
+                                         sampler=make_sampler(sampler, seed, population_size))
+        self.distributions = {gene: optuna.distributions.IntDistribution(
+            0, len(space.values(gene)) - 1) for gene in GENES}
+        for genome in seeds:  # warm start: Optuna evaluates these first, in order
+            self.study.enqueue_trial(self._params(space.repair(genome)))
+        self.pending_seeds = len(seeds)
+        self.trials: dict[int, optuna.trial.Trial] = {}  # id(proposal) -> its open trial
+        self.seen: set[str] = set()
+        self.rng = random.Random(seed)  # for interface parity; Optuna keeps its own RNG
+
+    def _params(self, genome: Genome) -> dict[str, int]:
+        return {gene: self.space.values(gene).index(getattr(genome, gene)) for gene in GENES}
+
+    def ask(self) -> Proposal:
+        trial = self.study.ask(self.distributions)
+        genome = self.space.repair(Genome(**{
+            gene: self.space.values(gene)[trial.params[gene]] for gene in GENES}))
+        operator = "seed" if self.pending_seeds else self.sampler_name
+        self.pending_seeds = max(0, self.pending_seeds - 1)
+        proposal = Proposal(genome, operator=operator)
+        self.trials[id(proposal)] = trial
+        self.seen.add(genome.key)
+        return proposal
+
+    def tell(self, candidate_id: int, proposal: Proposal, fitness: float) -> None:
+        self.seen.add(proposal.genome.key)
+        trial = self.trials.pop(id(proposal), None)
+        finite = math.isfinite(fitness)
+        if trial is not None:
+            state = optuna.trial.TrialState.COMPLETE if finite else optuna.trial.TrialState.FAIL
+            self.study.tell(trial, fitness if finite else None, state=state)
+        else:  # a result from an earlier session (resume): add it as a finished trial
+            self.study.add_trial(optuna.trial.create_trial(
+                params=self._params(proposal.genome), distributions=self.distributions,
+                value=fitness if finite else None,
+                state=optuna.trial.TrialState.COMPLETE if finite
+                else optuna.trial.TrialState.FAIL))
