@@ -216,6 +216,7 @@ def _evolve_settings(args: argparse.Namespace):
     from cluster.worker import FaultPolicy
     from search.evolution import EvolutionConfig
     from search.genome import get_space
+    from search.hurdles import Hurdles
     from search.loop import SearchLimits
     from trainers.candidate import BudgetKind, TrainBudget, TrainHparams
 
@@ -244,6 +245,8 @@ def _evolve_settings(args: argparse.Namespace):
         hparams=TrainHparams(learning_rate=args.lr, batch_size=args.batch_size,
                              seq_len=args.seq_len),
         seed=args.seed, warm_start=not args.no_warm_start, strategy=args.strategy,
+        hurdles=Hurdles(args.hurdles, args.hurdle_factor, args.hurdle_keep)
+        if args.hurdles > 1 else None,
         workers=args.workers,
         cpus_per_candidate=args.cpus_per_candidate, gpus_per_candidate=args.gpus_per_candidate,
         address=args.address, in_process=args.in_process, database=args.database,
@@ -475,6 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--population", type=int, default=16)
     search.add_argument("--tournament", type=int, default=4)
     search.add_argument("--no-warm-start", action="store_true", help="do not seed with presets")
+    search.add_argument("--hurdles", type=int, default=0, metavar="RUNGS",
+                        help="progressive hurdles: train each candidate in RUNGS budget rungs "
+                             "(the candidate budget, then x factor each), continuing only those "
+                             "that clear each rung (default: off)")
+    search.add_argument("--hurdle-factor", type=float, default=3.0)
+    search.add_argument("--hurdle-keep", type=float, default=1 / 3,
+                        help="share of a rung's results that continue (default 1/3)")
     candidates = evolve.add_argument_group("candidate training")
     per = candidates.add_mutually_exclusive_group()
     per.add_argument("--candidate-tokens", type=int)

@@ -51,6 +51,7 @@ class _Worker:
 class _Job:
     candidate_id: int
     genome: Genome
+    rung: int = 0
     attempts: int = 0
     errors: list[str] = field(default_factory=list)
     started: float = 0.0
@@ -127,9 +128,14 @@ class RayEvaluator:
         return memory_rejection(genome, self.settings, self.memory_limit, "the largest node")
 
     # ------------------------------------------------------------------ the Evaluator protocol
-    def submit(self, candidate_id: int, genome: Genome) -> None:
-        self.queue.append(_Job(candidate_id, genome))
+    def submit(self, candidate_id: int, genome: Genome, rung: int = 0) -> None:
+        self.queue.append(_Job(candidate_id, genome, rung))
         self._dispatch()
+
+    def release(self, candidate_id: int) -> None:
+        """The candidate will not continue: drop its checkpoint (hurdles)."""
+        if self.settings.rung_steps:
+            self.settings.checkpoint_path(candidate_id).unlink(missing_ok=True)
 
     def _dispatch(self) -> None:
         if self.start_error and not self.workers:
@@ -140,9 +146,10 @@ class RayEvaluator:
             job, worker = self.queue.pop(0), self.free.pop(0)
             job.attempts += 1
             job.started = time.monotonic()
-            suffix = f"-attempt-{job.attempts}" if job.attempts > 1 else ""
+            suffix = (f"-rung-{job.rung}" if job.rung else "") + \
+                (f"-attempt-{job.attempts}" if job.attempts > 1 else "")
             ref = worker.actor.train.options(name=f"candidate-{job.candidate_id}{suffix}") \
-                .remote(job.genome.to_dict())
+                .remote(job.genome.to_dict(), job.candidate_id, job.rung)
             self.refs[ref] = ("train", worker, job)
             self.busy[worker.name] = (ref, job)
             worker.heartbeat_ref, worker.heartbeat_sent = None, time.monotonic()

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from results.leaderboard import leaderboard_table, live_view
 from search.baselines import SAMPLERS, OptunaSearch, RandomSearch
 from search.evolution import AgingEvolution, EvolutionConfig, Proposal
 from search.genome import Genome, get_space, preset_seeds
+from search.hurdles import Hurdles
 from search.loop import InProcessEvaluator, SearchLimits, SearchLoop, SearchReport, fitness_of
 from trainers.candidate import BudgetKind, TrainBudget, TrainHparams
 from trainers.corpus import CorpusFormat, CorpusSpec, DecodeErrors, Separator
@@ -47,6 +49,7 @@ from trainers.store import SplitConfig, prepare_store, tokenizer_for, tokenizer_
 CONFIG_FILE = "run.json"
 DATABASE_FILE = "results.db"
 STORE_DIR = "store"
+CHECKPOINT_DIR = "checkpoints"  # candidates' training state between hurdle rungs
 LIVE_TOP = 10  # leaderboard rows in the live view and the final report
 
 
@@ -73,6 +76,11 @@ class EvolveSettings:
     faults: FaultPolicy = FaultPolicy()
     store_transfer: StoreTransfer = StoreTransfer.AUTO
     store_cache: str = DEFAULT_CACHE_ROOT  # node-local copies of the store live here
+    hurdles: Hurdles | None = None  # successive halving over budget rungs; None: one budget
+
+    def __post_init__(self) -> None:
+        if self.hurdles is not None and self.candidate_budget.kind is BudgetKind.SECONDS:
+            raise ValueError("hurdles need a step or token budget per candidate, not seconds")
 
     @property
     def database_target(self) -> str:
@@ -92,6 +100,8 @@ class EvolveSettings:
             extra["faults"] = FaultPolicy(**data["faults"])
         if "store_transfer" in data:
             extra["store_transfer"] = StoreTransfer(data["store_transfer"])
+        if data.get("hurdles"):
+            extra["hurdles"] = Hurdles(**data["hurdles"])
         return cls(**{**data, **extra, "corpus": CorpusSpec(**corpus),
                       "evolution": EvolutionConfig(**data["evolution"]),
                       "limits": SearchLimits(**data["limits"]),
@@ -195,9 +205,12 @@ def _make_evaluator(settings: EvolveSettings, candidate: CandidateSettings):
         trainer = CandidateTrainer(candidate, "in-process")
         available = machine_memory()
         return InProcessEvaluator(
-            lambda genome: trainer.train(genome.to_dict()), slots=1,
+            lambda genome, candidate_id, rung: trainer.train(genome.to_dict(), candidate_id,
+                                                             rung), slots=1,
             reject=lambda genome: memory_rejection(genome, candidate, available,
-                                                   "this machine")), False
+                                                   "this machine"),
+            release=lambda candidate_id: candidate.checkpoint_path(candidate_id).unlink(
+                missing_ok=True)), False
     import ray
 
     from cluster.evaluator import RayEvaluator
@@ -251,6 +264,22 @@ class EventLog:
         self.db.record_cancelled(candidate_id, reason)
         self._say(f"#{candidate_id} cancelled: {reason}")
 
+    def record_rung(self, candidate_id: int, rung: int, result: dict) -> None:
+        self.db.record_rung(candidate_id, rung, result)
+        bpb = result.get("val_bpb")
+        self._say(f"#{candidate_id} rung {rung}: {result['status']}"
+                  + (f" {bpb:.4f} bpb" if bpb is not None else ""))
+
+
+def _rung_steps(settings: EvolveSettings) -> tuple[int, ...]:
+    """Total steps at the end of each hurdle rung; () without hurdles."""
+    if settings.hurdles is None:
+        return ()
+    budget, hp = settings.candidate_budget, settings.hparams
+    base = budget.amount if budget.kind is BudgetKind.STEPS \
+        else budget.amount // (hp.batch_size * hp.seq_len)
+    return settings.hurdles.steps(max(1, int(base)))
+
 
 def run_evolve(settings: EvolveSettings, console: Console | None = None,
                live: bool = True) -> EvolveOutcome:
@@ -265,6 +294,7 @@ def run_evolve(settings: EvolveSettings, console: Console | None = None,
         store_dir=str(store.root), budget=settings.candidate_budget, hparams=settings.hparams,
         seed=settings.seed, vocab_size=store.vocab_size,
         threads=max(1, int(settings.cpus_per_candidate)),
+        rung_steps=_rung_steps(settings), checkpoint_dir=str(run_dir / CHECKPOINT_DIR),
         device="cuda" if settings.gpus_per_candidate > 0 else "cpu")
     evaluator, started_ray = _make_evaluator(settings, candidate)
     started = time.monotonic()
@@ -280,7 +310,7 @@ def run_evolve(settings: EvolveSettings, console: Console | None = None,
     display = Live(view(), console=console, refresh_per_second=4, transient=True) \
         if live else None
     recorder = db if live else EventLog(db, console)
-    loop = SearchLoop(strategy, evaluator, recorder, settings.limits,
+    loop = SearchLoop(strategy, evaluator, recorder, settings.limits, hurdles=settings.hurdles,
                       on_tick=(lambda: display.update(view())) if display else None)
     try:
         if display:
@@ -300,6 +330,9 @@ def run_evolve(settings: EvolveSettings, console: Console | None = None,
             import ray
 
             ray.shutdown()
+        # Checkpoints only carry a candidate between rungs of this session (a resumed run
+        # retrains what was in flight from rung 0), so none outlives it.
+        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
     ranked = db.leaderboard()
     outcome = EvolveOutcome(report, ranked[:LIVE_TOP], db.counts(),
                             ranked[-1]["val_bpb"] if ranked else None)

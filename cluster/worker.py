@@ -16,11 +16,15 @@ from pathlib import Path
 
 import torch
 
+from chimera.checkpoint import atomic_write
 from cluster.node_store import Origin, StoreSource, open_on_node
 from search.genome import Genome
 from trainers.candidate import (
+    BudgetKind,
+    Status,
     TrainBudget,
     TrainHparams,
+    TrainingState,
     estimate_training_memory,
     train_candidate,
 )
@@ -38,6 +42,13 @@ class CandidateSettings:
     vocab_size: int
     threads: int = 1  # torch threads: the CPUs the worker was given
     device: str = "cpu"
+    # Hurdles: the total steps at the end of each rung, and where a candidate's training state
+    # waits between rungs (a directory every worker can reach). Empty: one budget, no rungs.
+    rung_steps: tuple[int, ...] = ()
+    checkpoint_dir: str | None = None
+
+    def checkpoint_path(self, candidate_id: int) -> Path:
+        return Path(self.checkpoint_dir or ".") / f"candidate-{candidate_id}.pt"
 
 
 @dataclass(frozen=True)
@@ -142,16 +153,37 @@ class CandidateTrainer:
     def _progress(self) -> None:
         self.last_progress = time.monotonic()
 
-    def train(self, genome: dict) -> dict:
+    def train(self, genome: dict, candidate_id: int = 0, rung: int = 0) -> dict:
+        """Train a candidate; with hurdles, to the end of ``rung``, continuing from the state
+        the previous rung left in the checkpoint directory."""
         self._progress()
+        settings = self.settings
         try:
             config = Genome.from_dict(genome).to_config(self.store.vocab_size,
-                                                        self.settings.hparams.seq_len)
-            result = train_candidate(config, self.store, self.settings.budget,
-                                     self.settings.hparams, self.settings.seed,
-                                     self.settings.device, on_progress=self._progress)
+                                                        settings.hparams.seq_len)
+            if not settings.rung_steps:
+                result = train_candidate(config, self.store, settings.budget, settings.hparams,
+                                         settings.seed, settings.device,
+                                         on_progress=self._progress)
+            else:
+                result = self._train_rung(config, candidate_id, rung)
         finally:
             self.last_progress = None
         data = result.to_dict()
         data["worker"], data["node_id"] = self.name, self.node_id
         return data
+
+    def _train_rung(self, config, candidate_id: int, rung: int):
+        settings, path = self.settings, self.settings.checkpoint_path(candidate_id)
+        last = rung == len(settings.rung_steps) - 1
+        resume = TrainingState.from_bytes(path.read_bytes()) if rung > 0 else None
+        result = train_candidate(
+            config, self.store, TrainBudget(BudgetKind.STEPS, settings.rung_steps[rung]),
+            settings.hparams, settings.seed, settings.device, on_progress=self._progress,
+            resume=resume, schedule_steps=settings.rung_steps[-1], keep_state=not last)
+        if result.state is not None and result.status is Status.OK:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            data = result.state.to_bytes()
+            atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+        result.rung = rung
+        return result

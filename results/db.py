@@ -67,6 +67,17 @@ candidates_table = Table(
     Column("finished_at", Float),
 )
 _c = candidates_table.c
+# With hurdles: one row per budget rung a candidate finished (its final rung is also the
+# candidate's own result).
+rungs_table = Table(
+    "rungs", metadata,
+    Column("candidate_id", Integer, primary_key=True),
+    Column("rung", Integer, primary_key=True),
+    Column("status", String(32), nullable=False),
+    Column("steps", Integer), Column("tokens", Integer), Column("val_loss", Float),
+    Column("val_bpb", Float), Column("wall_seconds", Float),
+    Column("result", Text), Column("finished_at", Float, nullable=False),
+)
 
 
 def database_url(target: str | Path) -> str:
@@ -148,6 +159,22 @@ class RunDatabase:
         self._write(update(candidates_table).where(_c.id == candidate_id).values(
             reused_from=source_id, worker="reused"))
         return candidate_id
+
+    def record_rung(self, candidate_id: int, rung: int, result: dict) -> None:
+        with self.engine.begin() as conn:  # a retried rung replaces its earlier row
+            conn.execute(delete(rungs_table).where(rungs_table.c.candidate_id == candidate_id,
+                                                   rungs_table.c.rung == rung))
+            conn.execute(insert(rungs_table).values(
+                candidate_id=candidate_id, rung=rung, status=result["status"],
+                result=json.dumps(result), finished_at=time.time(),
+                **{c: result.get(c) for c in ("steps", "tokens", "val_loss", "val_bpb",
+                                              "wall_seconds")}))
+
+    def rungs(self, candidate_id: int | None = None) -> list[dict]:
+        query = select(rungs_table).order_by(rungs_table.c.candidate_id, rungs_table.c.rung)
+        if candidate_id is not None:
+            query = query.where(rungs_table.c.candidate_id == candidate_id)
+        return self._rows(query)
 
     def record_cancelled(self, candidate_id: int, reason: str) -> None:
         self._write(update(candidates_table).where(_c.id == candidate_id).values(

@@ -21,6 +21,7 @@ from typing import Protocol
 
 from search.evolution import Proposal
 from search.genome import Genome
+from search.hurdles import Hurdles
 
 FAILED_FITNESS = math.inf
 REJECTED = "rejected"  # the status of a candidate no worker could train
@@ -29,7 +30,8 @@ REJECTED = "rejected"  # the status of a candidate no worker could train
 class Evaluator(Protocol):
     slots: int  # how many candidates can train at once
 
-    def submit(self, candidate_id: int, genome: Genome) -> None: ...
+    def submit(self, candidate_id: int, genome: Genome, rung: int = 0) -> None:
+        """Train ``genome``; with hurdles, ``rung`` > 0 continues it from its checkpoint."""
 
     def next_result(self, timeout: float | None) -> tuple[int, dict] | None:
         """(candidate id, result as plain data) of the next finished candidate, or None."""
@@ -43,6 +45,9 @@ class Evaluator(Protocol):
 
     def rejection(self, genome: Genome) -> str | None:
         """Why ``genome`` cannot train on any worker (e.g. too large for memory), or None."""
+
+    def release(self, candidate_id: int) -> None:
+        """The candidate will not be continued: drop what was kept for it (a checkpoint)."""
 
 
 class Recorder(Protocol):
@@ -58,6 +63,8 @@ class Recorder(Protocol):
     def record_reused(self, proposal: dict, source_id: int, result: dict) -> int: ...
 
     def record_cancelled(self, candidate_id: int, reason: str) -> None: ...
+
+    def record_rung(self, candidate_id: int, rung: int, result: dict) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,7 @@ class SearchReport:
     completed: int = 0
     reused: int = 0
     rejected: int = 0
+    promoted: int = 0  # continuations to a higher hurdle rung
     cancelled: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     stop_reason: str = ""
@@ -100,8 +108,14 @@ def proposal_record(proposal: Proposal) -> dict:
 class SearchLoop:
     def __init__(self, strategy, evaluator: Evaluator, recorder: Recorder, limits: SearchLimits,
                  clock: Callable[[], float] = time.monotonic,
-                 on_tick: Callable[[], None] | None = None, poll_seconds: float = 0.5) -> None:
+                 on_tick: Callable[[], None] | None = None, poll_seconds: float = 0.5,
+                 hurdles: Hurdles | None = None) -> None:
+        """``hurdles``: train every candidate in budget rungs, continuing only those that clear
+        each rung's hurdle (the evaluator must support ``rung``)."""
         self.strategy, self.evaluator, self.recorder = strategy, evaluator, recorder
+        self.hurdles = hurdles
+        self.rung_values: list[list[float]] = [[] for _ in range(hurdles.rungs if hurdles
+                                                                 else 1)]
         self.limits, self.clock, self.on_tick, self.poll = limits, clock, on_tick, poll_seconds
         self.report = SearchReport()
         self.proposals: dict[int, Proposal] = {}
@@ -193,10 +207,23 @@ class SearchLoop:
         self.report.launched += 1
 
     def _finish(self, candidate_id: int, result: dict) -> None:
+        self.durations.append(result.get("wall_seconds", 0.0))
+        if self.hurdles is not None:
+            rung = result.get("rung", 0)
+            self.recorder.record_rung(candidate_id, rung, result)
+            fitness = fitness_of(result)
+            if math.isfinite(fitness):
+                self.rung_values[rung].append(fitness)
+                if rung + 1 < self.hurdles.rungs and \
+                        self.hurdles.clears(self.rung_values[rung], fitness):
+                    self.evaluator.submit(candidate_id, self.proposals[candidate_id].genome,
+                                          rung + 1)
+                    self.report.promoted += 1
+                    return
+            self.evaluator.release(candidate_id)
         proposal = self.proposals.pop(candidate_id)
         self.recorder.record_result(candidate_id, result)
         self.strategy.tell(candidate_id, proposal, fitness_of(result))
-        self.durations.append(result.get("wall_seconds", 0.0))
         self.report.completed += 1
         self._count(result.get("status", "failed"))
 
@@ -209,30 +236,36 @@ class InProcessEvaluator:
 
     With one slot the search is strictly ask, train, tell: deterministic for a given seed."""
 
-    def __init__(self, train: Callable[[Genome], dict], slots: int = 1,
-                 reject: Callable[[Genome], str | None] | None = None) -> None:
-        self.train, self.slots, self.reject = train, slots, reject
-        self.queue: list[tuple[int, Genome]] = []
+    def __init__(self, train: Callable[[Genome, int, int], dict], slots: int = 1,
+                 reject: Callable[[Genome], str | None] | None = None,
+                 release: Callable[[int], None] | None = None) -> None:
+        """``train(genome, candidate_id, rung)`` -> the result as plain data."""
+        self.train, self.slots, self.reject, self._release = train, slots, reject, release
+        self.queue: list[tuple[int, Genome, int]] = []
 
     def rejection(self, genome: Genome) -> str | None:
         return self.reject(genome) if self.reject else None
 
-    def submit(self, candidate_id: int, genome: Genome) -> None:
-        self.queue.append((candidate_id, genome))
+    def release(self, candidate_id: int) -> None:
+        if self._release:
+            self._release(candidate_id)
+
+    def submit(self, candidate_id: int, genome: Genome, rung: int = 0) -> None:
+        self.queue.append((candidate_id, genome, rung))
 
     def next_result(self, timeout: float | None) -> tuple[int, dict] | None:
         if not self.queue:
             return None
-        candidate_id, genome = self.queue.pop(0)
-        return candidate_id, self.train(genome)
+        candidate_id, genome, rung = self.queue.pop(0)
+        return candidate_id, self.train(genome, candidate_id, rung)
 
     def in_flight(self) -> int:
         return len(self.queue)
 
     def running(self) -> dict[int, str]:
-        return {candidate_id: "in-process" for candidate_id, _ in self.queue}
+        return {candidate_id: "in-process" for candidate_id, _, _ in self.queue}
 
     def cancel_all(self) -> list[int]:
-        cancelled = [candidate_id for candidate_id, _ in self.queue]
+        cancelled = [candidate_id for candidate_id, _, _ in self.queue]
         self.queue.clear()
         return cancelled

@@ -84,6 +84,7 @@ class CandidateResult:
     peak_memory_mb: float = 0.0
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     error: str | None = None
+    rung: int = 0  # with hurdles: the budget rung this result ends
     state: TrainingState | None = field(default=None, repr=False)  # with keep_state only
 
     def to_dict(self) -> dict:

@@ -14,7 +14,7 @@ from search.genome import CPU
 from search.loop import InProcessEvaluator, SearchLimits, SearchLoop
 
 
-def _fake_train(genome):
+def _fake_train(genome, candidate_id=0, rung=0):
     # a made-up score that prefers wide, shallow models, and a parameter count from the genome
     if genome.n_layers == 7:
         return {"status": "diverged", "error": "loss nan at step 3", "wall_seconds": 1.0}

@@ -53,7 +53,8 @@ def _loop(tmp_path, train, limits, space=CPU, seed=0, clock=None, name="r.db"):
     db = RunDatabase(tmp_path / name)
     strategy = AgingEvolution(space, EvolutionConfig(population_size=4, tournament_size=2), seed)
     kwargs = {"clock": clock} if clock else {}
-    loop = SearchLoop(strategy, InProcessEvaluator(train), db, limits, **kwargs)
+    loop = SearchLoop(strategy, InProcessEvaluator(lambda g, *_: train(g)), db, limits,
+                      **kwargs)
     return loop, db
 
 
@@ -103,7 +104,8 @@ def test_rejected_candidates_never_train_and_the_search_goes_on(tmp_path):
 
     db = RunDatabase(tmp_path / "r.db")
     strategy = AgingEvolution(CPU, EvolutionConfig(population_size=4, tournament_size=2), 0)
-    too_wide = InProcessEvaluator(train, reject=lambda g: "too wide" if g.d_model > 128 else None)
+    too_wide = InProcessEvaluator(lambda g, *_: train(g),
+                                  reject=lambda g: "too wide" if g.d_model > 128 else None)
     report = SearchLoop(strategy, too_wide, db, SearchLimits(max_candidates=12)).run()
     rows = db.candidates()
     rejected = [r for r in rows if r["status"] == "rejected"]

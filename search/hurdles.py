@@ -1,0 +1,45 @@
+"""Progressive hurdles: successive halving across budget rungs, decided as results arrive.
+
+Every new candidate first trains the rung-0 budget. When it finishes rung r (not the last), it
+continues to rung r + 1, from its checkpoint, if its validation bits per byte clears rung r's
+hurdle: the ``keep_fraction`` quantile of every rung-r result so far (itself included). Until a
+rung has ``min_results`` results everyone clears it, so the first candidates set the bar (as in
+So et al.'s progressive dynamic hurdles, where the hurdle is computed from earlier candidates).
+The rungs' budgets grow by ``factor``: with 3 rungs and factor 3, 1x, 3x and 9x the base budget,
+all on one learning-rate schedule spanning the last rung, so continuing equals training that
+long from the start.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Hurdles:
+    rungs: int = 3
+    factor: float = 3.0
+    keep_fraction: float = 1 / 3
+    min_results: int = 3
+
+    def __post_init__(self) -> None:
+        if self.rungs < 1:
+            raise ValueError(f"rungs must be at least 1, got {self.rungs}")
+        if self.factor <= 1:
+            raise ValueError(f"factor must be above 1, got {self.factor}")
+        if not 0 < self.keep_fraction <= 1:
+            raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
+
+    def steps(self, base_steps: int) -> tuple[int, ...]:
+        """Total steps reached at the end of each rung."""
+        return tuple(max(1, round(base_steps * self.factor ** r)) for r in range(self.rungs))
+
+    def clears(self, rung_values: list[float], value: float) -> bool:
+        """Does ``value`` (lower is better) clear a rung whose results so far, ``value``
+        included, are ``rung_values``?"""
+        if len(rung_values) < self.min_results:
+            return True
+        ranked = sorted(rung_values)
+        kept = max(1, math.ceil(len(ranked) * self.keep_fraction))
+        return value <= ranked[kept - 1]

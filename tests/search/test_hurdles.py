@@ -1,0 +1,66 @@
+"""Progressive hurdles: the rule on hand-made values, and the search loop promoting exactly the
+candidates that clear each rung, recording every rung, releasing what does not continue."""
+
+import pytest
+
+from results.db import RunDatabase
+from search.evolution import AgingEvolution, EvolutionConfig
+from search.genome import CPU
+from search.hurdles import Hurdles
+from search.loop import InProcessEvaluator, SearchLimits, SearchLoop
+
+
+def test_rung_budgets_grow_by_the_factor():
+    assert Hurdles(rungs=3, factor=3).steps(10) == (10, 30, 90)
+    assert Hurdles(rungs=2, factor=2.5).steps(4) == (4, 10)
+    with pytest.raises(ValueError, match="factor"):
+        Hurdles(factor=1.0)
+
+
+def test_a_rung_keeps_its_top_fraction_once_it_has_enough_results():
+    hurdles = Hurdles(keep_fraction=1 / 3, min_results=3)
+    assert hurdles.clears([5.0], 5.0) and hurdles.clears([1.0, 5.0], 5.0)  # setting the bar
+    values = [3.0, 1.0, 2.0]  # 3 results: the best third is 1 result
+    assert hurdles.clears(values, 1.0) and not hurdles.clears(values, 2.0)
+    values = [3.0, 1.0, 2.0, 0.5, 4.0, 2.5]  # 6 results: the best 2 continue
+    assert hurdles.clears(values, 1.0) and hurdles.clears(values, 0.5)
+    assert not hurdles.clears(values, 2.0)
+    assert Hurdles(keep_fraction=1.0).clears([1.0, 2.0, 3.0], 3.0)  # keep all
+
+
+def _score(genome, rung):  # made up: wide and shallow is better; every rung improves by 0.1
+    return 2.0 - genome.d_model / 256 + genome.n_layers / 20 - 0.1 * rung
+
+
+def test_loop_promotes_exactly_the_candidates_that_clear_each_rung(tmp_path):
+    hurdles = Hurdles(rungs=3, factor=3, keep_fraction=1 / 3, min_results=3)
+    calls, released = [], []
+
+    def train(genome, candidate_id, rung):
+        calls.append((candidate_id, rung, _score(genome, rung)))
+        return {"status": "ok", "val_bpb": _score(genome, rung), "rung": rung,
+                "steps": hurdles.steps(10)[rung], "wall_seconds": 1.0}
+
+    db = RunDatabase(tmp_path / "r.db")
+    strategy = AgingEvolution(CPU, EvolutionConfig(population_size=4, tournament_size=2), 0)
+    report = SearchLoop(strategy, InProcessEvaluator(train, release=released.append), db,
+                        SearchLimits(max_candidates=15), hurdles=hurdles).run()
+
+    # Replay the rule over the rung results in the order they arrived (one slot: call order).
+    seen = {0: [], 1: [], 2: []}
+    expected_promotions = []
+    for candidate_id, rung, score in calls:
+        seen[rung].append(score)
+        if rung < 2 and hurdles.clears(seen[rung], score):
+            expected_promotions.append((candidate_id, rung + 1))
+    assert [(c, r) for c, r, _ in calls if r > 0] == expected_promotions
+    assert report.promoted == len(expected_promotions) > 0
+    reached = {c: max(r for c2, r, _ in calls if c2 == c) for c, _, _ in calls}
+    assert 2 in reached.values() and 0 in reached.values()  # some went all the way, some not
+
+    trained = [r for r in db.candidates() if r["reused_from"] is None]
+    for row in trained:  # the candidate's own result is its last rung
+        rungs = db.rungs(row["id"])
+        assert [r["rung"] for r in rungs] == list(range(len(rungs)))
+        assert row["val_bpb"] == rungs[-1]["val_bpb"]
+    assert sorted(released) == sorted(r["id"] for r in trained)  # nothing kept afterwards
