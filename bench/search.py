@@ -1,0 +1,174 @@
+"""Search methods against each other for the same compute, on tinyshakespeare:
+
+    evolution + hurdles | evolution | random | Optuna TPE | Optuna NSGA-II
+
+Every method runs the same `chimera evolve` machinery (same space, repair, trainer, validation
+windows, Ray workers) with the same wall-clock budget per run, over several seeds. Without
+hurdles every candidate trains the full budget; with hurdles candidates start at a third of a
+third of it and only those clearing each rung go on to the full budget (as in So et al.'s
+progressive dynamic hurdles, where the baseline trains every candidate fully).
+
+Compute is measured as worker-seconds spent training (every rung counted), in the order
+results arrived. Printed per method: the best validation bits per byte (median and range over
+seeds), and the compute at which the method first reached random search's final best of the
+same seed (median; "never" if it did not). A best-so-far plot goes to bench/figures/.
+
+    python bench/search.py                    # ~35 minutes: 5 methods x 3 seeds x 120 s
+    python bench/search.py --seconds 40 --seeds 1 --methods random hurdles   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[0] = str(REPO)  # import the packages, not a sibling script named like one
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import ray  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from cluster.evolve import EvolveSettings, run_evolve  # noqa: E402
+from results.db import RunDatabase  # noqa: E402
+from search.hurdles import Hurdles  # noqa: E402
+from search.loop import SearchLimits  # noqa: E402
+from trainers.candidate import BudgetKind, TrainBudget, TrainHparams  # noqa: E402
+from trainers.corpus import CorpusSpec, Separator  # noqa: E402
+
+DEFAULT_CORPUS = REPO.parent / "shared/data/tinyshakespeare.txt"
+METHODS = {  # id: (shown as, strategy, hurdles?)
+    "hurdles": ("evolution + hurdles", "evolution", True),
+    "evolution": ("evolution", "evolution", False),
+    "random": ("random", "random", False),
+    "tpe": ("Optuna TPE", "tpe", False),
+    "nsga2": ("Optuna NSGA-II", "nsga2", False),
+}
+HURDLES = Hurdles(rungs=3, factor=3.0, keep_fraction=1 / 3, min_results=3)
+
+
+def curve(db_path: Path) -> tuple[list[tuple[float, float]], float]:
+    """Best-so-far (worker-seconds, bpb) after each result, and the final best."""
+    db = RunDatabase(db_path, readonly=True)
+    try:
+        trained = [r for r in db.candidates() if r["reused_from"] is None and r["finished_at"]]
+        rungs = db.rungs()
+    finally:
+        db.close()
+    if rungs:  # hurdles: every rung is a result and costs its own training time
+        events = [(r["finished_at"], r["wall_seconds"] or 0.0, r["val_bpb"]) for r in rungs]
+    else:
+        events = [(r["finished_at"], r["wall_seconds"] or 0.0, r["val_bpb"]) for r in trained]
+    spent, best, points = 0.0, float("inf"), []
+    for _, seconds, bpb in sorted(events):
+        spent += seconds
+        if bpb is not None:
+            best = min(best, bpb)
+        points.append((spent, best))
+    return points, best
+
+
+def compute_to_reach(points: list[tuple[float, float]], target: float) -> float | None:
+    return next((spent for spent, best in points if best <= target), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--corpus", default=str(DEFAULT_CORPUS))
+    parser.add_argument("--seconds", type=float, default=120, help="wall clock per run")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--full-steps", type=int, default=90, help="a candidate's full budget")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    args = parser.parse_args()
+    methods = [m for m in METHODS if m in args.methods]
+    console = Console()
+    work = Path(tempfile.mkdtemp(prefix="chimera-bench-search-"))
+    hparams = TrainHparams(batch_size=8, seq_len=128)
+    corpus = CorpusSpec(args.corpus, separator=Separator.BLANK_LINE)
+    curves: dict[str, list[list[tuple[float, float]]]] = {m: [] for m in methods}
+    bests: dict[str, list[float]] = {m: [] for m in methods}
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=False)
+    try:
+        for seed in range(args.seeds):
+            for method in methods:
+                _, strategy, hurdled = METHODS[method]
+                steps = args.full_steps // (HURDLES.factor ** (HURDLES.rungs - 1)) if hurdled \
+                    else args.full_steps
+                run_dir = work / f"{strategy}{'-hurdles' if hurdled else ''}-{seed}"
+                settings = EvolveSettings(
+                    run_dir=str(run_dir), corpus=corpus, vocab_size=512, seed=seed,
+                    strategy=strategy, hurdles=HURDLES if hurdled else None,
+                    limits=SearchLimits(wall_seconds=args.seconds), hparams=hparams,
+                    candidate_budget=TrainBudget(BudgetKind.STEPS, int(steps)),
+                    workers=args.workers)
+                console.print(f"seed {seed}: {METHODS[method][0]} ...", highlight=False)
+                outcome = run_evolve(settings, Console(quiet=True), live=False)
+                points, best = curve(run_dir / "results.db")
+                curves[method].append(points)
+                bests[method].append(best)
+                console.print(f"  {outcome.report.completed} candidates, best {best:.4f} bpb, "
+                              f"{points[-1][0] if points else 0:.0f} worker-s", highlight=False)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    report(methods, curves, bests, args, console)
+
+
+def report(methods, curves, bests, args, console) -> None:
+    table = Table(title=f"tinyshakespeare, {args.seconds:.0f} s x {args.workers} workers per "
+                        f"run, {args.seeds} seeds (validation bits per byte; lower is better)")
+    for column in ("method", "best bpb: median", "range", "worker-s to reach random's best",
+                   "vs random"):
+        table.add_column(column)
+    random_cost = [compute_to_reach(c, b) for c, b in zip(curves.get("random", []),
+                                                           bests.get("random", []))]
+    for method in methods:
+        values = bests[method]
+        row = [METHODS[method][0], f"{statistics.median(values):.4f}",
+               f"{min(values):.4f} - {max(values):.4f}"]
+        if "random" in curves:
+            reach = [compute_to_reach(c, target) for c, target in
+                     zip(curves[method], bests["random"])]
+            done = [r for r in reach if r is not None]
+            median_reach = statistics.median(done) if len(done) == len(reach) else None
+            base = statistics.median([r for r in random_cost if r is not None])
+            row += [f"{median_reach:.0f}" if median_reach is not None else
+                    f"never in {len(reach) - len(done)} of {len(reach)}",
+                    f"{median_reach / base:.2f}x" if median_reach is not None else "-"]
+        else:
+            row += ["-", "-"]
+        table.add_row(*row)
+    console.print(table)
+    figure, axes = plt.subplots(figsize=(8, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for color, method in zip(colors, methods):
+        for i, points in enumerate(curves[method]):
+            if points:
+                axes.step(*zip(*points), where="post", color=color, alpha=0.8,
+                          label=METHODS[method][0] if i == 0 else None)
+    axes.set_xlabel("compute (worker-seconds of candidate training)")
+    axes.set_ylabel("best validation bits per byte so far")
+    axes.set_title("search methods on tinyshakespeare (one line per seed)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    out = REPO / "bench" / "figures" / "search_best_so_far.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+    console.print(f"plot: {out.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
