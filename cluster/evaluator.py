@@ -168,10 +168,10 @@ class RayEvaluator:
                 return None
             wait = self.faults.heartbeat_seconds / 2
             wait = wait if remaining is None else min(wait, remaining)
-            ready, _ = ray.wait(list(self.refs), num_returns=1, timeout=wait) \
-                if self.refs else ([], [])
-            if not self.refs:
+            if not self.refs:  # queued work, no worker yet: let start-up time pass
                 time.sleep(wait)
+                continue
+            ready, _ = ray.wait(list(self.refs), num_returns=1, timeout=wait)
             for ref in ready:
                 result = self._handle(ref)
                 if result is not None:

@@ -116,6 +116,7 @@ class SearchLoop:
         self.hurdles = hurdles
         self.rung_values: list[list[float]] = [[] for _ in range(hurdles.rungs if hurdles
                                                                  else 1)]
+        self.cleared: dict[int, dict] = {}  # promoted and continuing: the rung result so far
         self.limits, self.clock, self.on_tick, self.poll = limits, clock, on_tick, poll_seconds
         self.report = SearchReport()
         self.proposals: dict[int, Proposal] = {}
@@ -167,6 +168,9 @@ class SearchLoop:
                 break
             if self.clock() >= self.deadline:
                 for candidate_id in self.evaluator.cancel_all():
+                    if candidate_id in self.cleared:  # it has a result: its last rung's
+                        self._final(candidate_id, self.cleared.pop(candidate_id))
+                        continue
                     self.recorder.record_cancelled(candidate_id, "time budget reached")
                     self.report.cancelled += 1
                 self.report.stop_reason = "time budget reached"
@@ -214,13 +218,19 @@ class SearchLoop:
             fitness = fitness_of(result)
             if math.isfinite(fitness):
                 self.rung_values[rung].append(fitness)
-                if rung + 1 < self.hurdles.rungs and \
+                # A continuation that cannot finish in time is not started.
+                if rung + 1 < self.hurdles.rungs and self._time_reason() is None and \
                         self.hurdles.clears(self.rung_values[rung], fitness):
                     self.evaluator.submit(candidate_id, self.proposals[candidate_id].genome,
                                           rung + 1)
+                    self.cleared[candidate_id] = result
                     self.report.promoted += 1
                     return
+            self.cleared.pop(candidate_id, None)
             self.evaluator.release(candidate_id)
+        self._final(candidate_id, result)
+
+    def _final(self, candidate_id: int, result: dict) -> None:
         proposal = self.proposals.pop(candidate_id)
         self.recorder.record_result(candidate_id, result)
         self.strategy.tell(candidate_id, proposal, fitness_of(result))

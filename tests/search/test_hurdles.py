@@ -1,6 +1,8 @@
 """Progressive hurdles: the rule on hand-made values, and the search loop promoting exactly the
 candidates that clear each rung, recording every rung, releasing what does not continue."""
 
+import json
+
 import pytest
 
 from results.db import RunDatabase
@@ -64,3 +66,50 @@ def test_loop_promotes_exactly_the_candidates_that_clear_each_rung(tmp_path):
         assert [r["rung"] for r in rungs] == list(range(len(rungs)))
         assert row["val_bpb"] == rungs[-1]["val_bpb"]
     assert sorted(released) == sorted(r["id"] for r in trained)  # nothing kept afterwards
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _timed_loop(tmp_path, wall, on_tick=None):
+    clock = _Clock()
+
+    def train(genome, candidate_id, rung):
+        clock.now += 10.0  # every rung takes 10 seconds
+        return {"status": "ok", "val_bpb": _score(genome, rung), "rung": rung,
+                "wall_seconds": 10.0}
+
+    db = RunDatabase(tmp_path / "r.db")
+    strategy = AgingEvolution(CPU, EvolutionConfig(population_size=4, tournament_size=2), 0)
+    loop = SearchLoop(strategy, InProcessEvaluator(train), db, SearchLimits(wall_seconds=wall),
+                      clock=clock, hurdles=Hurdles(rungs=3), on_tick=on_tick and
+                      (lambda: on_tick(clock)))
+    return loop, db
+
+
+def test_no_continuation_starts_that_would_overrun_the_budget(tmp_path):
+    loop, db = _timed_loop(tmp_path, wall=25)  # rung 0 ends at 10 s, rung 1 at 20 s
+    loop.run()
+    (row,) = db.candidates()
+    assert row["status"] == "ok" and json.loads(row["result"])["rung"] == 1
+    assert [r["rung"] for r in db.rungs(row["id"])] == [0, 1]
+
+
+def test_a_continuation_cut_by_the_deadline_keeps_its_last_rung_result(tmp_path):
+    jumped = []
+
+    def jump_past_the_deadline(clock):  # after the first promotion, time runs out
+        if not jumped:
+            jumped.append(True)
+            clock.now += 100.0
+
+    loop, db = _timed_loop(tmp_path, wall=60, on_tick=jump_past_the_deadline)
+    report = loop.run()
+    (row,) = db.candidates()
+    assert report.promoted == 1 and report.cancelled == 0
+    assert row["status"] == "ok" and json.loads(row["result"])["rung"] == 0  # not cancelled
