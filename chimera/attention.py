@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from chimera.config import ChimeraConfig
-from chimera.layers import RotaryEmbedding, apply_rotary
+from chimera.layers import RMSNorm, RotaryEmbedding, apply_rotary
 
 
 class AttentionCache(NamedTuple):
@@ -89,6 +89,9 @@ class SlidingWindowAttention(nn.Module):
         self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_ntk_scale,
                                       table_length=config.max_seq_len)
+        # QK-norm bounds attention logits (no softmax saturation at high learning rates).
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
 
     def init_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype
                    ) -> AttentionCache:
@@ -106,6 +109,8 @@ class SlidingWindowAttention(nn.Module):
         q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.rotary.cos_sin(position, length)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 

@@ -13,6 +13,17 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+MLP_TYPES = ("swiglu", "gelu", "relu2")
+
+
+def variant_suffix(mlp_type: str, qk_norm: bool, parallel_block: bool, tie_embeddings: bool,
+                   rope_theta: float) -> str:
+    """The summary words for genes away from their defaults, e.g. `` gelu qkn par``."""
+    words = [mlp_type] if mlp_type != "swiglu" else []
+    words += ["qkn"] * qk_norm + ["par"] * parallel_block + ["untied"] * (not tie_embeddings)
+    words += [f"rope{rope_theta:g}"] if rope_theta != 10_000.0 else []
+    return "".join(f" {w}" for w in words)
+
 
 class BlockType(str, enum.Enum):
     """The temporal-mixing layer of one residual block."""
@@ -40,6 +51,10 @@ class ChimeraConfig:
     # NTK-aware RoPE scaling factor (1.0 = none); >1 stretches the usable context by ~that factor.
     rope_ntk_scale: float = 1.0
     tie_embeddings: bool = True
+    mlp_type: str = "swiglu"  # swiglu | gelu | relu2 (squared ReLU, Primer)
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE
+    # One pre-norm feeding mixer and MLP side by side (GPT-J / PaLM): x + mixer(n(x)) + mlp(n(x))
+    parallel_block: bool = False
     # Width of the RG-LRU state; None means d_model.
     lru_width: int | None = None
     conv_width: int = 4
@@ -59,7 +74,7 @@ class ChimeraConfig:
 
     @property
     def ffn_hidden(self) -> int:
-        """SwiGLU hidden width: ffn_multiplier * d_model rounded up to a multiple of 8."""
+        """MLP hidden width: ffn_multiplier * d_model rounded up to a multiple of 8."""
         return 8 * math.ceil(self.ffn_multiplier * self.d_model / 8)
 
     @property
@@ -116,6 +131,11 @@ class ChimeraConfig:
                                   "gates are block-diagonal with one block per head")
         if not self.norm_eps > 0:
             fail("norm_eps", "must be positive")
+        if self.mlp_type not in MLP_TYPES:
+            fail("mlp_type", f"must be one of {', '.join(MLP_TYPES)}")
+        for gene in ("tie_embeddings", "qk_norm", "parallel_block"):
+            if not isinstance(getattr(self, gene), bool):
+                fail(gene, "must be true or false")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -136,7 +156,9 @@ class ChimeraConfig:
         """A compact one-line description, e.g. ``d384 L8 RRA w256 h6 kv2``."""
         period = self.pattern[: self.recurrence_ratio + 1] if self.recurrence_ratio else "A"
         return (f"d{self.d_model} L{self.n_layers} {period} w{self.window_size} "
-                f"h{self.n_heads} kv{self.n_kv_heads} ffn{self.ffn_multiplier:g}")
+                f"h{self.n_heads} kv{self.n_kv_heads} ffn{self.ffn_multiplier:g}"
+                + variant_suffix(self.mlp_type, self.qk_norm, self.parallel_block,
+                                 self.tie_embeddings, self.rope_theta))
 
 
 # The published Chimera sizes (32k vocabulary) and two CPU-sized presets for search and tests.

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from chimera.attention import AttentionCache, SlidingWindowAttention
 from chimera.config import BlockType, ChimeraConfig
-from chimera.layers import RMSNorm, SwiGLU
+from chimera.layers import RMSNorm, make_mlp, mlp_params
 from chimera.recurrent import RecurrentBlock, RecurrentCache
 
 LayerCache = RecurrentCache | AttentionCache
@@ -38,7 +38,8 @@ class ParamCounts(NamedTuple):
 
 
 class ResidualBlock(nn.Module):
-    """x + mixer(norm(x)), then x + mlp(norm(x)); the mixer is recurrent or attention."""
+    """x + mixer(norm(x)), then x + mlp(norm(x)); the mixer is recurrent or attention.
+    Parallel: x + mixer(norm(x)) + mlp(norm(x)) with the one norm."""
 
     def __init__(self, config: ChimeraConfig, block_type: BlockType) -> None:
         super().__init__()
@@ -46,16 +47,20 @@ class ResidualBlock(nn.Module):
         self.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mixer = (RecurrentBlock(config) if block_type is BlockType.RECURRENT
                       else SlidingWindowAttention(config))
-        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.mlp = SwiGLU(config.d_model, config.ffn_hidden)
+        self.mlp_norm = None if config.parallel_block else RMSNorm(config.d_model,
+                                                                    config.norm_eps)
+        self.mlp = make_mlp(config.d_model, config.ffn_hidden, config.mlp_type)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, position: int, cache: LayerCache | None
                 ) -> tuple[Tensor, LayerCache | None]:
+        normed = self.mixer_norm(x)
         if self.block_type is BlockType.RECURRENT:
-            mixed, cache = self.mixer(self.mixer_norm(x), cache)
+            mixed, cache = self.mixer(normed, cache)
         else:
-            mixed, cache = self.mixer(self.mixer_norm(x), position, cache)
+            mixed, cache = self.mixer(normed, position, cache)
+        if self.mlp_norm is None:  # parallel: the MLP reads the same normalised input
+            return x + self.dropout(mixed) + self.dropout(self.mlp(normed)), cache
         x = x + self.dropout(mixed)
         x = x + self.dropout(self.mlp(self.mlp_norm(x)))
         return x, cache
@@ -136,11 +141,11 @@ def param_counts_analytic(config: ChimeraConfig) -> ParamCounts:
     thousands of genomes); tests hold it equal to ``param_counts_of``."""
     d, w, f = config.d_model, config.lru_dim, config.ffn_hidden
     kv_dim = config.n_kv_heads * config.head_dim
-    norms_and_mlp = 2 * d + 3 * d * f
+    norms_and_mlp = (1 if config.parallel_block else 2) * d + mlp_params(d, f, config.mlp_type)
     recurrent = (2 * d * w + (config.conv_width + 1) * w  # in_proj, conv weight + bias
                  + 2 * w * w // config.n_heads + 2 * w  # block-diagonal gates + biases
                  + w + w * d)  # Lambda, out_proj
-    attention = d * (d + 2 * kv_dim) + d * d
+    attention = d * (d + 2 * kv_dim) + d * d + 2 * config.head_dim * config.qk_norm
     layers = sum(norms_and_mlp + (recurrent if t is BlockType.RECURRENT else attention)
                  for t in config.block_types)
     embedding = config.vocab_size * d * (1 if config.tie_embeddings else 2)

@@ -16,7 +16,9 @@ import pyarrow.parquet as pq
 GENE_TYPES = {"d_model": pa.int64(), "n_layers": pa.int64(), "n_heads": pa.int64(),
               "n_kv_heads": pa.int64(), "ffn_multiplier": pa.float64(),
               "recurrence_ratio": pa.int64(), "window_size": pa.int64(),
-              "dropout": pa.float64()}
+              "dropout": pa.float64(), "mlp_type": pa.string(), "qk_norm": pa.bool_(),
+              "parallel_block": pa.bool_(), "tie_embeddings": pa.bool_(),
+              "rope_theta": pa.float64()}
 SCHEMA = pa.schema([
     ("id", pa.int64()), ("genome_key", pa.string()), ("summary", pa.string()),
     *GENE_TYPES.items(),

@@ -16,11 +16,16 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from chimera.config import PRESETS, ChimeraConfig
+from chimera.config import PRESETS, ChimeraConfig, variant_suffix
 from chimera.model import param_counts_analytic
 
 GENES = ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_multiplier", "recurrence_ratio",
-         "window_size", "dropout")
+         "window_size", "dropout", "mlp_type", "qk_norm", "parallel_block", "tie_embeddings",
+         "rope_theta")
+# Genes added later, with the value every earlier genome had: a genome at these defaults keeps
+# the key (and the summary) it had before they existed, so older runs resume and dedupe.
+VARIANT_DEFAULTS = {"mlp_type": "swiglu", "qk_norm": False, "parallel_block": False,
+                    "tie_embeddings": True, "rope_theta": 10_000.0}
 
 
 @dataclass(frozen=True)
@@ -33,13 +38,18 @@ class Genome:
     recurrence_ratio: int
     window_size: int
     dropout: float
+    mlp_type: str = "swiglu"
+    qk_norm: bool = False
+    parallel_block: bool = False
+    tie_embeddings: bool = True
+    rope_theta: float = 10_000.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> Genome:
-        return cls(**{gene: data[gene] for gene in GENES})
+        return cls(**{gene: data[gene] for gene in GENES if gene in data})  # defaults: older
 
     @classmethod
     def from_config(cls, config: ChimeraConfig) -> Genome:
@@ -48,7 +58,9 @@ class Genome:
     @property
     def key(self) -> str:
         """Canonical hash: equal genomes, equal keys, across processes and runs."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        genes = {gene: value for gene, value in self.to_dict().items()
+                 if VARIANT_DEFAULTS.get(gene, object()) != value}
+        canonical = json.dumps(genes, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def to_config(self, vocab_size: int, max_seq_len: int) -> ChimeraConfig:
@@ -58,7 +70,9 @@ class Genome:
         """Compact, e.g. ``d384 L8 RRRA w256 h6 kv2 f3``."""
         period = "R" * self.recurrence_ratio + "A"
         return (f"d{self.d_model} L{self.n_layers} {period} w{self.window_size} "
-                f"h{self.n_heads} kv{self.n_kv_heads} f{self.ffn_multiplier:g}")
+                f"h{self.n_heads} kv{self.n_kv_heads} f{self.ffn_multiplier:g}"
+                + variant_suffix(self.mlp_type, self.qk_norm, self.parallel_block,
+                                 self.tie_embeddings, self.rope_theta))
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,11 @@ class SearchSpace:
     recurrence_ratio: tuple[int, ...]
     window_size: tuple[int, ...]
     dropout: tuple[float, ...]
+    mlp_type: tuple[str, ...] = ("swiglu",)
+    qk_norm: tuple[bool, ...] = (False,)
+    parallel_block: tuple[bool, ...] = (False,)
+    tie_embeddings: tuple[bool, ...] = (True,)
+    rope_theta: tuple[float, ...] = (10_000.0,)
     vocab_size: int = 4096  # for the parameter budget; the store's vocabulary in practice
     max_params: int | None = None  # total parameters, embedding included
 
@@ -90,12 +109,12 @@ class SearchSpace:
         """The nearest valid genome: each gene snapped to the space, heads dividing the width
         (with an even head size for RoPE), KV heads dividing heads, then shrunk (width first,
         then depth) until it fits the parameter budget."""
-        genes = {g: _nearest(self.values(g), getattr(genome, g)) for g in GENES}
-        genes["n_heads"] = _nearest([h for h in self.n_heads
-                                     if genes["d_model"] % h == 0 and (genes["d_model"] // h) % 2
-                                     == 0] or [1], genes["n_heads"])
-        genes["n_kv_heads"] = _nearest([k for k in self.n_kv_heads if genes["n_heads"] % k == 0]
-                                       or [1], genes["n_kv_heads"])
+        genes = {g: nearest_value(self.values(g), getattr(genome, g)) for g in GENES}
+        heads = [h for h in self.n_heads
+                 if genes["d_model"] % h == 0 and (genes["d_model"] // h) % 2 == 0]
+        genes["n_heads"] = nearest_value(heads or [1], genes["n_heads"])
+        genes["n_kv_heads"] = nearest_value(
+            [k for k in self.n_kv_heads if genes["n_heads"] % k == 0] or [1], genes["n_kv_heads"])
         repaired = Genome(**genes)
         if self.max_params is not None:
             while self.params(repaired) > self.max_params:
@@ -123,7 +142,12 @@ def _total_params(genome: Genome, vocab_size: int) -> int:
     return param_counts_analytic(genome.to_config(vocab_size, max_seq_len=1)).total
 
 
-def _nearest(values: Sequence, value):
+def nearest_value(values: Sequence, value):
+    """The value itself if allowed, else the numerically nearest (the first, for words)."""
+    if value in values:
+        return value
+    if isinstance(value, str) or any(isinstance(v, str) for v in values):
+        return values[0]
     return min(values, key=lambda v: (abs(v - value), v))
 
 
@@ -138,6 +162,8 @@ PUBLISHED = SearchSpace(
     n_heads=_multiples(4, 16, 1), n_kv_heads=_multiples(1, 8, 1),
     ffn_multiplier=(2.0, 2.5, 3.0, 3.5, 4.0), recurrence_ratio=_multiples(1, 5, 1),
     window_size=(256, 512, 768, 1024, 1536, 2048), dropout=(0.0, 0.05, 0.1, 0.15),
+    mlp_type=("swiglu", "gelu", "relu2"), qk_norm=(False, True), parallel_block=(False, True),
+    tie_embeddings=(True, False), rope_theta=(10_000.0, 100_000.0, 500_000.0),
     vocab_size=32_000)
 
 # CPU-sized: candidates of ~0.1-2M parameters that train in seconds on one core.
@@ -147,6 +173,8 @@ CPU = SearchSpace(
     n_heads=(2, 4, 8), n_kv_heads=(1, 2, 4),
     ffn_multiplier=(2.0, 2.5, 3.0, 3.5, 4.0), recurrence_ratio=_multiples(0, 4, 1),
     window_size=(32, 64, 128, 256), dropout=(0.0, 0.05, 0.1),
+    mlp_type=("swiglu", "gelu", "relu2"), qk_norm=(False, True), parallel_block=(False, True),
+    tie_embeddings=(True, False), rope_theta=(10_000.0, 100_000.0),
     vocab_size=1024, max_params=2_000_000)
 
 SPACES = {space.name: space for space in (CPU, PUBLISHED)}

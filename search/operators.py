@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from search.genome import GENES, Genome, SearchSpace
+from search.genome import GENES, Genome, SearchSpace, nearest_value
 
 STEP_PROBABILITY = 0.7  # a mutated gene moves to a neighbouring value; otherwise it is resampled
 
@@ -18,7 +18,7 @@ def mutate(genome: Genome, space: SearchSpace, rng: random.Random, n_genes: int 
         genes = genome.to_dict()
         for gene in rng.sample(GENES, n_genes):
             values = space.values(gene)
-            index = values.index(min(values, key=lambda v: abs(v - genes[gene])))
+            index = values.index(nearest_value(values, genes[gene]))
             if rng.random() < STEP_PROBABILITY and len(values) > 1:
                 index = min(len(values) - 1, max(0, index + rng.choice((-1, 1))))
                 genes[gene] = values[index]
