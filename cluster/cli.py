@@ -218,6 +218,7 @@ def _evolve_settings(args: argparse.Namespace):
     from search.genome import get_space
     from search.hurdles import Hurdles
     from search.loop import SearchLimits
+    from search.objectives import Objectives
     from trainers.candidate import BudgetKind, TrainBudget, TrainHparams
 
     wall = args.budget
@@ -245,6 +246,7 @@ def _evolve_settings(args: argparse.Namespace):
         hparams=TrainHparams(learning_rate=args.lr, batch_size=args.batch_size,
                              seq_len=args.seq_len),
         seed=args.seed, warm_start=not args.no_warm_start, strategy=args.strategy,
+        objectives=Objectives.parse(args.objective).names, max_params=args.max_params,
         hurdles=Hurdles(args.hurdles, args.hurdle_factor, args.hurdle_keep)
         if args.hurdles > 1 else None,
         workers=args.workers,
@@ -483,6 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "(the candidate budget, then x factor each), continuing only those "
                              "that clear each rung (default: off)")
     search.add_argument("--hurdle-factor", type=float, default=3.0)
+    search.add_argument("--objective", default="bpb",
+                        help="what to minimise: bpb, or several for a Pareto search, e.g. "
+                             "bpb,params or bpb,params,throughput")
+    search.add_argument("--max-params", type=int, help="parameter budget (candidates are "
+                                                       "shrunk to fit)")
     search.add_argument("--hurdle-keep", type=float, default=1 / 3,
                         help="share of a rung's results that continue (default 1/3)")
     candidates = evolve.add_argument_group("candidate training")

@@ -41,7 +41,8 @@ from search.baselines import SAMPLERS, OptunaSearch, RandomSearch
 from search.evolution import AgingEvolution, EvolutionConfig, Proposal
 from search.genome import Genome, get_space, preset_seeds
 from search.hurdles import Hurdles
-from search.loop import InProcessEvaluator, SearchLimits, SearchLoop, SearchReport, fitness_of
+from search.loop import InProcessEvaluator, SearchLimits, SearchLoop, SearchReport
+from search.objectives import Objectives
 from trainers.candidate import BudgetKind, TrainBudget, TrainHparams
 from trainers.corpus import CorpusFormat, CorpusSpec, DecodeErrors, Separator
 from trainers.store import SplitConfig, prepare_store, tokenizer_for, tokenizer_recipe
@@ -67,6 +68,8 @@ class EvolveSettings:
     seed: int = 0
     warm_start: bool = True
     strategy: str = "evolution"  # evolution | random | tpe | nsga2 (the baselines)
+    objectives: tuple[str, ...] = ("bpb",)  # with more than one, selection is by Pareto rank
+    max_params: int | None = None  # a parameter budget tighter than the space's
     workers: int | None = None  # None: as many as the cluster's CPUs allow
     cpus_per_candidate: float = 1.0
     gpus_per_candidate: float = 0.0
@@ -79,6 +82,9 @@ class EvolveSettings:
     hurdles: Hurdles | None = None  # successive halving over budget rungs; None: one budget
 
     def __post_init__(self) -> None:
+        Objectives(self.objectives)  # validates the names
+        if self.max_params is not None and self.max_params < 1:
+            raise ValueError(f"max_params must be positive, got {self.max_params}")
         if self.hurdles is not None and self.candidate_budget.kind is BudgetKind.SECONDS:
             raise ValueError("hurdles need a step or token budget per candidate, not seconds")
 
@@ -102,6 +108,8 @@ class EvolveSettings:
             extra["store_transfer"] = StoreTransfer(data["store_transfer"])
         if data.get("hurdles"):
             extra["hurdles"] = Hurdles(**data["hurdles"])
+        if "objectives" in data:
+            extra["objectives"] = tuple(data["objectives"])
         return cls(**{**data, **extra, "corpus": CorpusSpec(**corpus),
                       "evolution": EvolutionConfig(**data["evolution"]),
                       "limits": SearchLimits(**data["limits"]),
@@ -162,20 +170,25 @@ def make_strategy(name: str, space, settings: EvolveSettings, seeds: list[Genome
         return RandomSearch(space, settings.seed, seeds)
     if name in SAMPLERS:
         return OptunaSearch(space, name, settings.seed, seeds,
-                            population_size=settings.evolution.population_size)
+                            population_size=settings.evolution.population_size,
+                            n_objectives=len(settings.objectives))
     raise ValueError(f"unknown strategy {name!r}: choose from {', '.join(STRATEGIES)}")
 
 
 def build_strategy(settings: EvolveSettings, vocab_size: int, db: RunDatabase):
     """A fresh strategy, or one replayed from the database's history when resuming."""
     space = dataclasses.replace(get_space(settings.space), vocab_size=vocab_size)
+    if settings.max_params is not None:
+        space = dataclasses.replace(space, max_params=min(settings.max_params,
+                                                          space.max_params or settings.max_params))
+    objectives = Objectives(settings.objectives)
     history = db.finished_in_order()
     done = {row["genome_key"] for row in history}
     seeds = [g for g in preset_seeds(space) if space.repair(g).key not in done] \
         if settings.warm_start else []
     strategy = make_strategy(settings.strategy, space, settings, seeds)
     for row in history:
-        strategy.tell(row["id"], _proposal_of(row), fitness_of(json.loads(row["result"])))
+        strategy.tell(row["id"], _proposal_of(row), objectives.of(json.loads(row["result"])))
     if history:  # a resumed search draws fresh randomness, deterministically
         strategy.rng = random.Random(f"{settings.seed}:{len(history)}")
     relaunch = [(row["id"], _proposal_of(row)) for row in db.unfinished()]
@@ -311,6 +324,7 @@ def run_evolve(settings: EvolveSettings, console: Console | None = None,
         if live else None
     recorder = db if live else EventLog(db, console)
     loop = SearchLoop(strategy, evaluator, recorder, settings.limits, hurdles=settings.hurdles,
+                      objectives=Objectives(settings.objectives),
                       on_tick=(lambda: display.update(view())) if display else None)
     try:
         if display:

@@ -64,10 +64,10 @@ def make_sampler(name: str, seed: int, population_size: int = 16) -> optuna.samp
 
 class OptunaSearch:
     def __init__(self, space: SearchSpace, sampler: str, seed: int, seeds: list[Genome] = (),
-                 population_size: int = 16) -> None:
+                 population_size: int = 16, n_objectives: int = 1) -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.space, self.sampler_name = space, sampler
-        self.study = optuna.create_study(direction="minimize",
+        self.study = optuna.create_study(directions=["minimize"] * n_objectives,
                                          sampler=make_sampler(sampler, seed, population_size))
         self.distributions = {gene: optuna.distributions.IntDistribution(
             0, len(space.values(gene)) - 1) for gene in GENES}
@@ -92,16 +92,19 @@ class OptunaSearch:
         self.seen.add(genome.key)
         return proposal
 
-    def tell(self, candidate_id: int, proposal: Proposal, fitness: float) -> None:
+    def tell(self, candidate_id: int, proposal: Proposal,
+             fitness: float | tuple[float, ...]) -> None:
+        """``fitness``: one value, or one per objective (all minimised)."""
         self.seen.add(proposal.genome.key)
+        values = list(fitness) if isinstance(fitness, tuple) else [fitness]
+        finite = all(math.isfinite(v) for v in values)
+        state = optuna.trial.TrialState.COMPLETE if finite else optuna.trial.TrialState.FAIL
+        told = (values if len(values) > 1 else values[0]) if finite else None
         trial = self.trials.pop(id(proposal), None)
-        finite = math.isfinite(fitness)
         if trial is not None:
-            state = optuna.trial.TrialState.COMPLETE if finite else optuna.trial.TrialState.FAIL
-            self.study.tell(trial, fitness if finite else None, state=state)
+            self.study.tell(trial, told, state=state)
         else:  # a result from an earlier session (resume): add it as a finished trial
             self.study.add_trial(optuna.trial.create_trial(
                 params=self._params(proposal.genome), distributions=self.distributions,
-                value=fitness if finite else None,
-                state=optuna.trial.TrialState.COMPLETE if finite
-                else optuna.trial.TrialState.FAIL))
+                **({"values": values} if len(values) > 1 else {"value": told}) if finite else {},
+                state=state))

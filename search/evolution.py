@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from search.genome import Genome, SearchSpace
 from search.operators import crossover, mutate
+from search.pareto import crowding_distance, non_dominated_sort
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,9 @@ class Proposal:
 class Member:
     candidate_id: int
     genome: Genome
-    fitness: float  # lower is better (validation bits per byte); inf for failed candidates
+    # Lower is better: validation bits per byte, or a tuple of objectives (all minimised);
+    # infinite for failed candidates.
+    fitness: float | tuple[float, ...]
     generation: int
 
 
@@ -49,6 +52,23 @@ class EvolutionConfig:
         if not 1 <= self.tournament_size <= self.population_size:
             raise ValueError(f"tournament_size={self.tournament_size}: must be in "
                              f"[1, population_size={self.population_size}]")
+
+
+def rank(members: list[Member]) -> list[Member]:
+    """Best first: by fitness, or with several objectives by Pareto front, then by crowding
+    distance (the more isolated first) within a front, as NSGA-II's tournaments do."""
+    if not members or not isinstance(members[0].fitness, tuple) or len(members[0].fitness) == 1:
+        return sorted(members, key=lambda m: (_first(m.fitness), m.candidate_id))
+    points = [m.fitness for m in members]
+    order: list[int] = []
+    for front in non_dominated_sort(points):
+        crowding = crowding_distance(points, front)
+        order += sorted(front, key=lambda i: (-crowding[i], members[i].candidate_id))
+    return [members[i] for i in order]
+
+
+def _first(fitness: float | tuple[float, ...]) -> float:
+    return fitness[0] if isinstance(fitness, tuple) else fitness
 
 
 class AgingEvolution:
@@ -77,8 +97,7 @@ class AgingEvolution:
                 return Proposal(genome, operator="seed")
         if len(self.population) < self.config.population_size:
             return Proposal(self.space.sample(self.rng), operator="random")
-        contestants = sorted(self.rng.sample(list(self.population), self.config.tournament_size),
-                             key=lambda m: (m.fitness, m.candidate_id))
+        contestants = rank(self.rng.sample(list(self.population), self.config.tournament_size))
         parent = contestants[0]
         if len(contestants) > 1 and self.rng.random() < self.config.crossover_probability:
             other = contestants[1]

@@ -22,6 +22,7 @@ from typing import Protocol
 from search.evolution import Proposal
 from search.genome import Genome
 from search.hurdles import Hurdles
+from search.objectives import Objectives
 
 FAILED_FITNESS = math.inf
 REJECTED = "rejected"  # the status of a candidate no worker could train
@@ -109,10 +110,12 @@ class SearchLoop:
     def __init__(self, strategy, evaluator: Evaluator, recorder: Recorder, limits: SearchLimits,
                  clock: Callable[[], float] = time.monotonic,
                  on_tick: Callable[[], None] | None = None, poll_seconds: float = 0.5,
-                 hurdles: Hurdles | None = None) -> None:
+                 hurdles: Hurdles | None = None, objectives: Objectives | None = None) -> None:
         """``hurdles``: train every candidate in budget rungs, continuing only those that clear
-        each rung's hurdle (the evaluator must support ``rung``)."""
+        each rung's hurdle (the evaluator must support ``rung``). ``objectives``: what the
+        strategy is told (default: bits per byte alone)."""
         self.strategy, self.evaluator, self.recorder = strategy, evaluator, recorder
+        self.objectives = objectives
         self.hurdles = hurdles
         self.rung_values: list[list[float]] = [[] for _ in range(hurdles.rungs if hurdles
                                                                  else 1)]
@@ -191,14 +194,14 @@ class SearchLoop:
         if known is not None:  # never train a genome twice
             source_id, result = known
             candidate_id = self.recorder.record_reused(record, source_id, result)
-            self.strategy.tell(candidate_id, proposal, fitness_of(result))
+            self.strategy.tell(candidate_id, proposal, self._fitness(result))
             self.report.reused += 1
             return
         candidate_id = self.recorder.record_proposal(record)
         reason = self.evaluator.rejection(proposal.genome)
         if reason is not None:  # rejected before launch, so no worker is lost to it
             self.recorder.record_result(candidate_id, {"status": REJECTED, "error": reason})
-            self.strategy.tell(candidate_id, proposal, FAILED_FITNESS)
+            self.strategy.tell(candidate_id, proposal, self._fitness({"status": REJECTED}))
             self.report.rejected += 1
             self._count(REJECTED)
             return
@@ -233,9 +236,12 @@ class SearchLoop:
     def _final(self, candidate_id: int, result: dict) -> None:
         proposal = self.proposals.pop(candidate_id)
         self.recorder.record_result(candidate_id, result)
-        self.strategy.tell(candidate_id, proposal, fitness_of(result))
+        self.strategy.tell(candidate_id, proposal, self._fitness(result))
         self.report.completed += 1
         self._count(result.get("status", "failed"))
+
+    def _fitness(self, result: dict):
+        return self.objectives.of(result) if self.objectives else fitness_of(result)
 
     def _count(self, status: str) -> None:
         self.report.statuses[status] = self.report.statuses.get(status, 0) + 1

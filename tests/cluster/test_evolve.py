@@ -195,3 +195,15 @@ def test_hurdles_continue_promoted_candidates_from_their_checkpoints(tmp_path, c
                                settings.hparams, settings.seed)
     assert final["val_loss"] == pytest.approx(straight.val_loss, rel=1e-6)
     assert not (run / "checkpoints").exists()  # nothing left behind
+
+
+def test_pareto_search_with_a_parameter_budget(tmp_path, capsys):
+    run = tmp_path / "pareto"
+    assert main(_evolve_argv(run, "--in-process", "--max-candidates", "4", "--candidate-steps",
+                             "3", "--objective", "bpb,params", "--max-params", "400000")) == 0
+    rows = _finished(run)
+    assert len(rows) == 4 and all(r["params"] <= 400_000 for r in rows)
+    settings = json.loads((run / "run.json").read_text())
+    assert settings["objectives"] == ["bpb", "params"] and settings["max_params"] == 400_000
+    assert main(_evolve_argv(tmp_path / "bad", "--objective", "bpb,latency")) == 2
+    assert "unknown objective" in capsys.readouterr().err
