@@ -311,17 +311,16 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
     from results.export import write_parquet
 
     db = _open_run(args.run)
-    out, written = Path(args.parquet), []
+    out = Path(args.parquet)
     try:
         rows = db.candidates()
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(out, lambda tmp: written.append(write_parquet(rows, tmp)))
-        count = written[0]
+        atomic_write(out, lambda tmp: write_parquet(rows, tmp))
     except OSError as err:
         raise CommandError(f"cannot write {args.parquet}: {err.strerror or err}") from None
     finally:
         db.close()
-    console.print(f"wrote {count} candidates to {args.parquet}", highlight=False)
+    console.print(f"wrote {len(rows)} candidates to {args.parquet}", highlight=False)
     return 0
 
 
@@ -331,7 +330,7 @@ def cmd_plot(args: argparse.Namespace, console: Console) -> int:
     import matplotlib.pyplot as plt
 
     from chimera.checkpoint import atomic_write
-    from results.plots import best_so_far_figure, lineage_figure, pareto_figure
+    from results.plots import best_so_far_figure, lineage_figure, pareto_figure, trained_ok
     from search.pareto import pareto_front
 
     db = _open_run(args.run)
@@ -341,7 +340,7 @@ def cmd_plot(args: argparse.Namespace, console: Console) -> int:
         db.close()
     if not leaders:
         raise CommandError(f"{args.run}: no candidate has finished ok yet; nothing to plot")
-    ok = [r for r in rows if r["status"] == "ok" and r["reused_from"] is None]
+    ok = trained_ok(rows)
     front = {ok[i]["id"] for i in pareto_front([(r["val_bpb"], r["params"]) for r in ok])}
     out = Path(args.out or (Path(args.run) / "plots" if Path(args.run).is_dir() else "plots"))
     out.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ from search.genome import Genome, get_space, preset_seeds
 from search.hurdles import Hurdles
 from search.loop import InProcessEvaluator, SearchLimits, SearchLoop, SearchReport
 from search.objectives import Objectives
-from trainers.candidate import BudgetKind, TrainBudget, TrainHparams
+from trainers.candidate import BudgetKind, TrainBudget, TrainHparams, budget_steps
 from trainers.corpus import CorpusFormat, CorpusSpec, DecodeErrors, Separator
 from trainers.store import SplitConfig, prepare_store, tokenizer_for, tokenizer_recipe
 
@@ -288,10 +288,7 @@ def _rung_steps(settings: EvolveSettings) -> tuple[int, ...]:
     """Total steps at the end of each hurdle rung; () without hurdles."""
     if settings.hurdles is None:
         return ()
-    budget, hp = settings.candidate_budget, settings.hparams
-    base = budget.amount if budget.kind is BudgetKind.STEPS \
-        else budget.amount // (hp.batch_size * hp.seq_len)
-    return settings.hurdles.steps(max(1, int(base)))
+    return settings.hurdles.steps(budget_steps(settings.candidate_budget, settings.hparams))
 
 
 def run_evolve(settings: EvolveSettings, console: Console | None = None,

@@ -23,7 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 
-def _trained_ok(rows: list[dict]) -> list[dict]:
+def trained_ok(rows: list[dict]) -> list[dict]:
+    """Candidates trained (not reused) that finished ok with a score."""
     return [r for r in rows if r["status"] == "ok" and r.get("reused_from") is None
             and r.get("val_bpb") is not None]
 
@@ -54,7 +55,7 @@ def best_so_far_figure(rows: list[dict], title: str = "") -> Figure:
 
 
 def pareto_figure(rows: list[dict], front_ids: set[int], title: str = "") -> Figure:
-    ok = _trained_ok(rows)
+    ok = trained_ok(rows)
     figure, axes = plt.subplots(figsize=(7, 4.5))
     others = [r for r in ok if r["id"] not in front_ids]
     front = sorted((r for r in ok if r["id"] in front_ids), key=lambda r: r["params"])

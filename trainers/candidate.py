@@ -181,7 +181,8 @@ def estimate_training_memory(config: ChimeraConfig, hparams: TrainHparams) -> in
                + 4 * tokens * per_token)
 
 
-def _total_steps(budget: TrainBudget, hparams: TrainHparams) -> int | None:
+def budget_steps(budget: TrainBudget, hparams: TrainHparams) -> int | None:
+    """Optimizer steps a step or token budget buys; None for a seconds budget."""
     if budget.kind is BudgetKind.STEPS:
         return max(1, int(budget.amount))
     if budget.kind is BudgetKind.TOKENS:
@@ -241,7 +242,7 @@ def train_candidate(config: ChimeraConfig, store: TokenStore, budget: TrainBudge
         counts = model.param_counts()
         result.params, result.non_embedding_params = counts.total, counts.non_embedding
         optimizer = make_optimizer(model, hparams)
-        total_steps = _total_steps(budget, hparams)
+        total_steps = budget_steps(budget, hparams)
         if resume is not None and total_steps is None:
             raise ValueError("continuing a candidate needs a step or token budget")
         step = 0
