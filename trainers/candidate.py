@@ -19,10 +19,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
-import torch.nn.functional as F
 
 from chimera.config import BlockType, ChimeraConfig
 from chimera.model import Chimera, param_counts_analytic
+from trainers.recipe import (  # noqa: F401  (TrainHparams is part of this module's API)
+    TrainHparams,
+    autocast_for,
+    evaluate,
+    learning_rate_at,
+    lm_loss,
+    make_optimizer,
+)
 from trainers.store import TokenStore
 
 
@@ -43,22 +50,6 @@ class TrainBudget:
 
     def describe(self) -> str:
         return f"{self.amount:g} {self.kind.value}"
-
-
-@dataclass(frozen=True)
-class TrainHparams:
-    """Training hyperparameters of a short candidate run (the promote step tunes these)."""
-
-    learning_rate: float = 3e-3
-    min_lr_fraction: float = 0.1  # cosine decays to this share of the peak
-    warmup_fraction: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    batch_size: int = 16
-    seq_len: int = 128
-    eval_batches: int = 8  # of the fixed validation set
 
 
 class Status(str, enum.Enum):
@@ -100,50 +91,6 @@ class CandidateResult:
         data["status"] = Status(data["status"])
         data["loss_curve"] = [tuple(point) for point in data.get("loss_curve", [])]
         return cls(**data)
-
-
-def learning_rate_at(progress: float, hparams: TrainHparams) -> float:
-    """Linear warmup then cosine decay to ``min_lr_fraction`` of the peak; progress in [0, 1]."""
-    peak = hparams.learning_rate
-    if progress < hparams.warmup_fraction:
-        return peak * (progress / hparams.warmup_fraction)
-    decay = (progress - hparams.warmup_fraction) / max(1e-9, 1 - hparams.warmup_fraction)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, decay)))
-    return peak * (hparams.min_lr_fraction + (1 - hparams.min_lr_fraction) * cosine)
-
-
-def make_optimizer(model: torch.nn.Module, hparams: TrainHparams) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases, Lambda or the conv)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": hparams.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=hparams.learning_rate, betas=(hparams.beta1, hparams.beta2))
-
-
-@torch.no_grad()
-def evaluate(model: Chimera, batches: list[torch.Tensor], device: torch.device,
-             on_progress: Callable[[], None] | None = None) -> float:
-    """Mean loss in nats per token over the given (B, T + 1) batches."""
-    model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        if on_progress:
-            on_progress()
-        batch = batch.to(device)
-        with _autocast(device):
-            logits, _ = model(batch[:, :-1])
-        total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(),
-                                 reduction="sum").item()
-        count += batch[:, 1:].numel()
-    model.train()
-    return total / count
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -271,9 +218,10 @@ def train_candidate(config: ChimeraConfig, store: TokenStore, budget: TrainBudge
                 group["lr"] = learning_rate_at(progress, hparams)
             batch = store.sample("train", hparams.batch_size, hparams.seq_len, seed, step)
             batch = batch.to(device)
-            with _autocast(device):
+            with autocast_for(device):
                 logits, _ = model(batch[:, :-1])
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            loss = lm_loss(logits, batch[:, 1:], label_smoothing=hparams.label_smoothing,
+                           z_loss=hparams.z_loss)
             if not torch.isfinite(loss):
                 result.status, result.error = Status.DIVERGED, f"loss {loss.item()} at step {step}"
                 break

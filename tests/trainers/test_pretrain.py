@@ -1,0 +1,129 @@
+"""Full pretraining: exact resume, atomic checkpoints, the recipe's schedules and losses."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from chimera.config import ChimeraConfig
+from chimera.tokenizer import train_char
+from trainers.checkpoints import CheckpointManager, CheckpointStateError
+from trainers.corpus import CorpusSpec, iter_documents
+from trainers.fit import FitSettings
+from trainers.pretrain import PretrainPlan, pretrain
+from trainers.recipe import TrainHparams, learning_rate_at, lm_loss
+from trainers.store import prepare_store
+
+CORPUS = CorpusSpec("stories", stories_bytes=30_000, seed=0)
+HPARAMS = TrainHparams(batch_size=4, seq_len=32, eval_batches=2, learning_rate=3e-3)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tokenizer = train_char(iter_documents(CORPUS))
+    return prepare_store(CORPUS, tokenizer, tmp_path_factory.mktemp("s") / "store")[0]
+
+
+def _plan(store, steps=8, **fit):
+    config = ChimeraConfig(vocab_size=store.vocab_size, d_model=32, n_layers=2, n_heads=2,
+                           n_kv_heads=1, window_size=16, max_seq_len=64, dropout=0.1)
+    return PretrainPlan(config, HPARAMS, FitSettings(steps=steps, grad_accum=2, **fit), seed=3)
+
+
+def test_resumed_run_equals_an_uninterrupted_one(store, tmp_path):
+    plan = _plan(store, eval_every=4)
+    straight, straight_result = pretrain(plan, store, tmp_path / "a")
+    # Stop at step 3 (as Ctrl+C would), then resume in a fresh model from the checkpoint.
+    _, first = pretrain(plan, store, tmp_path / "b", stop_after=3)
+    assert first.interrupted and first.step == 3
+    torch.manual_seed(999)  # the resumed run must not depend on the process's RNG
+    resumed, resumed_result = pretrain(plan, store, tmp_path / "b")
+    assert resumed_result.step == 8 and not resumed_result.interrupted
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    assert resumed_result.history.train == straight_result.history.train
+    assert resumed_result.history.val == straight_result.history.val
+
+
+def test_checkpoints_keep_the_last_k_and_refuse_another_plan(store, tmp_path):
+    plan = _plan(store, steps=6, checkpoint_every=1, keep_checkpoints=2)
+    pretrain(plan, store, tmp_path)
+    names = [p.name for p in CheckpointManager(tmp_path).paths()]
+    assert names == ["step-00000005.pt", "step-00000006.pt"]
+    other = _plan(store, steps=7)
+    with pytest.raises(CheckpointStateError, match="another run"):
+        pretrain(other, store, tmp_path)
+
+
+def test_a_checkpoint_write_killed_midway_leaves_the_previous_one(store, tmp_path):
+    plan = _plan(store, steps=2)
+    pretrain(plan, store, tmp_path)
+    before = CheckpointManager(tmp_path).latest()
+    # A process that starts writing a newer checkpoint and is killed halfway through.
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from trainers.checkpoints import CheckpointManager
+        manager = CheckpointManager({str(tmp_path)!r})
+        state = manager.load(manager.latest())
+        state.step = 99
+        def dying_save(obj, f):
+            with open(f, "wb") as out:
+                out.write(b"half a checkpoint" * 1000)
+                out.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        torch.save = dying_save
+        manager.save(state)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=os.getcwd(),
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == -signal.SIGKILL
+    assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the torn write
+    manager = CheckpointManager(tmp_path)
+    assert manager.latest() == before
+    assert manager.load(before).step == 2
+    _, resumed = pretrain(plan, store, tmp_path)  # and the run still loads it
+    assert resumed.step == 2
+
+
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "step-00000001.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointStateError, match="not a readable checkpoint"):
+        CheckpointManager.load(bad)
+
+
+def test_loss_falls_and_batch_must_split(store):
+    _, result = pretrain(_plan(store, steps=30), store)
+    losses = [loss for _, loss, _ in result.history.train]
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.5
+    assert result.val_loss is not None and result.history.tokens == 30 * 4 * 32
+    bad = PretrainPlan(_plan(store).config, HPARAMS, FitSettings(steps=2, grad_accum=3))
+    with pytest.raises(ValueError, match="does not split"):
+        pretrain(bad, store)
+
+
+def test_wsd_schedule_holds_then_decays():
+    hp = TrainHparams(learning_rate=1.0, warmup_fraction=0.1, schedule="wsd",
+                      decay_fraction=0.2, min_lr_fraction=0.0)
+    assert learning_rate_at(0.05, hp) == pytest.approx(0.5)
+    assert learning_rate_at(0.5, hp) == 1.0 and learning_rate_at(0.79, hp) == 1.0
+    assert learning_rate_at(0.9, hp) == pytest.approx(0.5)
+    assert learning_rate_at(1.0, hp) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="schedule"):
+        TrainHparams(schedule="linear")
+
+
+def test_loss_mask_label_smoothing_and_z_loss():
+    logits = torch.randn(2, 3, 5)
+    targets = torch.randint(0, 5, (2, 3))
+    mask = torch.tensor([[1, 0, 0], [0, 0, 1]])
+    picked = torch.nn.functional.cross_entropy(logits[mask.bool()], targets[mask.bool()])
+    assert lm_loss(logits, targets, mask) == pytest.approx(picked.item())
+    z = torch.logsumexp(logits, -1).square().mean()
+    assert lm_loss(logits, targets, z_loss=0.1) == pytest.approx(
+        (lm_loss(logits, targets) + 0.1 * z).item(), rel=1e-5)
+    assert lm_loss(logits, targets, label_smoothing=0.1) != lm_loss(logits, targets)
