@@ -8,6 +8,7 @@ caches are NamedTuples handed in and out, never kept on the modules.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -150,3 +151,24 @@ def param_counts_analytic(config: ChimeraConfig) -> ParamCounts:
                  for t in config.block_types)
     embedding = config.vocab_size * d * (1 if config.tie_embeddings else 2)
     return ParamCounts(embedding, layers + d)
+
+
+@torch.no_grad()
+def resize_vocabulary(model: Chimera, vocab_size: int) -> Chimera:
+    """A copy of ``model`` with a larger vocabulary: trained rows kept as they are, new rows (of
+    the embedding and an untied head) set to the mean of the trained ones, so new tokens start
+    as an 'average' token instead of noise that would dominate the first fine-tuning steps."""
+    old = model.config.vocab_size
+    if vocab_size < old:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the model's {old}; "
+                         f"shrinking would drop trained rows")
+    config = dataclasses.replace(model.config, vocab_size=vocab_size)
+    resized = Chimera(config).to(model.embed.weight.device, model.embed.weight.dtype)
+    state = model.state_dict()
+    for name in ("embed.weight", "lm_head.weight"):
+        if name in state:
+            rows = state[name]
+            state[name] = torch.cat([rows, rows.mean(0, keepdim=True).expand(
+                vocab_size - old, -1)])
+    resized.load_state_dict(state)
+    return resized

@@ -1,0 +1,152 @@
+"""Chat fine-tuning (SFT): conversations rendered with the tokenizer's chat template, loss on the
+assistant's tokens only.
+
+Which tokens are the assistant's is found from the template itself, not from knowledge of its
+markers: rendering the conversation up to each assistant turn (with the generation prompt) and
+up to the end of that turn gives the character span the assistant wrote (its content and its
+end-of-turn marker, so the model learns to stop). Tokens whose characters fall in those spans
+are the ones that count. This works for any template that renders a conversation's prefix as a
+prefix of the whole, which every chat template we know does (and it is checked).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chimera.chat import check_messages, render, reply
+from chimera.checkpoint import atomic_write
+from chimera.generation import SamplingConfig
+from chimera.model import Chimera, resize_vocabulary
+from chimera.tokenizer import CHAT_TEMPLATE, CHAT_TOKENS
+from trainers.fit import Batch
+from trainers.recipe import TrainHparams
+
+
+class ChatDataError(ValueError):
+    """A conversations file that is missing, unreadable or malformed."""
+
+
+def load_conversations(path: str | Path) -> list[list[dict]]:
+    """JSONL, one ``{"messages": [{"role": ..., "content": ...}, ...]}`` per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ChatDataError(f"{path}: no such file")
+    conversations = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                messages = record["messages"]
+                check_messages(messages)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                raise ChatDataError(f"{path}:{number}: not a conversation record "
+                                    f"({type(err).__name__}: {err})") from None
+            conversations.append(messages)
+    if not conversations:
+        raise ChatDataError(f"{path}: no conversations")
+    return conversations
+
+
+def write_conversations(records: Sequence[dict], path: str | Path) -> None:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def encode_conversation(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
+    """Token ids of the rendered conversation and, per token, whether the assistant wrote it."""
+    text = render(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(render(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
+        end = len(render(tokenizer, messages[:i + 1], add_generation_prompt=False))
+        if not text.startswith(render(tokenizer, messages[:i + 1], False)):
+            raise ChatDataError("the chat template does not render a conversation's prefix as "
+                                "a prefix of the whole; assistant tokens cannot be located")
+        spans.append((start, end))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [any(s <= a and b <= e for s, e in spans) and b > a
+            for a, b in encoded["offset_mapping"]]
+    return encoded["input_ids"], mask
+
+
+def ensure_chat_tokens(model: Chimera, tokenizer) -> tuple[Chimera, list[str]]:
+    """Give the tokenizer Chimera's chat tokens and template where it lacks them, and grow the
+    model's vocabulary to match (trained rows kept). Returns the model and the tokens added."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in CHAT_TOKENS if t not in vocab]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    if not getattr(tokenizer, "chat_template", None) or missing:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    if len(tokenizer) > model.config.vocab_size:
+        model = resize_vocabulary(model, len(tokenizer))
+    return model, missing
+
+
+class ChatBatches:
+    """Conversations as fixed-length rows (padded, or dropped when longer than a window), each
+    with its loss mask: the targets the assistant wrote. Batches are a function of the step."""
+
+    def __init__(self, conversations: Sequence[Sequence[dict]], val: Sequence[Sequence[dict]],
+                 tokenizer, hparams: TrainHparams, seed: int = 0) -> None:
+        self.hparams, self.seed = hparams, seed
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.train_rows, self.dropped = self._encode(conversations, tokenizer)
+        self.val_rows, _ = self._encode(val, tokenizer)
+        if not self.train_rows:
+            raise ChatDataError(f"no conversation fits in seq_len {hparams.seq_len} + 1 tokens")
+
+    def _encode(self, conversations, tokenizer):
+        rows, dropped = [], 0
+        width = self.hparams.seq_len + 1
+        for messages in conversations:
+            ids, mask = encode_conversation(tokenizer, messages)
+            if len(ids) > width or not any(mask):
+                dropped += 1
+                continue
+            tokens = np.full(width, self.pad, dtype=np.int64)
+            targets = np.zeros(width - 1, dtype=bool)
+            tokens[:len(ids)] = ids
+            targets[:len(ids) - 1] = mask[1:]  # target t is token t + 1
+            rows.append((tokens, targets))
+        return rows, dropped
+
+    def _stack(self, rows) -> Batch:
+        return (torch.from_numpy(np.stack([t for t, _ in rows])),
+                torch.from_numpy(np.stack([m for _, m in rows])))
+
+    def batch(self, step: int) -> Batch:
+        n, size = len(self.train_rows), self.hparams.batch_size
+        epoch_len = max(1, n // size)
+        epoch, position = divmod(step, epoch_len)
+        order = np.random.default_rng((self.seed, epoch)).permutation(n)
+        picked = [order[(position * size + i) % n] for i in range(size)]
+        return self._stack([self.train_rows[i] for i in picked])
+
+    def validation(self) -> list[Batch]:
+        size = self.hparams.batch_size
+        rows = self.val_rows[:size * self.hparams.eval_batches]
+        return [self._stack(rows[i:i + size]) for i in range(0, len(rows), size)]
+
+
+def qa_accuracy(model: Chimera, tokenizer, items: Sequence[dict], max_new_tokens: int = 24,
+                context: int | None = None) -> float:
+    """Share of questions whose greedy reply contains the expected fact (case-insensitive).
+    Items are ``{"messages": [...], "expected": str}`` (see ``trainers.instructions.qa_items``)."""
+    if not items:
+        raise ValueError("no questions to score")
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+    correct = 0
+    for item in items:
+        answer = reply(model, tokenizer, item["messages"], sampling, context)
+        correct += item["expected"].lower() in answer.lower()
+    return correct / len(items)
