@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import os
 import random
 import shutil
 import time
@@ -28,6 +26,7 @@ from rich.live import Live
 
 from chimera.checkpoint import atomic_write
 from cluster.node_store import DEFAULT_CACHE_ROOT, StoreTransfer
+from cluster.runtime import start_ray
 from cluster.worker import (
     CandidateSettings,
     CandidateTrainer,
@@ -197,21 +196,6 @@ def build_strategy(settings: EvolveSettings, vocab_size: int, db: RunDatabase):
     return strategy, len(history), relaunch
 
 
-def start_ray(settings: EvolveSettings) -> bool:
-    """Connect to Ray (an embedded local one unless an address is given). True if this call
-    started it, so the caller shuts it down again."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if settings.address:
-        ray.init(address=settings.address, logging_level=logging.WARNING, log_to_driver=False)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=False)
-    return True
-
-
 def _make_evaluator(settings: EvolveSettings, candidate: CandidateSettings):
     """The evaluator, and whether Ray was started for it (and must be shut down)."""
     if settings.in_process:
@@ -229,7 +213,7 @@ def _make_evaluator(settings: EvolveSettings, candidate: CandidateSettings):
     from cluster.evaluator import RayEvaluator
     from cluster.node_store import ship_store
 
-    started = start_ray(settings)
+    started = start_ray(settings.address)
     workers = settings.workers or max(
         1, int(ray.cluster_resources().get("CPU", 1) // settings.cpus_per_candidate))
     # Ship the store through the object store only where a node may not see this directory.

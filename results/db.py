@@ -104,6 +104,11 @@ class RunDatabase:
         if not readonly:
             metadata.create_all(self.engine)
             _add_missing_columns(self.engine)
+        # A read-only look at a database from an earlier version selects the columns it has
+        # (the newer ones read as None) instead of failing on them.
+        present = {column["name"] for column in inspect(self.engine).get_columns("candidates")}
+        self._candidate_columns = [c for c in candidates_table.c if c.name in present] \
+            or list(candidates_table.c)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -114,7 +119,10 @@ class RunDatabase:
 
     def _rows(self, statement) -> list[dict]:
         with self.engine.connect() as conn:
-            return [dict(row) for row in conn.execute(statement).mappings()]
+            rows = [dict(row) for row in conn.execute(statement).mappings()]
+        if rows and len(rows[0]) < len(candidates_table.c) and "genome" in rows[0]:
+            rows = [{c.name: row.get(c.name) for c in candidates_table.c} for row in rows]
+        return rows
 
     # ------------------------------------------------------------------ run configuration
     def set_config(self, config: dict) -> None:
@@ -182,25 +190,25 @@ class RunDatabase:
 
     # ------------------------------------------------------------------ queries
     def candidates(self) -> list[dict]:
-        return self._rows(select(candidates_table).order_by(_c.id))
+        return self._rows(select(*self._candidate_columns).order_by(_c.id))
 
     def finished_in_order(self) -> list[dict]:
         """Finished candidates (trained or reused) in birth order: a search's history."""
-        return self._rows(select(candidates_table).where(_c.status.in_(FINISHED))
+        return self._rows(select(*self._candidate_columns).where(_c.status.in_(FINISHED))
                           .order_by(_c.id))
 
     def unfinished(self) -> list[dict]:
         """Candidates an interrupted search still owes: pending, running or cancelled."""
-        return self._rows(select(candidates_table).where(_c.status.in_(UNFINISHED))
+        return self._rows(select(*self._candidate_columns).where(_c.status.in_(UNFINISHED))
                           .order_by(_c.id))
 
     def running(self) -> list[dict]:
-        return self._rows(select(candidates_table).where(_c.status == "running")
+        return self._rows(select(*self._candidate_columns).where(_c.status == "running")
                           .order_by(_c.id))
 
     def leaderboard(self, top: int | None = None) -> list[dict]:
         """Trained candidates that finished ok, best validation bits per byte first."""
-        return self._rows(select(candidates_table)
+        return self._rows(select(*self._candidate_columns)
                           .where(_c.status == "ok", _c.reused_from.is_(None))
                           .order_by(_c.val_bpb, _c.id).limit(top))
 

@@ -126,6 +126,7 @@ def refine(study: optuna.Study, runner: TrialRunner, settings: RefineSettings,
         trial = live[report.number]
         if report.value is None:
             verdict = "failed"
+            trial.set_user_attr("error", report.error or "unknown error")
             study.tell(trial, state=TrialState.FAIL)
         else:
             trial.report(report.value, report.rung)
