@@ -16,6 +16,7 @@ from rich.console import Console, Group
 from rich.table import Table
 
 from chimera.config import PRESETS, ChimeraConfig, get_preset
+from cluster import model_commands as model_cli
 
 EXIT_USAGE = 2
 DEFAULT_BUDGET_SECONDS = 180.0
@@ -542,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     board.add_argument("--json", action="store_true", help="machine-readable output")
     board.set_defaults(handler=cmd_leaderboard)
+    model_cli.register(commands, parse_size)
     return parser
 
 

@@ -120,3 +120,21 @@ def lineage_figure(rows: list[dict], winner_id: int, title: str = "") -> Figure:
     axes.grid(alpha=0.3)
     figure.tight_layout()
     return figure
+
+
+def curves_figure(curves: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str,
+                  title: str = "") -> Figure:
+    """Line plots of named (x, y) series on one axes: training and validation loss curves."""
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for name, points in curves.items():
+        if points:
+            xs, ys = zip(*points)
+            axes.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3,
+                      label=name)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,376 @@
+"""The ``chimera`` subcommands that make and use models: promote, train, sft, generate, chat.
+
+Registered on the main parser by ``cluster.cli``; like the rest of the CLI, each turns its
+arguments into settings at once, calls library functions and reports bad input as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+
+def _error(message: str) -> Exception:
+    from cluster.cli import CommandError
+
+    return CommandError(message)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from chimera.chat import ConversationError
+    from chimera.checkpoint import CheckpointError
+    from chimera.tokenizer import TokenizerError
+    from cluster.promote import PromoteError
+    from trainers.checkpoints import CheckpointStateError
+    from trainers.sft import ChatDataError
+    from trainers.store import StoreError
+
+    return (PromoteError, CheckpointError, CheckpointStateError, ChatDataError, StoreError,
+            TokenizerError, ConversationError, ValueError, FileNotFoundError)
+
+
+# ----------------------------------------------------------------------------- promote
+def cmd_promote(args: argparse.Namespace, console: Console) -> int:
+    from cluster.promote import PromoteSettings, promote
+    from search.refine import RefineSettings
+
+    try:
+        settings = PromoteSettings(
+            run_dir=args.run, candidate_id=args.genome, out=args.out,
+            refine=RefineSettings(trials=args.trials, rungs=args.rungs,
+                                  parallel=args.parallel),
+            refine_tokens=args.refine_tokens, pretrain_tokens=args.pretrain_tokens,
+            max_seq_len=args.max_seq_len, sft_steps=args.sft_steps,
+            sft_conversations=args.sft_conversations, qa_questions=args.qa_questions,
+            train_workers=args.train_workers, in_process=args.in_process,
+            address=args.address, device=args.device, compile=args.compile, seed=args.seed)
+        metrics = promote(settings, console)
+    except _user_errors() as err:
+        raise _error(str(err)) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: progress is saved; run the same command "
+                      "again to resume")
+        return 130
+    qa = metrics["qa_accuracy"]
+    console.print(f"[bold green]promoted[/bold green] -> {settings.out_dir}  pretrained "
+                  f"{metrics['pretrain']['val_bpb']:.4f} bpb, question answering "
+                  f"{qa['base']:.0%} -> {qa['chat']:.0%}, "
+                  f"{metrics['total_seconds'] / 60:.1f} min. Talk to it: chimera chat "
+                  f"{settings.out_dir}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- train
+def _train_config(args: argparse.Namespace, vocab_size: int):
+    from chimera.checkpoint import load_config
+    from chimera.config import get_preset
+    from cluster.promote import winner
+
+    if args.preset:
+        config = get_preset(args.preset)
+    elif args.config:
+        config = load_config(args.config)
+    else:
+        _, genome, _ = winner(args.run, args.genome)
+        config = genome.to_config(vocab_size, args.max_seq_len)
+    return dataclasses.replace(config, vocab_size=vocab_size,
+                               max_seq_len=max(args.max_seq_len, args.seq_len))
+
+
+def cmd_train(args: argparse.Namespace, console: Console) -> int:
+    from chimera.model import param_counts_analytic
+    from cluster.promote import run_pretrain
+    from cluster.runtime import start_ray
+    from trainers.fit import FitSettings
+    from trainers.pretrain import PretrainPlan, steps_for_tokens
+    from trainers.recipe import TrainHparams
+    from trainers.store import TokenStore
+
+    out = Path(args.out)
+    try:
+        store = TokenStore.open(args.store)
+        config = _train_config(args, store.vocab_size)
+        hparams = TrainHparams(
+            learning_rate=args.lr, warmup_fraction=args.warmup, schedule=args.schedule,
+            weight_decay=args.weight_decay, beta2=args.beta2, batch_size=args.batch_size,
+            seq_len=args.seq_len, label_smoothing=args.label_smoothing, z_loss=args.z_loss,
+            eval_batches=args.eval_batches)
+        steps = steps_for_tokens(args.tokens, hparams)
+        plan = PretrainPlan(config, hparams, FitSettings(
+            steps=steps, grad_accum=args.grad_accum, eval_every=args.eval_every or
+            max(1, steps // 10), checkpoint_every=args.checkpoint_every or max(1, steps // 10),
+            keep_checkpoints=args.keep_checkpoints, compile=args.compile), args.seed)
+        console.print(f"[bold]chimera train[/bold] {param_counts_analytic(config).total / 1e6:.2f}"
+                      f"M parameters, {steps} steps x {hparams.batch_size} x {hparams.seq_len} "
+                      f"tokens -> {out}")
+        started = args.workers > 1 and start_ray(args.address)
+        try:
+            model, result = run_pretrain(plan, store, out, console, args.workers, args.device)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+        _copy_tokenizer(store.tokenizer_path, out)
+    except _user_errors() as err:
+        raise _error(str(err)) from None
+    if result.interrupted:
+        console.print(f"[yellow]interrupted[/yellow] at step {result.step}: checkpoint saved; "
+                      f"run the same command again to resume")
+        return 130
+    bpb = store.bits_per_byte(result.val_loss, "val")
+    console.print(f"[bold green]done[/bold green]: {result.step} steps, validation "
+                  f"{result.val_loss:.4f} nats/token = {bpb:.4f} bpb -> {out}")
+    return 0
+
+
+def _copy_tokenizer(source: Path, out: Path) -> None:
+    from chimera.inference import TOKENIZER_DIR
+    from chimera.tokenizer import load_tokenizer
+
+    load_tokenizer(source).save_pretrained(str(out / TOKENIZER_DIR))
+
+
+# ----------------------------------------------------------------------------- sft
+def cmd_sft(args: argparse.Namespace, console: Console) -> int:
+    from chimera.checkpoint import save_model
+    from chimera.inference import TOKENIZER_DIR, load_pretrained
+    from cluster.promote import run_sft
+    from trainers.instructions import conversations
+    from trainers.recipe import TrainHparams
+    from trainers.sft import load_conversations
+
+    out = Path(args.out)
+    try:
+        model, tokenizer = load_pretrained(args.model, device=args.device)
+        if args.data:
+            train = [{"messages": m} for m in load_conversations(args.data)]
+            val = ([{"messages": m} for m in load_conversations(args.val)] if args.val
+                   else train[-max(1, len(train) // 20):])
+        else:  # the built-in story instructions
+            train = conversations(args.conversations, args.seed)
+            val = conversations(max(64, args.conversations // 20), args.seed, heldout=True)
+        hparams = TrainHparams(learning_rate=args.lr, warmup_fraction=0.05, weight_decay=0.0,
+                               batch_size=args.batch_size, seq_len=args.seq_len,
+                               eval_batches=4)
+        model, result, dropped = run_sft(model.train(), tokenizer, train, val, hparams,
+                                         args.steps, out, console, args.seed, args.device)
+        if result.interrupted:
+            console.print(f"[yellow]interrupted[/yellow] at step {result.step}: checkpoint "
+                          f"saved; run the same command again to resume")
+            return 130
+        save_model(model, out)
+        tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+    except _user_errors() as err:
+        raise _error(str(err)) from None
+    console.print(f"[bold green]done[/bold green]: {result.step} steps on {len(train)} "
+                  f"conversations ({dropped} too long for --seq-len, left out); validation "
+                  f"loss on assistant tokens {result.val_loss:.4f} -> {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- generate, chat
+def _sampling(args: argparse.Namespace):
+    from chimera.generation import SamplingConfig
+
+    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def cmd_generate(args: argparse.Namespace, console: Console) -> int:
+    from chimera.chat import reply_stream
+    from chimera.generation import stream
+    from chimera.inference import load_pretrained
+
+    try:
+        sampling = _sampling(args)
+        model, tokenizer = load_pretrained(args.model, args.quantize)
+        if args.chat:
+            pieces = reply_stream(model, tokenizer, [{"role": "user", "content": args.prompt}],
+                                  sampling)
+        else:
+            prompt = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+            if not prompt:
+                raise _error("--prompt must not be empty")
+            sys.stdout.write(args.prompt)
+            pieces = _decoded(tokenizer, stream(model, prompt, sampling))
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except _user_errors() as err:
+        raise _error(str(err)) from None
+    return 0
+
+
+def _decoded(tokenizer, tokens):
+    """Stream text from token ids, emitting only complete characters."""
+    ids, shown = [], ""
+    for token in tokens:
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
+
+
+def cmd_chat(args: argparse.Namespace, console: Console) -> int:
+    from chimera.chat import ConversationError, reply_stream
+    from chimera.inference import load_pretrained
+
+    try:
+        sampling = _sampling(args)
+        model, tokenizer = load_pretrained(args.model, args.quantize)
+    except _user_errors() as err:
+        raise _error(str(err)) from None
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    console.print(f"[bold]chimera chat[/bold] {args.model}  (/reset starts over, /quit or "
+                  f"Ctrl+D leaves)")
+    while True:
+        try:
+            text = console.input("[bold cyan]you>[/bold cyan] ")
+        except EOFError:
+            console.print()
+            return 0
+        if text.strip() in ("/quit", "/exit"):
+            return 0
+        if text.strip() == "/reset":
+            history = []
+            console.print("[dim]new conversation[/dim]")
+            continue
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        console.print("[bold magenta]chimera>[/bold magenta] ", end="")
+        answer = ""
+        try:
+            for piece in reply_stream(model, tokenizer, system + history, sampling):
+                answer += piece
+                console.out(piece, end="", highlight=False)
+        except ConversationError as err:
+            history.pop()
+            console.print(f"\n[red]{err}[/red]")
+            continue
+        console.print()
+        history.append({"role": "assistant", "content": answer})
+
+
+# ----------------------------------------------------------------------------- parser
+def _add_sampling(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-new-tokens", type=int, default=200)
+    group.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    group.add_argument("--top-k", type=int, default=None)
+    group.add_argument("--top-p", type=float, default=0.95)
+    group.add_argument("--repetition-penalty", type=float, default=1.0)
+    group.add_argument("--seed", type=int, default=None)
+    group.add_argument("--quantize", type=int, choices=[8], default=None,
+                       help="dynamic int8 linear layers (faster CPU inference)")
+
+
+def register(commands, parse_size) -> None:
+    """Add the model subcommands to the main parser's subcommands."""
+    promote = commands.add_parser(
+        "promote", help="turn a run's best genome into a trained chat model",
+        description="Refine the winner's training hyperparameters with Optuna (TPE + "
+                    "Hyperband), pretrain it, fine-tune it for chat, evaluate it and write a "
+                    "model directory with report.md. Run again to resume.")
+    promote.add_argument("run", metavar="RUN", help="a run directory of chimera evolve")
+    promote.add_argument("--genome", type=int, default=None, metavar="ID",
+                         help="candidate id to promote (default: the best)")
+    promote.add_argument("--out", default=None, help="model directory (default RUN/promoted)")
+    promote.add_argument("--trials", type=int, default=8, help="Optuna trials")
+    promote.add_argument("--rungs", type=int, default=3,
+                         help="validation reports per trial (Hyperband's resource)")
+    promote.add_argument("--parallel", type=int, default=2, help="trials at once on Ray")
+    promote.add_argument("--refine-tokens", type=parse_size, default=300_000,
+                         help="training tokens per trial (e.g. 300K)")
+    promote.add_argument("--pretrain-tokens", type=parse_size, default=2_000_000)
+    promote.add_argument("--max-seq-len", type=int, default=512,
+                         help="the chat model's context")
+    promote.add_argument("--sft-steps", type=int, default=250)
+    promote.add_argument("--sft-conversations", type=int, default=4000)
+    promote.add_argument("--qa-questions", type=int, default=100,
+                         help="held-out questions for the accuracy in report.md")
+    promote.add_argument("--train-workers", type=int, default=1,
+                         help="Ray Train workers for pretraining (DDP); 1: this process")
+    promote.add_argument("--in-process", action="store_true",
+                         help="run refinement trials here, one at a time, without Ray")
+    promote.add_argument("--address", default=None, help="a Ray cluster (default: local)")
+    promote.add_argument("--device", default="cpu", help="cpu or cuda")
+    promote.add_argument("--compile", action="store_true", help="torch.compile pretraining")
+    promote.add_argument("--seed", type=int, default=0)
+    promote.set_defaults(handler=cmd_promote)
+
+    train = commands.add_parser(
+        "train", help="pretrain one genome or preset on a token store",
+        description="Full pretraining with checkpoints (resume by running again; Ctrl+C "
+                    "saves). Writes a model directory.")
+    what = train.add_mutually_exclusive_group(required=True)
+    what.add_argument("--preset", help="a built-in preset (vocabulary set to the store's)")
+    what.add_argument("--config", metavar="MODEL_DIR", help="the config of a model directory")
+    what.add_argument("--run", metavar="RUN", help="a run's best genome (or --genome ID)")
+    train.add_argument("--genome", type=int, default=None, metavar="ID")
+    train.add_argument("--store", required=True, help="a token store (chimera data prepare)")
+    train.add_argument("--out", required=True, help="model directory to write")
+    train.add_argument("--tokens", type=parse_size, default=2_000_000,
+                       help="training tokens (e.g. 2M)")
+    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--warmup", type=float, default=0.1, help="warmup fraction")
+    train.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
+    train.add_argument("--weight-decay", type=float, default=0.1)
+    train.add_argument("--beta2", type=float, default=0.95)
+    train.add_argument("--batch-size", type=int, default=16, help="global, in sequences")
+    train.add_argument("--grad-accum", type=int, default=1)
+    train.add_argument("--seq-len", type=int, default=128)
+    train.add_argument("--max-seq-len", type=int, default=512)
+    train.add_argument("--label-smoothing", type=float, default=0.0)
+    train.add_argument("--z-loss", type=float, default=0.0)
+    train.add_argument("--eval-every", type=int, default=0, help="steps (default: 10 evals)")
+    train.add_argument("--eval-batches", type=int, default=8)
+    train.add_argument("--checkpoint-every", type=int, default=0)
+    train.add_argument("--keep-checkpoints", type=int, default=3)
+    train.add_argument("--workers", type=int, default=1, help="Ray Train DDP workers")
+    train.add_argument("--address", default=None, help="a Ray cluster (default: local)")
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--compile", action="store_true")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(handler=cmd_train)
+
+    sft = commands.add_parser(
+        "sft", help="chat fine-tune a model directory",
+        description="Fine-tune on conversations (JSONL of {\"messages\": [...]}, or the "
+                    "built-in story instructions), loss on assistant tokens only.")
+    sft.add_argument("model", metavar="MODEL", help="a model directory")
+    sft.add_argument("--out", required=True)
+    sft.add_argument("--data", default=None, help="training conversations (JSONL)")
+    sft.add_argument("--val", default=None, help="validation conversations (JSONL)")
+    sft.add_argument("--conversations", type=int, default=4000,
+                     help="built-in conversations when no --data")
+    sft.add_argument("--steps", type=int, default=250)
+    sft.add_argument("--lr", type=float, default=1e-3)
+    sft.add_argument("--batch-size", type=int, default=16)
+    sft.add_argument("--seq-len", type=int, default=320)
+    sft.add_argument("--device", default="cpu")
+    sft.add_argument("--seed", type=int, default=0)
+    sft.set_defaults(handler=cmd_sft)
+
+    generate = commands.add_parser("generate", help="generate text from a model directory")
+    generate.add_argument("model", metavar="MODEL")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--chat", action="store_true",
+                          help="send the prompt as a user message and print the reply")
+    _add_sampling(generate)
+    generate.set_defaults(handler=cmd_generate)
+
+    chat = commands.add_parser("chat", help="talk to a chat model in the terminal")
+    chat.add_argument("model", metavar="MODEL")
+    chat.add_argument("--system", default=None, help="a system message")
+    _add_sampling(chat)
+    chat.set_defaults(handler=cmd_chat)
