@@ -1,4 +1,5 @@
-"""The ``chimera`` subcommands that make and use models: promote, train, sft, generate, chat.
+"""The ``chimera`` subcommands that make and use models: promote, train, sft, generate, chat,
+serve.
 
 Registered on the main parser by ``cluster.cli``; like the rest of the CLI, each turns its
 arguments into settings at once, calls library functions and reports bad input as one line.
@@ -46,6 +47,9 @@ def cmd_promote(args: argparse.Namespace, console: Console) -> int:
             refine_tokens=args.refine_tokens, pretrain_tokens=args.pretrain_tokens,
             max_seq_len=args.max_seq_len, sft_steps=args.sft_steps,
             sft_conversations=args.sft_conversations, qa_questions=args.qa_questions,
+            sft_hparams=dataclasses.replace(PromoteSettings.sft_hparams,
+                                            seq_len=args.sft_seq_len,
+                                            batch_size=args.sft_batch_size),
             train_workers=args.train_workers, in_process=args.in_process,
             address=args.address, device=args.device, compile=args.compile, seed=args.seed)
         metrics = promote(settings, console)
@@ -83,7 +87,8 @@ def _train_config(args: argparse.Namespace, vocab_size: int):
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
     from chimera.model import param_counts_analytic
-    from cluster.promote import run_pretrain
+    from chimera.tokenizer import load_tokenizer
+    from cluster.promote import run_pretrain, story_sampler
     from cluster.runtime import start_ray
     from trainers.fit import FitSettings
     from trainers.pretrain import PretrainPlan, steps_for_tokens
@@ -109,7 +114,9 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
                       f"tokens -> {out}")
         started = args.workers > 1 and start_ray(args.address)
         try:
-            model, result = run_pretrain(plan, store, out, console, args.workers, args.device)
+            sampler = story_sampler(load_tokenizer(store.tokenizer_path), console, args.seed)
+            model, result = run_pretrain(plan, store, out, console, args.workers, args.device,
+                                         sampler=sampler)
         finally:
             if started:
                 import ray
@@ -261,6 +268,40 @@ def cmd_chat(args: argparse.Namespace, console: Console) -> int:
         history.append({"role": "assistant", "content": answer})
 
 
+# ----------------------------------------------------------------------------- serve
+def cmd_serve(args: argparse.Namespace, console: Console) -> int:
+    from chimera.generation import SamplingConfig
+    from chimera.inference import load_pretrained
+    from cluster.serve import ChatService, Limits, make_server
+
+    try:
+        model, tokenizer = load_pretrained(args.model, args.quantize)
+        limits = Limits(max_message_chars=args.max_message_chars,
+                        max_messages=args.max_messages, max_new_tokens=args.max_tokens_limit)
+        defaults = SamplingConfig(max_new_tokens=min(200, args.max_tokens_limit),
+                                  temperature=0.8, top_p=0.95)
+        service = ChatService(model, tokenizer, Path(args.model).resolve().name, limits,
+                              defaults)
+        server = make_server(service, args.host, args.port)
+    except OSError as err:
+        raise _error(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
+    except _user_errors() as err:
+        raise _error(str(err)) from None
+    host, port = server.server_address[:2]
+    console.print(f"[bold]Wyrd[/bold] serving {args.model} on http://{host}:{port}/ "
+                  f"(Ctrl+C stops)")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        console.print("[yellow]listening beyond this machine: anyone who can reach it can use "
+                      "the model[/yellow]")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        console.print("stopped")
+    finally:
+        server.server_close()
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling")
@@ -296,6 +337,9 @@ def register(commands, parse_size) -> None:
                          help="the chat model's context")
     promote.add_argument("--sft-steps", type=int, default=250)
     promote.add_argument("--sft-conversations", type=int, default=4000)
+    promote.add_argument("--sft-seq-len", type=int, default=320,
+                         help="longest conversation, in tokens (longer ones are left out)")
+    promote.add_argument("--sft-batch-size", type=int, default=16)
     promote.add_argument("--qa-questions", type=int, default=100,
                          help="held-out questions for the accuracy in report.md")
     promote.add_argument("--train-workers", type=int, default=1,
@@ -374,3 +418,17 @@ def register(commands, parse_size) -> None:
     chat.add_argument("--system", default=None, help="a system message")
     _add_sampling(chat)
     chat.set_defaults(handler=cmd_chat)
+
+    serve = commands.add_parser(
+        "serve", help="a web chat page (Wyrd) and a streaming JSON API for a model",
+        description="Serve one chat page and its API (see README: Web chat). Binds to "
+                    "127.0.0.1 unless told otherwise.")
+    serve.add_argument("model", metavar="MODEL")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    serve.add_argument("--quantize", type=int, choices=[8], default=None)
+    serve.add_argument("--max-message-chars", type=int, default=4000)
+    serve.add_argument("--max-messages", type=int, default=64)
+    serve.add_argument("--max-tokens-limit", type=int, default=512,
+                       help="the most tokens one reply may ask for")
+    serve.set_defaults(handler=cmd_serve)

@@ -171,11 +171,26 @@ def run_refinement(settings: PromoteSettings, config: ChimeraConfig, base: Train
         runner.shutdown()
 
 
+def story_sampler(tokenizer, console: Console, seed: int = 0):
+    """A sample generation at each evaluation of pretraining, printed as it comes."""
+    prompt = tokenizer(STORY_PROMPT, add_special_tokens=False)["input_ids"]
+    sampling = SamplingConfig(max_new_tokens=48, temperature=0.8, top_p=0.95, seed=seed)
+
+    def sample(model: Chimera) -> str:
+        text = STORY_PROMPT + tokenizer.decode(generate(model, prompt, sampling),
+                                               skip_special_tokens=True)
+        console.print(f"  [dim]sample: {text}[/dim]", highlight=False)
+        return text
+
+    return sample
+
+
 def run_pretrain(plan: PretrainPlan, store: TokenStore, out: Path, console: Console,
-                 train_workers: int = 1, device: str = "cpu", checkpoints: Path | None = None
-                 ) -> tuple[Chimera, FitResult]:
+                 train_workers: int = 1, device: str = "cpu", checkpoints: Path | None = None,
+                 sampler=None) -> tuple[Chimera, FitResult]:
     """Pretrain (resuming from ``checkpoints``, default ``out/checkpoints/pretrain``) and save
-    the model to ``out``."""
+    the model to ``out``. ``sampler(model) -> text`` makes samples at each evaluation (in this
+    process only; Ray Train workers do not sample)."""
     checkpoints = checkpoints or out / "checkpoints" / "pretrain"
     if train_workers > 1:
         from cluster.distributed import pretrain_on_ray
@@ -186,7 +201,8 @@ def run_pretrain(plan: PretrainPlan, store: TokenStore, out: Path, console: Cons
         result = FitResult(step, history, interrupted=step < plan.fit.steps)
         return load_model(out), result
     with StepProgress(console, "pretrain", plan.fit.steps, store) as progress:
-        model, result = pretrain(plan, store, checkpoints, device, on_step=progress)
+        model, result = pretrain(plan, store, checkpoints, device, on_step=progress,
+                                 sampler=sampler)
     save_model(model, out)
     return model, result
 
@@ -258,7 +274,8 @@ def promote(settings: PromoteSettings, console: Console) -> dict:
                                         checkpoint_every=max(1, steps // 8),
                                         compile=settings.compile), settings.seed)
         _, pre = run_pretrain(plan, store, out / BASE_DIR, console, settings.train_workers,
-                              settings.device, out / "checkpoints" / "pretrain")
+                              settings.device, out / "checkpoints" / "pretrain",
+                              story_sampler(tokenizer, console, settings.seed))
         if pre.interrupted:
             raise KeyboardInterrupt
         tokenizer.save_pretrained(str(out / BASE_DIR / TOKENIZER_DIR))
@@ -309,7 +326,8 @@ def promote(settings: PromoteSettings, console: Console) -> dict:
         "hparams": dataclasses.asdict(hparams), "dropout": tuned_config.dropout,
         "pretrain": {"steps": pre.step, "tokens": pre.history.tokens,
                      "val_loss": pre.val_loss,
-                     "val_bpb": store.bits_per_byte(pre.val_loss, "val")},
+                     "val_bpb": store.bits_per_byte(pre.val_loss, "val"),
+                     "samples": [list(sample) for sample in pre.history.samples]},
         "sft": {"steps": sft.step, "conversations": len(train), "dropped_too_long": dropped,
                 "val_loss_assistant_tokens": sft.val_loss,
                 "hparams": dataclasses.asdict(settings.sft_hparams)},
@@ -382,6 +400,8 @@ def write_report(out: Path, metrics: dict, pre: History, sft: History,
                    for k, v in {**m["hparams"], "dropout": m["dropout"]}.items())
     chats = "\n\n".join(f"**user:** {c['user'][:300]}\n\n**chimera:** {c['assistant']}"
                         for c in m["samples"]["chat"])
+    during = "\n".join(f"- {step}: {text}" for step, text in m["pretrain"]["samples"]) \
+        or "(none: data-parallel workers do not sample)"
     seconds = ", ".join(f"{k} {v / 60:.1f} min" for k, v in m["seconds"].items())
     search_bpb = f"{m['search_val_bpb']:.4f}" if m["search_val_bpb"] is not None else "n/a"
     text = f"""# Chimera promoted model: candidate #{m['candidate_id']}
@@ -423,6 +443,10 @@ Chat fine-tuning: {m['sft']['steps']} steps on {m['sft']['conversations']} conve
 Base model, from "{STORY_PROMPT}":
 
 > {m['samples']['base_story']}
+
+During pretraining (step: sample):
+
+{during}
 
 Chat model:
 
