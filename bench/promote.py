@@ -10,7 +10,7 @@
 Printed: validation bpb refined vs defaults (ratio), held-out question answering of the base
 model vs the chat model, and the promote's wall time against the 30-minute target.
 
-    python bench/promote.py                 # ~25 minutes on 2 CPU cores
+    python bench/promote.py                 # ~30 minutes on 2 CPU cores
     python bench/promote.py --quick         # a smoke run of the script (~3 minutes)
 """
 
@@ -60,7 +60,7 @@ def main() -> None:
     if args.quick:
         settings = dataclasses.replace(
             settings, refine=RefineSettings(trials=3, rungs=2, parallel=2),
-            refine_tokens=40_000, pretrain_tokens=150_000, sft_steps=20,
+            pretrain_tokens=100_000, sft_steps=20,
             sft_conversations=300, qa_questions=20)
     start = time.perf_counter()
     metrics = promote(settings, console)

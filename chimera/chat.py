@@ -8,7 +8,8 @@ model the same way.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 
 from chimera.generation import SamplingConfig, stream
 from chimera.model import Chimera
@@ -83,18 +84,19 @@ def reply_stream(model: Chimera, tokenizer, messages: Sequence[dict],
     ids, _ = prompt_ids(tokenizer, messages, room)
     stops = stop_token_ids(tokenizer)
     sampling = dataclasses.replace(sampling, stop_tokens=tuple(sampling.stop_tokens) + stops)
+    yield from decode_stream(tokenizer, itertools.takewhile(
+        lambda token: token not in stops, stream(model, ids, sampling)))
+
+
+def decode_stream(tokenizer, tokens: Iterable[int]) -> Iterator[str]:
+    """Text pieces as token ids arrive. The whole sequence is decoded each time, because a
+    character can span several byte-level tokens; only complete characters are shown."""
     generated: list[int] = []
     shown = ""
-    for token in stream(model, ids, sampling):
-        if token in stops:
-            break
+    for token in tokens:
         generated.append(token)
-        # Decode the whole reply each time: a character can span several byte-level tokens,
-        # and only complete characters are shown.
         text = tokenizer.decode(generated, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            continue
-        if len(text) > len(shown):
+        if not text.endswith("\ufffd") and len(text) > len(shown):
             yield text[len(shown):]
             shown = text
 

@@ -190,7 +190,7 @@ def _sampling(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace, console: Console) -> int:
-    from chimera.chat import reply_stream
+    from chimera.chat import decode_stream, reply_stream
     from chimera.generation import stream
     from chimera.inference import load_pretrained
 
@@ -205,7 +205,7 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
             if not prompt:
                 raise _error("--prompt must not be empty")
             sys.stdout.write(args.prompt)
-            pieces = _decoded(tokenizer, stream(model, prompt, sampling))
+            pieces = decode_stream(tokenizer, stream(model, prompt, sampling))
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -213,17 +213,6 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
     except _user_errors() as err:
         raise _error(str(err)) from None
     return 0
-
-
-def _decoded(tokenizer, tokens):
-    """Stream text from token ids, emitting only complete characters."""
-    ids, shown = [], ""
-    for token in tokens:
-        ids.append(token)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd") and len(text) > len(shown):
-            yield text[len(shown):]
-            shown = text
 
 
 def cmd_chat(args: argparse.Namespace, console: Console) -> int:
@@ -327,15 +316,15 @@ def register(commands, parse_size) -> None:
                          help="candidate id to promote (default: the best)")
     promote.add_argument("--out", default=None, help="model directory (default RUN/promoted)")
     promote.add_argument("--trials", type=int, default=8, help="Optuna trials")
-    promote.add_argument("--rungs", type=int, default=3,
+    promote.add_argument("--rungs", type=int, default=4,
                          help="validation reports per trial (Hyperband's resource)")
     promote.add_argument("--parallel", type=int, default=2, help="trials at once on Ray")
-    promote.add_argument("--refine-tokens", type=parse_size, default=300_000,
-                         help="training tokens per trial (e.g. 300K)")
-    promote.add_argument("--pretrain-tokens", type=parse_size, default=2_000_000)
+    promote.add_argument("--refine-tokens", type=parse_size, default=None,
+                         help="training tokens per trial (default: --pretrain-tokens)")
+    promote.add_argument("--pretrain-tokens", type=parse_size, default=1_500_000)
     promote.add_argument("--max-seq-len", type=int, default=512,
                          help="the chat model's context")
-    promote.add_argument("--sft-steps", type=int, default=250)
+    promote.add_argument("--sft-steps", type=int, default=400)
     promote.add_argument("--sft-conversations", type=int, default=4000)
     promote.add_argument("--sft-seq-len", type=int, default=320,
                          help="longest conversation, in tokens (longer ones are left out)")

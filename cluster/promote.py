@@ -40,12 +40,18 @@ from cluster.refine import RayTrials, TrialSpec, train_trial_rung, tuned
 from results.db import RunDatabase, database_url
 from results.plots import curves_figure
 from search.genome import Genome
-from search.refine import SEARCH_SPACE, InProcessTrials, RefineSettings, open_study, refine
+from search.refine import TUNED, InProcessTrials, RefineSettings, open_study, refine
 from trainers.fit import FitResult, FitSettings, History, StepReport, fit
 from trainers.instructions import conversations, qa_items
 from trainers.pretrain import PretrainPlan, pretrain, steps_for_tokens
 from trainers.recipe import TrainHparams
-from trainers.sft import ChatBatches, ensure_chat_tokens, qa_accuracy, write_conversations
+from trainers.sft import (
+    ChatBatches,
+    ensure_chat_tokens,
+    fitting,
+    qa_accuracy,
+    write_conversations,
+)
 from trainers.store import TokenStore
 
 BASE_DIR = "base"
@@ -62,11 +68,15 @@ class PromoteSettings:
     run_dir: str
     candidate_id: int | None = None  # None: the best candidate
     out: str | None = None  # None: RUN/promoted
-    refine: RefineSettings = RefineSettings(trials=8, rungs=3, parallel=2)
-    refine_tokens: int = 300_000  # per trial
-    pretrain_tokens: int = 2_000_000
+    refine: RefineSettings = RefineSettings(trials=8, rungs=4, parallel=2)
+    # Tokens per trial; None: the pretraining budget. Hyperband's top rung is then the run the
+    # winner gets, so the study ranks hyperparameters by what pretraining will make of them
+    # (shorter trials favour rates and batch sizes that do not transfer), and the lower rungs
+    # are where it saves compute.
+    refine_tokens: int | None = None
+    pretrain_tokens: int = 1_500_000
     max_seq_len: int = 512  # the chat model's context
-    sft_steps: int = 250
+    sft_steps: int = 400
     sft_conversations: int = 4000
     sft_hparams: TrainHparams = TrainHparams(learning_rate=1e-3, warmup_fraction=0.05,
                                              batch_size=16, seq_len=320, eval_batches=4,
@@ -121,9 +131,13 @@ class StepProgress:
             TextColumn(f"[bold]{label}[/bold]"), BarColumn(), TextColumn("{task.completed}/"
                                                                          "{task.total}"),
             TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=console, transient=False)
+            console=console, transient=False, disable=not console.is_terminal)
         self.task = self.progress.add_task(label, total=total, stats="")
         self.val = ""
+        # Without a terminal (a log file, a Ray job) a bar cannot redraw: print a line at
+        # every tenth of the run and at every evaluation instead.
+        self.console, self.label, self.total = console, label, total
+        self.lines = not console.is_terminal
 
     def __enter__(self) -> StepProgress:
         self.progress.__enter__()
@@ -138,8 +152,12 @@ class StepProgress:
         if report.val_loss is not None:
             self.val = f" val {report.val_loss:.3f}"
         speed = f" {report.tokens_per_second:,.0f} tok/s" if report.tokens_per_second else ""
-        self.progress.update(self.task, completed=report.step,
-                             stats=f"loss {report.loss:.3f}{bpb}{self.val}{speed}")
+        stats = f"loss {report.loss:.3f}{bpb}{self.val}{speed}"
+        self.progress.update(self.task, completed=report.step, stats=stats)
+        if self.lines and (report.val_loss is not None
+                           or report.step % max(1, self.total // 10) == 0):
+            self.console.print(f"  {self.label} step {report.step}/{self.total}: {stats}",
+                               highlight=False)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -149,10 +167,11 @@ def run_refinement(settings: PromoteSettings, config: ChimeraConfig, base: Train
     refine_settings = dataclasses.replace(settings.refine,
                                           study_name=f"refine-candidate-{candidate_id}",
                                           seed=settings.seed)
-    spec = TrialSpec(config, base, str(store.root), settings.refine_tokens,
-                     refine_settings.rungs, settings.seed)
+    tokens = settings.refine_tokens or settings.pretrain_tokens
+    spec = TrialSpec(config, base, str(store.root), tokens, refine_settings.rungs,
+                     settings.seed)
     study = open_study(database_url(database), refine_settings)
-    defaults = {**{name: getattr(base, name) for name in SEARCH_SPACE if name != "dropout"},
+    defaults = {**{name: getattr(base, name) for name in TUNED if name != "dropout"},
                 "dropout": config.dropout}
 
     def show(report, verdict):
@@ -304,7 +323,11 @@ def promote(settings: PromoteSettings, console: Console) -> dict:
     # 4. Evaluation: held-out question answering before and after fine-tuning, samples.
     t0 = time.perf_counter()
     console.rule("evaluate")
-    items = qa_items(settings.qa_questions, settings.seed)
+    items = fitting(tokenizer, qa_items(settings.qa_questions, settings.seed),
+                    settings.max_seq_len)
+    if not items:
+        raise PromoteError(f"no held-out question fits a context of {settings.max_seq_len} "
+                           f"tokens; raise --max-seq-len")
     base_for_chat, _ = ensure_chat_tokens(load_model(out / BASE_DIR), tokenizer)
     qa_base = qa_accuracy(base_for_chat, tokenizer, items, context=settings.max_seq_len)
     qa_chat = qa_accuracy(chat_model, tokenizer, items, context=settings.max_seq_len)
@@ -322,7 +345,8 @@ def promote(settings: PromoteSettings, console: Console) -> dict:
         "refine": {"best_params": outcome.best_params, "best_trial_bpb": outcome.best_value,
                    "complete": outcome.complete, "pruned": outcome.pruned,
                    "failed": outcome.failed, "trials": settings.refine.trials,
-                   "tokens_per_trial": settings.refine_tokens, "study": study.study_name},
+                   "tokens_per_trial": settings.refine_tokens or settings.pretrain_tokens,
+                   "study": study.study_name},
         "hparams": dataclasses.asdict(hparams), "dropout": tuned_config.dropout,
         "pretrain": {"steps": pre.step, "tokens": pre.history.tokens,
                      "val_loss": pre.val_loss,

@@ -22,19 +22,36 @@ from typing import Any, Protocol
 import optuna
 from optuna.trial import TrialState
 
-# The hyperparameters refinement tunes, with their ranges. ``dropout`` is the genome's own gene;
-# the rest are training hyperparameters.
-SEARCH_SPACE: dict[str, Callable[[optuna.Trial], Any]] = {
-    "learning_rate": lambda t: t.suggest_float("learning_rate", 5e-4, 2e-2, log=True),
-    "warmup_fraction": lambda t: t.suggest_float("warmup_fraction", 0.0, 0.2),
-    "weight_decay": lambda t: t.suggest_float("weight_decay", 0.0, 0.2),
-    "batch_size": lambda t: t.suggest_categorical("batch_size", [8, 16, 32]),
-    "beta2": lambda t: t.suggest_float("beta2", 0.9, 0.999),
-    "dropout": lambda t: t.suggest_float("dropout", 0.0, 0.15),
-    "schedule": lambda t: t.suggest_categorical("schedule", ["cosine", "wsd"]),
-    "label_smoothing": lambda t: t.suggest_float("label_smoothing", 0.0, 0.1),
-    "z_loss": lambda t: t.suggest_categorical("z_loss", [0.0, 1e-4, 1e-3]),
-}
+# The hyperparameters refinement tunes. ``dropout`` is the genome's own gene; the rest are
+# training hyperparameters.
+TUNED = ("learning_rate", "warmup_fraction", "weight_decay", "batch_size", "beta2", "dropout",
+         "schedule", "label_smoothing", "z_loss")
+
+
+def search_space(defaults: dict) -> dict[str, Callable[[optuna.Trial], Any]]:
+    """Each tuned hyperparameter's range, centred on the current values (``defaults``): the
+    learning rate within 6x either way, the batch size halved, kept or doubled, the rest over
+    their usual ranges (always containing the default, so the defaults are a valid trial)."""
+    lr, batch = defaults["learning_rate"], defaults["batch_size"]
+    batches = sorted({max(1, batch // 2), batch, batch * 2})
+    z_losses = sorted({0.0, 1e-4, 1e-3, defaults["z_loss"]})
+
+    def wide(name: str, low: float, high: float):
+        low, high = min(low, defaults[name]), max(high, defaults[name])
+        return lambda trial: trial.suggest_float(name, low, high)
+
+    return {
+        "learning_rate": lambda t: t.suggest_float("learning_rate", lr / 6, lr * 6, log=True),
+        "warmup_fraction": wide("warmup_fraction", 0.0, 0.2),
+        "weight_decay": wide("weight_decay", 0.0, 0.2),
+        "batch_size": lambda t: t.suggest_categorical("batch_size", batches),
+        "beta2": wide("beta2", 0.9, 0.999),
+        "dropout": wide("dropout", 0.0, 0.1),
+        "schedule": lambda t: t.suggest_categorical("schedule", ["cosine", "wsd"]),
+        # Bits per byte reward calibrated predictions, which smoothing trades away: kept small.
+        "label_smoothing": wide("label_smoothing", 0.0, 0.05),
+        "z_loss": lambda t: t.suggest_categorical("z_loss", z_losses),
+    }
 
 
 @dataclass(frozen=True)
@@ -99,11 +116,13 @@ def refine(study: optuna.Study, runner: TrialRunner, settings: RefineSettings,
            defaults: dict, on_report: Callable[[TrialReport, str], None] | None = None
            ) -> RefineOutcome:
     """Run the study until ``settings.trials`` trials are complete or pruned. ``defaults``: the
-    current hyperparameters (the keys of ``SEARCH_SPACE``), tried first. ``on_report(report,
-    verdict)`` sees every rung: verdict is continue, pruned, complete or failed."""
+    current hyperparameters (the names in ``TUNED``), tried first and the centre of the search
+    space. ``on_report(report, verdict)`` sees every rung: verdict is continue, pruned,
+    complete or failed."""
+    space = search_space(defaults)
     _recover_crashed(study)
     if not study.trials:
-        study.enqueue_trial({name: defaults[name] for name in SEARCH_SPACE})
+        study.enqueue_trial({name: defaults[name] for name in TUNED})
 
     def done() -> int:
         return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
@@ -113,7 +132,7 @@ def refine(study: optuna.Study, runner: TrialRunner, settings: RefineSettings,
     def launch() -> None:
         trial = study.ask()
         live[trial.number] = trial
-        runner.start(trial.number, {name: SEARCH_SPACE[name](trial) for name in SEARCH_SPACE})
+        runner.start(trial.number, {name: suggest(trial) for name, suggest in space.items()})
 
     def wanted() -> bool:  # more trials to start (a study where every trial fails gives up)
         failed = sum(t.state is TrialState.FAIL for t in study.trials)

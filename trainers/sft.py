@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chimera.chat import check_messages, render, reply
+from chimera.chat import ConversationError, check_messages, prompt_ids, render, reply
 from chimera.checkpoint import atomic_write
 from chimera.generation import SamplingConfig
 from chimera.model import Chimera, resize_vocabulary
@@ -136,6 +136,19 @@ class ChatBatches:
         size = self.hparams.batch_size
         rows = self.val_rows[:size * self.hparams.eval_batches]
         return [self._stack(rows[i:i + size]) for i in range(0, len(rows), size)]
+
+
+def fitting(tokenizer, items: Sequence[dict], context: int, max_new_tokens: int = 24
+            ) -> list[dict]:
+    """The question items whose prompt leaves room for the answer in ``context`` tokens."""
+    kept = []
+    for item in items:
+        try:
+            prompt_ids(tokenizer, item["messages"], context - max_new_tokens)
+            kept.append(item)
+        except ConversationError:
+            pass
+    return kept
 
 
 def qa_accuracy(model: Chimera, tokenizer, items: Sequence[dict], max_new_tokens: int = 24,
