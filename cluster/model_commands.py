@@ -88,6 +88,7 @@ def _train_config(args: argparse.Namespace, vocab_size: int):
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
     from chimera.model import param_counts_analytic
     from chimera.tokenizer import load_tokenizer
+    from cluster.evolve import STORE_DIR
     from cluster.promote import run_pretrain, story_sampler
     from cluster.runtime import start_ray
     from trainers.fit import FitSettings
@@ -97,7 +98,9 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
 
     out = Path(args.out)
     try:
-        store = TokenStore.open(args.store)
+        if args.store is None and args.run is None:
+            raise _error("--store is needed unless --run names a run (whose store is used)")
+        store = TokenStore.open(args.store or Path(args.run) / STORE_DIR)
         config = _train_config(args, store.vocab_size)
         hparams = TrainHparams(
             learning_rate=args.lr, warmup_fraction=args.warmup, schedule=args.schedule,
@@ -350,7 +353,8 @@ def register(commands, parse_size) -> None:
     what.add_argument("--config", metavar="MODEL_DIR", help="the config of a model directory")
     what.add_argument("--run", metavar="RUN", help="a run's best genome (or --genome ID)")
     train.add_argument("--genome", type=int, default=None, metavar="ID")
-    train.add_argument("--store", required=True, help="a token store (chimera data prepare)")
+    train.add_argument("--store", default=None,
+                       help="a token store (chimera data prepare); default with --run: its store")
     train.add_argument("--out", required=True, help="model directory to write")
     train.add_argument("--tokens", type=parse_size, default=2_000_000,
                        help="training tokens (e.g. 2M)")

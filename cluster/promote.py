@@ -95,8 +95,8 @@ class PromoteSettings:
 
 
 # ----------------------------------------------------------------------------- the winner
-def winner(run_dir: str, candidate_id: int | None) -> tuple[int, Genome, dict]:
-    """The candidate to promote: (id, genome, the run's settings as plain data)."""
+def winner(run_dir: str, candidate_id: int | None):
+    """The candidate to promote: (id, genome, the run's ``EvolveSettings``)."""
     from cluster.evolve import load_settings
 
     try:
@@ -117,7 +117,7 @@ def winner(run_dir: str, candidate_id: int | None) -> tuple[int, Genome, dict]:
             raise PromoteError(f"{run_dir}: candidate {candidate_id} did not finish ok (or "
                                f"does not exist); see `chimera leaderboard {run_dir}`")
     row = rows[0]
-    return row["id"], Genome.from_dict(json.loads(row["genome"])), settings.to_dict()
+    return row["id"], Genome.from_dict(json.loads(row["genome"])), settings
 
 
 # ----------------------------------------------------------------------------- progress
@@ -262,7 +262,7 @@ def promote(settings: PromoteSettings, console: Console) -> dict:
     store = TokenStore.open(Path(settings.run_dir) / STORE_DIR)
     tokenizer = load_tokenizer(store.tokenizer_path)
     config = genome.to_config(store.vocab_size, settings.max_seq_len)
-    base = TrainHparams.from_dict(run["hparams"])
+    base = run.hparams
     console.print(f"[bold]promoting[/bold] candidate #{candidate_id} {genome.summary()} "
                   f"({param_counts_analytic(config).total / 1e6:.2f}M parameters) -> {out}")
     timings: dict[str, float] = {}
@@ -274,9 +274,7 @@ def promote(settings: PromoteSettings, console: Console) -> dict:
         # 1. Refinement.
         t0 = time.perf_counter()
         console.rule("refine: Optuna TPE + Hyperband")
-        outcome, study = run_refinement(settings, config, base, store,
-                                        run.get("database") or str(Path(settings.run_dir)
-                                                                   / "results.db"),
+        outcome, study = run_refinement(settings, config, base, store, run.database_target,
                                         candidate_id, console)
         timings["refine"] = time.perf_counter() - t0
         console.print(f"  best trial {outcome.best_value:.4f} bpb ({outcome.complete} "
@@ -341,7 +339,7 @@ def promote(settings: PromoteSettings, console: Console) -> dict:
         "candidate_id": candidate_id, "genome": genome.to_dict(),
         "genome_summary": genome.summary(),
         "params": param_counts_analytic(chat_model.config).total,
-        "search_val_bpb": _search_bpb(settings.run_dir, candidate_id),
+        "search_val_bpb": _search_bpb(run.database_target, candidate_id),
         "refine": {"best_params": outcome.best_params, "best_trial_bpb": outcome.best_value,
                    "complete": outcome.complete, "pruned": outcome.pruned,
                    "failed": outcome.failed, "trials": settings.refine.trials,
@@ -371,10 +369,8 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def _search_bpb(run_dir: str, candidate_id: int) -> float | None:
-    from cluster.evolve import load_settings
-
-    db = RunDatabase(load_settings(run_dir).database_target, readonly=True)
+def _search_bpb(database: str, candidate_id: int) -> float | None:
+    db = RunDatabase(database, readonly=True)
     try:
         return next((r["val_bpb"] for r in db.leaderboard() if r["id"] == candidate_id), None)
     finally:

@@ -14,10 +14,10 @@ from cluster.cli import main
 TINY_RUN = ["--corpus-size", "60KB", "--tokenizer", "bpe", "--vocab-size", "400",
             "--batch-size", "4", "--seq-len", "32", "--population", "4", "--tournament", "2",
             "--in-process", "--max-candidates", "3", "--candidate-steps", "5", "--no-live"]
-TINY_PROMOTE = ["--trials", "3", "--rungs", "2", "--parallel", "2", "--refine-tokens", "3K",
-                "--pretrain-tokens", "6K", "--max-seq-len", "512", "--sft-steps", "4",
-                "--sft-conversations", "40", "--sft-seq-len", "256", "--sft-batch-size", "4",
-                "--qa-questions", "3"]
+TINY_PROMOTE = ["--genome", "1", "--trials", "3", "--rungs", "2", "--parallel", "2",
+                "--refine-tokens", "3K", "--pretrain-tokens", "6K", "--max-seq-len", "512",
+                "--sft-steps", "4", "--sft-conversations", "40", "--sft-seq-len", "256",
+                "--sft-batch-size", "4", "--qa-questions", "3"]
 
 
 @pytest.fixture(scope="module")
