@@ -324,7 +324,7 @@ def register(commands, parse_size) -> None:
     promote.add_argument("--parallel", type=int, default=2, help="trials at once on Ray")
     promote.add_argument("--refine-tokens", type=parse_size, default=None,
                          help="training tokens per trial (default: --pretrain-tokens)")
-    promote.add_argument("--pretrain-tokens", type=parse_size, default=1_500_000)
+    promote.add_argument("--pretrain-tokens", type=parse_size, default=1_200_000)
     promote.add_argument("--max-seq-len", type=int, default=512,
                          help="the chat model's context")
     promote.add_argument("--sft-steps", type=int, default=400)

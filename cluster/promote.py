@@ -74,7 +74,7 @@ class PromoteSettings:
     # (shorter trials favour rates and batch sizes that do not transfer), and the lower rungs
     # are where it saves compute.
     refine_tokens: int | None = None
-    pretrain_tokens: int = 1_500_000
+    pretrain_tokens: int = 1_200_000
     max_seq_len: int = 512  # the chat model's context
     sft_steps: int = 400
     sft_conversations: int = 4000

@@ -250,8 +250,8 @@ def fit(model: torch.nn.Module, hparams: TrainHparams, source: BatchSource,
             if settings.checkpoint_every and step % settings.checkpoint_every == 0 \
                     and step < settings.steps and not stopping:
                 history.seconds += time.perf_counter() - segment_start
-                segment_start = time.perf_counter()
                 checkpoint = save()
+                segment_start, segment_tokens = time.perf_counter(), 0
             if stopping:
                 interrupted = True
                 break

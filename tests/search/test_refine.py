@@ -6,7 +6,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search.refine import InProcessTrials, RefineSettings, open_study, refine
+from search.refine import InProcessTrials, RefineSettings, first_trials, open_study, refine
 
 DEFAULTS = dict(learning_rate=3e-3, warmup_fraction=0.1, weight_decay=0.1, batch_size=16,
                 beta2=0.95, dropout=0.0, schedule="cosine", label_smoothing=0.0, z_loss=0.0)
@@ -27,6 +27,10 @@ def test_trials_are_pruned_and_defaults_come_first(tmp_path):
     assert outcome.complete + outcome.pruned == 16 and outcome.failed == 0
     assert outcome.pruned >= 1 and "pruned" in verdicts
     assert study.trials[0].params == DEFAULTS
+    second = study.trials[1].params  # then one knob at a time
+    assert second == {**DEFAULTS, "label_smoothing": 0.0, "dropout": 0.0} or \
+        sum(second[k] != DEFAULTS[k] for k in DEFAULTS) == 1
+    assert [t.params for t in study.trials[1:4]] == first_trials(DEFAULTS)[1:4]
     pruned = [t for t in study.trials if t.state is TrialState.PRUNED]
     assert all(max(t.intermediate_values) < 4 for t in pruned)  # stopped before the end
     assert outcome.best_value < toy_rung(DEFAULTS, 4, None)[0]  # better than the defaults
@@ -55,7 +59,9 @@ def test_study_resumes_after_a_crash(tmp_path):
                      DEFAULTS)
     after = optuna.load_study(study_name="refine", storage=storage)
     assert outcome.complete + outcome.pruned == 8
-    assert [t.number for t in after.trials[:len(finished)]] == [t.number for t in finished]
+    for trial in finished:  # kept as they were
+        assert after.trials[trial.number].state == trial.state
+        assert after.trials[trial.number].intermediate_values == trial.intermediate_values
     failed = [t for t in after.trials if t.state is TrialState.FAIL]
     assert {t.number for t in failed} == {t.number for t in running}
     retried = [t.params for t in after.trials if t.number > max(x.number for x in running)]
