@@ -17,14 +17,11 @@ from rich.table import Table
 
 from chimera.config import PRESETS, ChimeraConfig, get_preset
 from cluster import model_commands as model_cli
+from cluster.errors import CommandError
 
 EXIT_USAGE = 2
 DEFAULT_BUDGET_SECONDS = 180.0
 DEFAULT_CANDIDATE_TOKENS = 100_000
-
-
-class CommandError(Exception):
-    """A user error with a message fit to print as is."""
 
 
 def _format_count(n: int) -> str:

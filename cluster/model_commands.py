@@ -14,11 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-
-def _error(message: str) -> Exception:
-    from cluster.cli import CommandError
-
-    return CommandError(message)
+from cluster.errors import CommandError
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -54,7 +50,7 @@ def cmd_promote(args: argparse.Namespace, console: Console) -> int:
             address=args.address, device=args.device, compile=args.compile, seed=args.seed)
         metrics = promote(settings, console)
     except _user_errors() as err:
-        raise _error(str(err)) from None
+        raise CommandError(str(err)) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: progress is saved; run the same command "
                       "again to resume")
@@ -99,7 +95,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     out = Path(args.out)
     try:
         if args.store is None and args.run is None:
-            raise _error("--store is needed unless --run names a run (whose store is used)")
+            raise CommandError("--store is needed unless --run names a run (whose store is used)")
         store = TokenStore.open(args.store or Path(args.run) / STORE_DIR)
         config = _train_config(args, store.vocab_size)
         hparams = TrainHparams(
@@ -127,7 +123,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
                 ray.shutdown()
         _copy_tokenizer(store.tokenizer_path, out)
     except _user_errors() as err:
-        raise _error(str(err)) from None
+        raise CommandError(str(err)) from None
     if result.interrupted:
         console.print(f"[yellow]interrupted[/yellow] at step {result.step}: checkpoint saved; "
                       f"run the same command again to resume")
@@ -176,7 +172,7 @@ def cmd_sft(args: argparse.Namespace, console: Console) -> int:
         save_model(model, out)
         tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
     except _user_errors() as err:
-        raise _error(str(err)) from None
+        raise CommandError(str(err)) from None
     console.print(f"[bold green]done[/bold green]: {result.step} steps on {len(train)} "
                   f"conversations ({dropped} too long for --seq-len, left out); validation "
                   f"loss on assistant tokens {result.val_loss:.4f} -> {out}")
@@ -206,7 +202,7 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
         else:
             prompt = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
             if not prompt:
-                raise _error("--prompt must not be empty")
+                raise CommandError("--prompt must not be empty")
             sys.stdout.write(args.prompt)
             pieces = decode_stream(tokenizer, stream(model, prompt, sampling))
         for piece in pieces:
@@ -214,7 +210,7 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
     except _user_errors() as err:
-        raise _error(str(err)) from None
+        raise CommandError(str(err)) from None
     return 0
 
 
@@ -226,7 +222,7 @@ def cmd_chat(args: argparse.Namespace, console: Console) -> int:
         sampling = _sampling(args)
         model, tokenizer = load_pretrained(args.model, args.quantize)
     except _user_errors() as err:
-        raise _error(str(err)) from None
+        raise CommandError(str(err)) from None
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     console.print(f"[bold]chimera chat[/bold] {args.model}  (/reset starts over, /quit or "
@@ -276,9 +272,9 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
                               defaults)
         server = make_server(service, args.host, args.port)
     except OSError as err:
-        raise _error(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
+        raise CommandError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
     except _user_errors() as err:
-        raise _error(str(err)) from None
+        raise CommandError(str(err)) from None
     host, port = server.server_address[:2]
     console.print(f"[bold]Wyrd[/bold] serving {args.model} on http://{host}:{port}/ "
                   f"(Ctrl+C stops)")
