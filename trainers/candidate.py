@@ -22,7 +22,7 @@ import torch
 
 from chimera.config import BlockType, ChimeraConfig
 from chimera.model import Chimera, param_counts_analytic
-from trainers.recipe import (  # noqa: F401  (TrainHparams is part of this module's API)
+from trainers.recipe import (
     TrainHparams,
     autocast_for,
     evaluate,
