@@ -82,6 +82,7 @@ def _train_config(args: argparse.Namespace, vocab_size: int):
 
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
+    from chimera.inference import TOKENIZER_DIR
     from chimera.model import param_counts_analytic
     from chimera.tokenizer import load_tokenizer
     from cluster.evolve import STORE_DIR
@@ -113,7 +114,8 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
                       f"tokens -> {out}")
         started = args.workers > 1 and start_ray(args.address)
         try:
-            sampler = story_sampler(load_tokenizer(store.tokenizer_path), console, args.seed)
+            tokenizer = load_tokenizer(store.tokenizer_path)
+            sampler = story_sampler(tokenizer, console, args.seed)
             model, result = run_pretrain(plan, store, out, console, args.workers, args.device,
                                          sampler=sampler)
         finally:
@@ -121,7 +123,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
                 import ray
 
                 ray.shutdown()
-        _copy_tokenizer(store.tokenizer_path, out)
+        tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
     except _user_errors() as err:
         raise CommandError(str(err)) from None
     if result.interrupted:
@@ -132,13 +134,6 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     console.print(f"[bold green]done[/bold green]: {result.step} steps, validation "
                   f"{result.val_loss:.4f} nats/token = {bpb:.4f} bpb -> {out}")
     return 0
-
-
-def _copy_tokenizer(source: Path, out: Path) -> None:
-    from chimera.inference import TOKENIZER_DIR
-    from chimera.tokenizer import load_tokenizer
-
-    load_tokenizer(source).save_pretrained(str(out / TOKENIZER_DIR))
 
 
 # ----------------------------------------------------------------------------- sft

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import shutil
 import time
@@ -30,6 +31,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from chimera.chat import reply
 from chimera.checkpoint import atomic_write, load_model, save_model
 from chimera.config import ChimeraConfig
 from chimera.generation import SamplingConfig, generate
@@ -308,7 +310,7 @@ def promote(settings: PromoteSettings, console: Console) -> dict:
     console.rule("chat fine-tune")
     train = conversations(settings.sft_conversations, settings.seed)
     val = conversations(max(64, settings.sft_conversations // 20), settings.seed, heldout=True)
-    write_conversations(train, _mkdir(out / "sft-data") / "train.jsonl")
+    write_conversations(train, out / "sft-data" / "train.jsonl")
     write_conversations(val, out / "sft-data" / "val.jsonl")
     chat_model, sft, dropped = run_sft(load_model(out / BASE_DIR, device=settings.device),
                                        tokenizer, train, val, settings.sft_hparams,
@@ -364,11 +366,6 @@ def promote(settings: PromoteSettings, console: Console) -> dict:
     return metrics
 
 
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _search_bpb(database: str, candidate_id: int) -> float | None:
     db = RunDatabase(database, readonly=True)
     try:
@@ -378,8 +375,6 @@ def _search_bpb(database: str, candidate_id: int) -> float | None:
 
 
 def sample_outputs(base: Chimera, chat: Chimera, tokenizer, seed: int) -> dict:
-    from chimera.chat import reply
-
     sampling = SamplingConfig(max_new_tokens=80, temperature=0.8, top_p=0.95, seed=seed)
     prompt = tokenizer(STORY_PROMPT, add_special_tokens=False)["input_ids"]
     story = tokenizer.decode(generate(base, prompt, sampling), skip_special_tokens=True)
@@ -394,8 +389,6 @@ def sample_outputs(base: Chimera, chat: Chimera, tokenizer, seed: int) -> dict:
 
 
 def hardware(device: str) -> str:
-    import os
-
     text = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     if device.startswith("cuda") and torch.cuda.is_available():
         text += f", {torch.cuda.get_device_name(0)}"

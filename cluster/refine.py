@@ -115,7 +115,7 @@ class RayTrials:
         actor = self.owner.pop(number)
         actor.drop.remote(number)
         self.free.append(actor)
-        self.params.pop(number), self.rung.pop(number)
+        del self.params[number], self.rung[number]
 
     def next_report(self) -> TrialReport:
         import ray

@@ -104,11 +104,13 @@ class RunDatabase:
         if not readonly:
             metadata.create_all(self.engine)
             _add_missing_columns(self.engine)
-        # A read-only look at a database from an earlier version selects the columns it has
-        # (the newer ones read as None) instead of failing on them.
-        present = {column["name"] for column in inspect(self.engine).get_columns("candidates")}
-        self._candidate_columns = [c for c in candidates_table.c if c.name in present] \
-            or list(candidates_table.c)
+        # A read-only look at a database from an earlier version (which it may not upgrade)
+        # selects the columns it has; the newer ones read as None.
+        self._candidate_columns = list(candidates_table.c)
+        if readonly:
+            present = {c["name"] for c in inspect(self.engine).get_columns("candidates")}
+            self._candidate_columns = [c for c in candidates_table.c if c.name in present] \
+                or self._candidate_columns
 
     def close(self) -> None:
         self.engine.dispose()
@@ -119,10 +121,15 @@ class RunDatabase:
 
     def _rows(self, statement) -> list[dict]:
         with self.engine.connect() as conn:
-            rows = [dict(row) for row in conn.execute(statement).mappings()]
-        if rows and len(rows[0]) < len(candidates_table.c) and "genome" in rows[0]:
-            rows = [{c.name: row.get(c.name) for c in candidates_table.c} for row in rows]
-        return rows
+            return [dict(row) for row in conn.execute(statement).mappings()]
+
+    def _candidate_rows(self, where=None, order_by=(_c.id,), limit=None) -> list[dict]:
+        """Candidate rows with every current column (None where an older database lacks it)."""
+        statement = select(*self._candidate_columns).order_by(*order_by).limit(limit)
+        if where is not None:
+            statement = statement.where(*where)
+        return [{c.name: row.get(c.name) for c in candidates_table.c}
+                for row in self._rows(statement)]
 
     # ------------------------------------------------------------------ run configuration
     def set_config(self, config: dict) -> None:
@@ -190,27 +197,23 @@ class RunDatabase:
 
     # ------------------------------------------------------------------ queries
     def candidates(self) -> list[dict]:
-        return self._rows(select(*self._candidate_columns).order_by(_c.id))
+        return self._candidate_rows()
 
     def finished_in_order(self) -> list[dict]:
         """Finished candidates (trained or reused) in birth order: a search's history."""
-        return self._rows(select(*self._candidate_columns).where(_c.status.in_(FINISHED))
-                          .order_by(_c.id))
+        return self._candidate_rows((_c.status.in_(FINISHED),))
 
     def unfinished(self) -> list[dict]:
         """Candidates an interrupted search still owes: pending, running or cancelled."""
-        return self._rows(select(*self._candidate_columns).where(_c.status.in_(UNFINISHED))
-                          .order_by(_c.id))
+        return self._candidate_rows((_c.status.in_(UNFINISHED),))
 
     def running(self) -> list[dict]:
-        return self._rows(select(*self._candidate_columns).where(_c.status == "running")
-                          .order_by(_c.id))
+        return self._candidate_rows((_c.status == "running",))
 
     def leaderboard(self, top: int | None = None) -> list[dict]:
         """Trained candidates that finished ok, best validation bits per byte first."""
-        return self._rows(select(*self._candidate_columns)
-                          .where(_c.status == "ok", _c.reused_from.is_(None))
-                          .order_by(_c.val_bpb, _c.id).limit(top))
+        return self._candidate_rows((_c.status == "ok", _c.reused_from.is_(None)),
+                                    order_by=(_c.val_bpb, _c.id), limit=top)
 
     def counts(self) -> dict[str, int]:
         rows = self._rows(select(_c.status, func.count().label("n"))

@@ -55,8 +55,10 @@ def load_conversations(path: str | Path) -> list[list[dict]]:
 
 
 def write_conversations(records: Sequence[dict], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def encode_conversation(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
@@ -67,8 +69,9 @@ def encode_conversation(tokenizer, messages: Sequence[dict]) -> tuple[list[int],
         if message["role"] != "assistant":
             continue
         start = len(render(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
-        end = len(render(tokenizer, messages[:i + 1], add_generation_prompt=False))
-        if not text.startswith(render(tokenizer, messages[:i + 1], False)):
+        through_turn = render(tokenizer, messages[:i + 1], add_generation_prompt=False)
+        end = len(through_turn)
+        if not text.startswith(through_turn):
             raise ChatDataError("the chat template does not render a conversation's prefix as "
                                 "a prefix of the whole; assistant tokens cannot be located")
         spans.append((start, end))
