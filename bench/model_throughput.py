@@ -4,9 +4,9 @@ Prints, as ratios measured in the same process with the two models' timings inte
 machine is shared and noisy, so absolute numbers drift but ratios hold):
 
 1. training tokens/s (forward + backward + AdamW step) at sequence lengths 256 and 2048;
-2. the share of a hybrid training step spent in the RG-LRU (its fused gates + scan Function,
-   forward + backward), and the linear scan's cost against one d_model x d_model linear layer
-   (forward + backward) over the same tokens;
+2. the share of a hybrid training step spent in the RG-LRU (forward + backward of the fused
+   kernel, or of the eager Function with ``CHIMERA_FUSED_KERNELS=0``), and the linear scan's
+   cost against one d_model x d_model linear layer (forward + backward) over the same tokens;
 3. decoding tokens/s after a 2048-token prompt (the attention-only model keeps a full KV cache)
    at batch 1 (latency-bound) and batch 16 (throughput).
 
@@ -15,6 +15,7 @@ causal attention (recurrence_ratio=0, window = context length).
 
     python bench/model_throughput.py                 # the figures in BENCHMARKS.md
     python bench/model_throughput.py --quick         # a fast smoke run
+    CHIMERA_FUSED_KERNELS=0 python bench/model_throughput.py   # the eager PyTorch path
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from chimera.config import ChimeraConfig, get_preset
+from chimera.kernels import DISABLE_VARIABLE, fused_ops
 from chimera.model import Chimera
 from chimera.scan import linear_scan
 
@@ -153,10 +155,11 @@ def main() -> None:
 
     config = get_preset(args.preset)
     console = Console()
+    kernels = "on" if fused_ops() is not None else f"off ({DISABLE_VARIABLE} or no compiler)"
     console.print(f"[bold]Chimera '{args.preset}' ({config.summary()}, pattern "
                   f"{config.pattern}) vs attention-only twin[/bold]; torch {torch.__version__}, "
                   f"{torch.get_num_threads()} threads, fp32 CPU, "
-                  f"{args.tokens_per_step} tokens/step")
+                  f"{args.tokens_per_step} tokens/step; fused CPU kernels {kernels}")
 
     table = Table(title="training tokens/s (forward + backward + AdamW)")
     for col in ("seq len", "batch", "hybrid tok/s", "attention-only tok/s", "hybrid / attention",

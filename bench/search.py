@@ -14,7 +14,7 @@ results arrived. Printed per method: the best validation bits per byte (median a
 seeds), and the compute at which the method first reached random search's final best of the
 same seed (median; "never" if it did not). A best-so-far plot goes to bench/figures/.
 
-    python bench/search.py                    # ~35 minutes: 5 methods x 3 seeds x 120 s
+    python bench/search.py                    # ~55 minutes: 5 methods x 3 seeds x 200 s
     python bench/search.py --seconds 40 --seeds 1 --methods random hurdles   # a smoke run
 """
 
@@ -42,6 +42,7 @@ from rich.table import Table  # noqa: E402
 
 from cluster.evolve import EvolveSettings, run_evolve  # noqa: E402
 from results.db import RunDatabase  # noqa: E402
+from search.evolution import EvolutionConfig  # noqa: E402
 from search.hurdles import Hurdles  # noqa: E402
 from search.loop import SearchLimits  # noqa: E402
 from trainers.candidate import BudgetKind, TrainBudget, TrainHparams  # noqa: E402
@@ -86,10 +87,14 @@ def compute_to_reach(points: list[tuple[float, float]], target: float) -> float 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", default=str(DEFAULT_CORPUS))
-    parser.add_argument("--seconds", type=float, default=120, help="wall clock per run")
+    parser.add_argument("--seconds", type=float, default=200, help="wall clock per run")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--full-steps", type=int, default=90, help="a candidate's full budget")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--population", type=int, default=8,
+                        help="evolution's population, TPE's start-up trials, NSGA-II's "
+                             "population: smaller than the number of candidates a run trains")
+    parser.add_argument("--tournament", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     args = parser.parse_args()
     methods = [m for m in METHODS if m in args.methods]
@@ -114,7 +119,9 @@ def main() -> None:
                     warm_start=False,  # the presets would be every method's first picks
                     limits=SearchLimits(wall_seconds=args.seconds), hparams=hparams,
                     candidate_budget=TrainBudget(BudgetKind.STEPS, int(steps)),
-                    workers=args.workers)
+                    workers=args.workers,
+                    evolution=EvolutionConfig(population_size=args.population,
+                                              tournament_size=args.tournament))
                 console.print(f"seed {seed}: {METHODS[method][0]} ...", highlight=False)
                 outcome = run_evolve(settings, Console(quiet=True), live=False)
                 points, best = curve(run_dir / "results.db")
@@ -130,7 +137,8 @@ def main() -> None:
 
 def report(methods, curves, bests, args, console) -> None:
     table = Table(title=f"tinyshakespeare, {args.seconds:.0f} s x {args.workers} workers per "
-                        f"run, {args.seeds} seeds (validation bits per byte; lower is better)")
+                        f"run, {args.seeds} seeds, population {args.population} (validation "
+                        f"bits per byte; lower is better)")
     for column in ("method", "best bpb: median", "range", "worker-s to reach random's best",
                    "vs random"):
         table.add_column(column)

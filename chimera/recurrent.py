@@ -5,7 +5,9 @@
     h = RG-LRU(u)                           gated linear recurrence, fp32 state
     out = W_o (h * y)
 
-The RG-LRU itself lives in ``chimera.rglru``.
+The RG-LRU itself lives in ``chimera.rglru``. On CPU in fp32 the conv, the RG-LRU and the
+output gating each run as one fused C++ kernel (``chimera.kernels``); elsewhere, the eager
+Functions below, which compute the same thing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from chimera.config import ChimeraConfig
+from chimera.kernels import fused_kernels_apply, fused_ops
 from chimera.rglru import RGLRU
 
 
@@ -56,6 +59,48 @@ class _CausalConv(torch.autograd.Function):
         return grad_u, grad_weight, grad.sum(dim=(0, 1))
 
 
+class _FusedCausalConv(torch.autograd.Function):
+    """The same conv through the fused kernel (chimera/csrc/causal_conv.cpp)."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        ctx.save_for_backward(u, weight)
+        return fused_ops().causal_conv_forward(u, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return tuple(fused_ops().causal_conv_backward(grad, *ctx.saved_tensors))
+
+
+def causal_conv(u: Tensor, weight: Tensor, bias: Tensor, fused: bool = True) -> Tensor:
+    """Causal depthwise conv of whole sequences (zero history): (B, T, W) -> (B, T, W)."""
+    if fused and u.is_contiguous() and fused_kernels_apply(u, weight, bias):
+        return _FusedCausalConv.apply(u, weight, bias)
+    return _CausalConv.apply(u, weight, bias)
+
+
+class _GeluGate(torch.autograd.Function):
+    """``h * gelu_tanh(gate)`` through the fused kernel (chimera/csrc/gelu_gate.cpp)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, gate: Tensor) -> Tensor:
+        ctx.save_for_backward(h, gate)
+        return fused_ops().gelu_gate_forward(h, gate)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return tuple(fused_ops().gelu_gate_backward(grad, *ctx.saved_tensors))
+
+
+def gelu_gate(h: Tensor, gate: Tensor, fused: bool = True) -> Tensor:
+    """The recurrent block's output gating ``h * gelu(gate)`` (tanh approximation). A decoding
+    step (one position) stays eager: two small ops dispatch faster than a custom Function."""
+    if (fused and h.dim() == 3 and h.shape[1] > 1 and h.is_contiguous() and gate.is_contiguous()
+            and fused_kernels_apply(h, gate)):
+        return _GeluGate.apply(h, gate)
+    return h * F.gelu(gate, approximate="tanh")
+
+
 class RecurrentBlock(nn.Module):
     def __init__(self, config: ChimeraConfig) -> None:
         super().__init__()
@@ -81,7 +126,7 @@ class RecurrentBlock(nn.Module):
         """Causal depthwise conv; ``history`` holds the previous conv_width-1 inputs when
         decoding. Returns the output and the history to keep (None without a cache)."""
         if history is None:
-            return _CausalConv.apply(u, self.conv_weight, self.conv_bias), None
+            return causal_conv(u, self.conv_weight, self.conv_bias), None
         length = u.shape[1]
         padded = torch.cat([history.to(u.dtype), u], dim=1)  # (B, conv_width - 1 + T, lru)
         out = self.conv_bias.expand_as(u)
@@ -90,11 +135,21 @@ class RecurrentBlock(nn.Module):
             out = torch.addcmul(out, padded[:, start:start + length], self.conv_weight[k])
         return out, padded[:, padded.shape[1] - (self.conv_width - 1):]
 
+    def _input_branches(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(gate branch, rnn branch). Two matmuls on the halves of in_proj's weight rather than
+        chunking one product, whose backward would concatenate the two (B, T, width) gradients
+        into a new tensor; a dynamically quantized in_proj (no weight tensor) is called whole."""
+        weight = self.in_proj.weight
+        if not isinstance(weight, Tensor):
+            return self.in_proj(x).chunk(2, dim=-1)
+        gate_weight, rnn_weight = weight.chunk(2, dim=0)
+        return F.linear(x, gate_weight), F.linear(x, rnn_weight)
+
     def forward(self, x: Tensor, cache: RecurrentCache | None = None
                 ) -> tuple[Tensor, RecurrentCache | None]:
-        gate, u = self.in_proj(x).chunk(2, dim=-1)
+        gate, u = self._input_branches(x)
         u, conv_history = self._conv(u, None if cache is None else cache.conv)
         h, state = self.rg_lru(u, None if cache is None else cache.state)
-        out = self.out_proj(h * F.gelu(gate, approximate="tanh"))
+        out = self.out_proj(gelu_gate(h, gate))
         new_cache = None if cache is None else RecurrentCache(conv_history, state)
         return out, new_cache

@@ -1,0 +1,56 @@
+"""Optional fused CPU kernels, compiled on first use with the machine's C++ compiler.
+
+``torch.utils.cpp_extension.load`` builds ``chimera/csrc/*.cpp`` once per machine into torch's
+extension cache (``~/.cache/torch_extensions``, or ``$TORCH_EXTENSIONS_DIR``); later processes,
+Ray workers included, load the cached library in well under a second, and concurrent first
+builds wait on torch's lock file. Without a compiler (or with ``CHIMERA_FUSED_KERNELS=0``) the
+model runs the eager PyTorch path, which computes the same function; a warning says why once.
+
+The build uses ``-march=native`` (the cache is per machine) and ``-ffast-math`` at compile time
+only, so that gcc vectorises ``exp`` through glibc's vector maths library; it is not passed to
+the linker, which would otherwise switch the whole process to flush-denormals-to-zero.
+``-fopenmp`` makes ``at::parallel_for`` use torch's own OpenMP thread pool (see the source).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCES = Path(__file__).parent / "csrc"
+DISABLE_VARIABLE = "CHIMERA_FUSED_KERNELS"
+
+
+def fused_kernels_enabled() -> bool:
+    return os.environ.get(DISABLE_VARIABLE, "1").strip().lower() not in ("0", "false", "no")
+
+
+def fused_kernels_apply(*tensors: torch.Tensor) -> bool:
+    """The kernels take fp32 CPU tensors; anything else (CUDA, bf16, float64) runs eagerly."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and fused_ops() is not None)
+
+
+@functools.cache
+def fused_ops():
+    """``torch.ops.chimera`` (``rglru_forward``/``_backward``, ``gelu_gate_forward``/
+    ``_backward``), or None where the library cannot be built."""
+    if not fused_kernels_enabled():
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(
+            name="chimera_kernels", sources=sorted(str(p) for p in SOURCES.glob("*.cpp")),
+            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False, verbose=False)
+    except Exception as error:  # no compiler, no ninja, no headers: the eager path still works
+        warnings.warn(f"fused CPU kernels unavailable, using the eager path ({error}); set "
+                      f"{DISABLE_VARIABLE}=0 to skip the build", RuntimeWarning, stacklevel=2)
+        return None
+    return torch.ops.chimera
