@@ -8,8 +8,8 @@
 //   gates  (B, T, n, 2 * blk) with unit stride in the last dim (input gate | a gate per head),
 //          any other strides (the block-diagonal gate matmul hands over a block-major view)
 //   a_logit (W,)   h0 (B, W) or empty
-// Work is split over (batch, head) pairs: each walks its blk channels through time, with the
-// inner loop over channels contiguous so the compiler vectorises it (exp via libmvec).
+// A work item walks one batch element (or a range of its heads) through time; the inner loop
+// over one head's channels is contiguous, so the compiler vectorises it (exp via libmvec).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -45,6 +45,14 @@ Geometry geometry(const at::Tensor& u, const at::Tensor& gates) {
               g.heads * g.blk == g.width && gates.size(3) == 2 * g.blk,
               "rglru: gates shape does not match u");
   return g;
+}
+
+void check_state(const Geometry& g, const at::Tensor& a_logit, const at::Tensor& h0) {
+  TORCH_CHECK(a_logit.scalar_type() == at::kFloat && a_logit.numel() == g.width,
+              "rglru: a_logit must be float32 (W,)");
+  TORCH_CHECK(h0.numel() == 0 || (h0.scalar_type() == at::kFloat && h0.dim() == 2 &&
+                                  h0.size(0) == g.batch && h0.size(1) == g.width),
+              "rglru: h0 must be empty or float32 (B, W)");
 }
 
 // One time step of one head's channels. Separate functions with restrict pointers so that gcc
@@ -121,6 +129,7 @@ void parallel_items(const Geometry& g, const Fn& fn) {
 at::Tensor rglru_forward(const at::Tensor& u, const at::Tensor& gates, const at::Tensor& a_logit,
                          const at::Tensor& h0) {
   const Geometry g = geometry(u, gates);
+  check_state(g, a_logit, h0);
   const std::vector<float> scale = log_a_scale(a_logit);
   const bool has_h0 = h0.numel() > 0;
   at::Tensor h0c = has_h0 ? h0.contiguous() : h0;
@@ -152,6 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rglru_backward(
     const at::Tensor& grad_h_in, const at::Tensor& u, const at::Tensor& gates,
     const at::Tensor& a_logit, const at::Tensor& h0, const at::Tensor& h) {
   const Geometry g = geometry(u, gates);
+  check_state(g, a_logit, h0);
   const std::vector<float> scale = log_a_scale(a_logit);
   const bool has_h0 = h0.numel() > 0;
   at::Tensor h0c = has_h0 ? h0.contiguous() : h0;
