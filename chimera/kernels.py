@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -35,6 +36,17 @@ def fused_kernels_apply(*tensors: torch.Tensor) -> bool:
             and fused_ops() is not None)
 
 
+def _put_ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; the pip package's binary sits in the environment's bin,
+    which is not on PATH when the environment is used without being activated."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 @functools.cache
 def fused_ops():
     """``torch.ops.chimera`` (``rglru_forward``/``_backward``, ``gelu_gate_forward``/
@@ -44,6 +56,7 @@ def fused_ops():
     try:
         from torch.utils import cpp_extension
 
+        _put_ninja_on_path()
         cpp_extension.load(
             name="chimera_kernels", sources=sorted(str(p) for p in SOURCES.glob("*.cpp")),
             extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
