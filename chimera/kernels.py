@@ -49,8 +49,8 @@ def _put_ninja_on_path() -> None:
 
 @functools.cache
 def fused_ops():
-    """``torch.ops.chimera`` (``rglru_forward``/``_backward``, ``gelu_gate_forward``/
-    ``_backward``), or None where the library cannot be built."""
+    """``torch.ops.chimera`` (``rglru_``, ``causal_conv_`` and ``gelu_gate_`` ``forward`` /
+    ``backward``), or None where the library cannot be built."""
     if not fused_kernels_enabled():
         return None
     try:

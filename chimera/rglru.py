@@ -153,7 +153,7 @@ def rg_lru(u: Tensor, gates: Tensor, a_logit: Tensor, h0: Tensor | None = None,
     if u.shape[1] == 1:  # one decoding step: the plain formula, no scan machinery
         return rg_lru_reference(u, gates, a_logit, h0)
     if (fused and u.is_contiguous() and gates.stride(-1) == 1
-            and fused_kernels_apply(u, gates, a_logit, *(() if h0 is None else (h0,)))):
+            and fused_kernels_apply(*(t for t in (u, gates, a_logit, h0) if t is not None))):
         return _FusedRGLRU.apply(u, gates, a_logit, h0)
     return _RGLRU.apply(u, gates, a_logit, h0)
 

@@ -3,7 +3,7 @@
 // whole backward in one reverse pass. The eager version in chimera/rglru.py makes about 25
 // passes over (B, T, width) fp32 tensors; on CPU those passes, not the arithmetic, are the cost.
 //
-// Layouts (fp32, checked by the Python wrapper):
+// Layouts (fp32; checked below, and the Python wrapper sends only these):
 //   u      (B, T, W) contiguous
 //   gates  (B, T, n, 2 * blk) with unit stride in the last dim (input gate | a gate per head),
 //          any other strides (the block-diagonal gate matmul hands over a block-major view)
