@@ -60,15 +60,19 @@ HURDLES = Hurdles(rungs=3, factor=3.0, keep_fraction=1 / 3, min_results=3)
 
 
 def curve(db_path: Path) -> tuple[list[tuple[float, float]], float]:
-    """Best-so-far (worker-seconds, bpb) after each result, and the final best."""
+    """Best-so-far (worker-seconds, bpb) after each result, and the final best. Only results
+    of the full budget count towards the best (a rung-0 number is not comparable); every
+    rung's training time counts towards the compute."""
     db = RunDatabase(db_path, readonly=True)
     try:
         trained = [r for r in db.candidates() if r["reused_from"] is None and r["finished_at"]]
         rungs = db.rungs()
     finally:
         db.close()
-    if rungs:  # hurdles: every rung is a result and costs its own training time
-        events = [(r["finished_at"], r["wall_seconds"] or 0.0, r["val_bpb"]) for r in rungs]
+    if rungs:  # hurdles: every rung costs its own training time
+        last = HURDLES.rungs - 1
+        events = [(r["finished_at"], r["wall_seconds"] or 0.0,
+                   r["val_bpb"] if r["rung"] == last else None) for r in rungs]
     else:
         events = [(r["finished_at"], r["wall_seconds"] or 0.0, r["val_bpb"]) for r in trained]
     spent, best, points = 0.0, float("inf"), []
@@ -96,10 +100,13 @@ def main() -> None:
                              "population: smaller than the number of candidates a run trains")
     parser.add_argument("--tournament", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--keep", metavar="DIR",
+                        help="keep every run (results.db, run.json) under DIR for inspection")
     args = parser.parse_args()
     methods = [m for m in METHODS if m in args.methods]
     console = Console()
-    work = Path(tempfile.mkdtemp(prefix="chimera-bench-search-"))
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="chimera-bench-search-"))
+    work.mkdir(parents=True, exist_ok=True)
     hparams = TrainHparams(batch_size=8, seq_len=128)
     corpus = CorpusSpec(args.corpus, separator=Separator.BLANK_LINE)
     curves: dict[str, list[list[tuple[float, float]]]] = {m: [] for m in methods}
@@ -131,7 +138,8 @@ def main() -> None:
                               f"{points[-1][0] if points else 0:.0f} worker-s", highlight=False)
     finally:
         ray.shutdown()
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
     report(methods, curves, bests, args, console)
 
 

@@ -188,7 +188,9 @@ def build_strategy(settings: EvolveSettings, vocab_size: int, db: RunDatabase):
         if settings.warm_start else []
     strategy = make_strategy(settings.strategy, space, settings, seeds)
     for row in history:
-        strategy.tell(row["id"], _proposal_of(row), objectives.of(json.loads(row["result"])))
+        result = json.loads(row["result"])
+        strategy.tell(row["id"], _proposal_of(row), objectives.of(result),
+                      rung=result.get("rung", 0))
     if history:  # a resumed search draws fresh randomness, deterministically
         strategy.rng = random.Random(f"{settings.seed}:{len(history)}")
     relaunch = [(row["id"], _proposal_of(row)) for row in db.unfinished()]
@@ -269,6 +271,15 @@ class EventLog:
                   + (f" {bpb:.4f} bpb" if bpb is not None else ""))
 
 
+def _rung_history(db: RunDatabase) -> list[tuple[int, float]]:
+    """The hurdle results of finished candidates (a resumed run's bars start from them; the
+    rungs of candidates still owed are trained again)."""
+    finished = {row["id"] for row in db.finished_in_order()}
+    return [(row["rung"], row["val_bpb"]) for row in db.rungs()
+            if row["candidate_id"] in finished and row["status"] == "ok"
+            and row["val_bpb"] is not None]
+
+
 def _rung_steps(settings: EvolveSettings) -> tuple[int, ...]:
     """Total steps at the end of each hurdle rung; () without hurdles."""
     if settings.hurdles is None:
@@ -311,7 +322,7 @@ def run_evolve(settings: EvolveSettings, console: Console | None = None,
         if live else None
     recorder = db if live else EventLog(db, console)
     loop = SearchLoop(strategy, evaluator, recorder, settings.limits, hurdles=settings.hurdles,
-                      objectives=Objectives(settings.objectives),
+                      objectives=Objectives(settings.objectives), rung_history=_rung_history(db),
                       on_tick=(lambda: display.update(view())) if display else None)
     try:
         if display:

@@ -45,7 +45,7 @@ class RandomSearch:
         self.seen.add(genome.key)
         return Proposal(genome, operator="random")
 
-    def tell(self, candidate_id: int, proposal: Proposal, fitness: float) -> None:
+    def tell(self, candidate_id: int, proposal: Proposal, fitness: float, rung: int = 0) -> None:
         self.seen.add(proposal.genome.key)
 
 
@@ -93,8 +93,9 @@ class OptunaSearch:
         return proposal
 
     def tell(self, candidate_id: int, proposal: Proposal,
-             fitness: float | tuple[float, ...]) -> None:
-        """``fitness``: one value, or one per objective (all minimised)."""
+             fitness: float | tuple[float, ...], rung: int = 0) -> None:
+        """``fitness``: one value, or one per objective (all minimised). ``rung`` (how far a
+        hurdled candidate got) is not passed on: Optuna's samplers model one budget."""
         self.seen.add(proposal.genome.key)
         values = list(fitness) if isinstance(fitness, tuple) else [fitness]
         finite = all(math.isfinite(v) for v in values)

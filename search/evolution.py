@@ -7,6 +7,15 @@ oldest member leaves, however fit it is: that ageing regularises the search. The
 generation barrier: ``ask`` can be called whenever a worker is free, before earlier children
 have been told.
 
+With progressive hurdles a result also says how far its candidate got (the budget ``rung`` it
+ended at), and bits per byte after 10 steps are not comparable with bits per byte after 90.
+So a candidate that went further ranks above one stopped at an earlier hurdle, whatever the
+numbers, and when the population is over its size the oldest member *of the lowest rung
+present* leaves: a candidate stopped at a hurdle never displaces one that cleared it. Without
+hurdles every result is rung 0 and this is plain aging. (With the cheap first rung, two thirds
+of the results are early stops; under plain aging they would flush the few fully trained
+candidates out of the population within a handful of results.)
+
 Before the population is full, the first children are the warm-start seeds, then random samples.
 """
 
@@ -37,6 +46,7 @@ class Member:
     # infinite for failed candidates.
     fitness: float | tuple[float, ...]
     generation: int
+    rung: int = 0  # with hurdles: the budget rung the candidate ended at
 
 
 @dataclass(frozen=True)
@@ -55,8 +65,16 @@ class EvolutionConfig:
 
 
 def rank(members: list[Member]) -> list[Member]:
-    """Best first: by fitness, or with several objectives by Pareto front, then by crowding
-    distance (the more isolated first) within a front, as NSGA-II's tournaments do."""
+    """Best first: the furthest hurdle rung first; within a rung by fitness, or with several
+    objectives by Pareto front, then by crowding distance (the more isolated first) within a
+    front, as NSGA-II's tournaments do."""
+    ranked: list[Member] = []
+    for rung in sorted({m.rung for m in members}, reverse=True):
+        ranked += _rank_comparable([m for m in members if m.rung == rung])
+    return ranked
+
+
+def _rank_comparable(members: list[Member]) -> list[Member]:
     if not members or not isinstance(members[0].fitness, tuple) or len(members[0].fitness) == 1:
         return sorted(members, key=lambda m: (_first(m.fitness), m.candidate_id))
     points = [m.fitness for m in members]
@@ -107,10 +125,12 @@ class AgingEvolution:
         child = mutate(parent.genome, self.space, self.rng)
         return Proposal(child, (parent.candidate_id,), "mutation", parent.generation + 1)
 
-    def tell(self, candidate_id: int, proposal: Proposal, fitness: float) -> None:
-        """A result arrived: the child joins, the oldest member leaves."""
+    def tell(self, candidate_id: int, proposal: Proposal, fitness: float | tuple[float, ...],
+             rung: int = 0) -> None:
+        """A result arrived: the child joins, the oldest member of the lowest rung leaves."""
         self.seen.add(proposal.genome.key)
         self.population.append(Member(candidate_id, proposal.genome, fitness,
-                                      proposal.generation))
+                                      proposal.generation, rung))
         while len(self.population) > self.config.population_size:
-            self.population.popleft()
+            lowest = min(m.rung for m in self.population)
+            self.population.remove(next(m for m in self.population if m.rung == lowest))

@@ -35,6 +35,10 @@ class Hurdles:
         """Total steps reached at the end of each rung."""
         return tuple(max(1, round(base_steps * self.factor ** r)) for r in range(self.rungs))
 
+    def relative_cost(self, rung: int) -> float:
+        """The steps rung ``rung`` adds, as a multiple of the first rung's (factor 3: 1, 2, 6)."""
+        return self.factor ** rung - (self.factor ** (rung - 1) if rung else 0.0)
+
     def clears(self, rung_values: list[float], value: float) -> bool:
         """Does ``value`` (lower is better) clear a rung whose results so far, ``value``
         included, are ``rung_values``?"""

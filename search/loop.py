@@ -110,27 +110,40 @@ class SearchLoop:
     def __init__(self, strategy, evaluator: Evaluator, recorder: Recorder, limits: SearchLimits,
                  clock: Callable[[], float] = time.monotonic,
                  on_tick: Callable[[], None] | None = None, poll_seconds: float = 0.5,
-                 hurdles: Hurdles | None = None, objectives: Objectives | None = None) -> None:
+                 hurdles: Hurdles | None = None, objectives: Objectives | None = None,
+                 rung_history: list[tuple[int, float]] = ()) -> None:
         """``hurdles``: train every candidate in budget rungs, continuing only those that clear
-        each rung's hurdle (the evaluator must support ``rung``). ``objectives``: what the
-        strategy is told (default: bits per byte alone)."""
+        each rung's hurdle (the evaluator must support ``rung``); ``rung_history``: the (rung,
+        bits per byte) results of an earlier session, which keep setting the bars on resume.
+        ``objectives``: what the strategy is told (default: bits per byte alone)."""
         self.strategy, self.evaluator, self.recorder = strategy, evaluator, recorder
         self.objectives = objectives
         self.hurdles = hurdles
         self.rung_values: list[list[float]] = [[] for _ in range(hurdles.rungs if hurdles
                                                                  else 1)]
+        for rung, value in rung_history:
+            if rung < len(self.rung_values) and math.isfinite(value):
+                self.rung_values[rung].append(value)
         self.cleared: dict[int, dict] = {}  # promoted and continuing: the rung result so far
         self.limits, self.clock, self.on_tick, self.poll = limits, clock, on_tick, poll_seconds
         self.report = SearchReport()
         self.proposals: dict[int, Proposal] = {}
-        self.durations: list[float] = []
+        self.durations: dict[int, list[float]] = {}  # rung -> seconds each finished one took
         self.start = self.deadline = 0.0
 
     # ------------------------------------------------------------------ limits
-    def _time_reason(self) -> str | None:
+    def _expected_seconds(self, rung: int) -> float:
+        """How long training ``rung`` will take: the median of that rung so far, else the first
+        rung's median scaled by the steps the rung adds (a rung-2 continuation is 6x rung 0)."""
+        if self.durations.get(rung):
+            return statistics.median(self.durations[rung])
+        if rung and self.durations.get(0):
+            return statistics.median(self.durations[0]) * self.hurdles.relative_cost(rung)
+        return 0.0
+
+    def _time_reason(self, rung: int = 0) -> str | None:
         if self.limits.wall_seconds is not None:
-            expected = statistics.median(self.durations) if self.durations else 0.0
-            if self.clock() + expected > self.deadline:
+            if self.clock() + self._expected_seconds(rung) > self.deadline:
                 return "the time budget would be overrun by another candidate"
         return None
 
@@ -194,7 +207,8 @@ class SearchLoop:
         if known is not None:  # never train a genome twice
             source_id, result = known
             candidate_id = self.recorder.record_reused(record, source_id, result)
-            self.strategy.tell(candidate_id, proposal, self._fitness(result))
+            self.strategy.tell(candidate_id, proposal, self._fitness(result),
+                               rung=result.get("rung", 0))
             self.report.reused += 1
             return
         candidate_id = self.recorder.record_proposal(record)
@@ -214,15 +228,15 @@ class SearchLoop:
         self.report.launched += 1
 
     def _finish(self, candidate_id: int, result: dict) -> None:
-        self.durations.append(result.get("wall_seconds", 0.0))
+        rung = result.get("rung", 0)
+        self.durations.setdefault(rung, []).append(result.get("wall_seconds", 0.0))
         if self.hurdles is not None:
-            rung = result.get("rung", 0)
             self.recorder.record_rung(candidate_id, rung, result)
             fitness = fitness_of(result)
             if math.isfinite(fitness):
                 self.rung_values[rung].append(fitness)
                 # A continuation that cannot finish in time is not started.
-                if rung + 1 < self.hurdles.rungs and self._time_reason() is None and \
+                if rung + 1 < self.hurdles.rungs and self._time_reason(rung + 1) is None and \
                         self.hurdles.clears(self.rung_values[rung], fitness):
                     self.evaluator.submit(candidate_id, self.proposals[candidate_id].genome,
                                           rung + 1)
@@ -236,7 +250,8 @@ class SearchLoop:
     def _final(self, candidate_id: int, result: dict) -> None:
         proposal = self.proposals.pop(candidate_id)
         self.recorder.record_result(candidate_id, result)
-        self.strategy.tell(candidate_id, proposal, self._fitness(result))
+        self.strategy.tell(candidate_id, proposal, self._fitness(result),
+                           rung=result.get("rung", 0))
         self.report.completed += 1
         self._count(result.get("status", "failed"))
 

@@ -196,6 +196,20 @@ def test_hurdles_continue_promoted_candidates_from_their_checkpoints(tmp_path, c
     assert final["val_loss"] == pytest.approx(straight.val_loss, rel=1e-6)
     assert not (run / "checkpoints").exists()  # nothing left behind
 
+    # A resume rebuilds what the hurdles and the population knew: every rung's results set the
+    # bars again, and each member keeps the rung it reached.
+    from cluster.evolve import _rung_history, build_strategy
+    from results.db import RunDatabase
+
+    db = RunDatabase(run / "results.db", readonly=True)
+    try:
+        assert sorted(_rung_history(db)) == sorted((r["rung"], r["val_bpb"]) for r in rungs)
+        strategy, _, _ = build_strategy(settings, store.vocab_size, db)
+    finally:
+        db.close()
+    assert {m.candidate_id: m.rung for m in strategy.population} == {
+        i: json.loads(r["result"])["rung"] for i, r in rows.items()}
+
 
 def test_pareto_search_with_a_parameter_budget(tmp_path, capsys):
     run = tmp_path / "pareto"

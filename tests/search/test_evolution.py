@@ -7,7 +7,7 @@ import random
 import pytest
 
 from results.db import RunDatabase
-from search.evolution import AgingEvolution, EvolutionConfig
+from search.evolution import AgingEvolution, EvolutionConfig, Member, rank
 from search.genome import CPU, SearchSpace
 from search.loop import InProcessEvaluator, SearchLimits, SearchLoop
 
@@ -171,3 +171,27 @@ def test_same_seed_same_search_with_one_worker(tmp_path):
 def test_limits_need_at_least_one_bound():
     with pytest.raises(ValueError, match="needs a limit"):
         SearchLimits()
+
+
+def test_with_hurdles_a_candidate_stopped_early_never_displaces_one_that_went_further():
+    strategy = AgingEvolution(CPU, EvolutionConfig(population_size=3, tournament_size=3), 0)
+    # (fitness, rung): the full-budget result (rung 2) came first and is the oldest.
+    for candidate_id, (fitness, rung) in enumerate([(2.6, 2), (3.9, 0), (3.1, 1), (3.8, 0),
+                                                   (4.0, 0)]):
+        strategy.tell(candidate_id, strategy.ask(), fitness, rung=rung)
+    # Over size twice: each time the oldest of the lowest rung present (0) left.
+    assert [m.candidate_id for m in strategy.population] == [0, 2, 4]
+    # Ranked by how far a candidate got first: a rung-0 number is not comparable with the rest.
+    ranked = rank(list(strategy.population))
+    assert [m.candidate_id for m in ranked] == [0, 2, 4]
+    strategy.tell(5, strategy.ask(), 3.5, rung=1)
+    strategy.tell(6, strategy.ask(), 2.7, rung=2)
+    # The last rung-0 member left first, then the oldest of rung 1.
+    assert [m.candidate_id for m in strategy.population] == [0, 5, 6]
+
+
+def test_rank_puts_further_rungs_first_even_against_better_numbers():
+    members = [Member(0, CPU.sample(random.Random(0)), 1.0, 0, rung=0),
+               Member(1, CPU.sample(random.Random(1)), 3.0, 0, rung=1),
+               Member(2, CPU.sample(random.Random(2)), 2.0, 0, rung=1)]
+    assert [m.candidate_id for m in rank(members)] == [2, 1, 0]

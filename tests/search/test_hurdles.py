@@ -15,6 +15,8 @@ from search.loop import InProcessEvaluator, SearchLimits, SearchLoop
 def test_rung_budgets_grow_by_the_factor():
     assert Hurdles(rungs=3, factor=3).steps(10) == (10, 30, 90)
     assert Hurdles(rungs=2, factor=2.5).steps(4) == (4, 10)
+    # What each rung adds, in first rungs: 10 steps, then 20 more, then 60 more.
+    assert [Hurdles(rungs=3, factor=3).relative_cost(r) for r in range(3)] == [1, 2, 6]
     with pytest.raises(ValueError, match="factor"):
         Hurdles(factor=1.0)
 
@@ -79,21 +81,26 @@ class _Clock:
 def _timed_loop(tmp_path, wall, on_tick=None):
     clock = _Clock()
 
+    hurdles = Hurdles(rungs=3)
+
     def train(genome, candidate_id, rung):
-        clock.now += 10.0  # every rung takes 10 seconds
+        seconds = 10.0 * hurdles.relative_cost(rung)  # 10, 20 and 60 seconds
+        clock.now += seconds
         return {"status": "ok", "val_bpb": _score(genome, rung), "rung": rung,
-                "wall_seconds": 10.0}
+                "wall_seconds": seconds}
 
     db = RunDatabase(tmp_path / "r.db")
     strategy = AgingEvolution(CPU, EvolutionConfig(population_size=4, tournament_size=2), 0)
     loop = SearchLoop(strategy, InProcessEvaluator(train), db, SearchLimits(wall_seconds=wall),
-                      clock=clock, hurdles=Hurdles(rungs=3), on_tick=on_tick and
+                      clock=clock, hurdles=hurdles, on_tick=on_tick and
                       (lambda: on_tick(clock)))
     return loop, db
 
 
 def test_no_continuation_starts_that_would_overrun_the_budget(tmp_path):
-    loop, db = _timed_loop(tmp_path, wall=25)  # rung 0 ends at 10 s, rung 1 at 20 s
+    # Rung 0 ends at 10 s and rung 1 at 30 s; rung 2 would take 60 more (the loop expects
+    # rung 0's time scaled by the steps it adds), and no new candidate fits in the last 5 s.
+    loop, db = _timed_loop(tmp_path, wall=35)
     loop.run()
     (row,) = db.candidates()
     assert row["status"] == "ok" and json.loads(row["result"])["rung"] == 1
@@ -113,3 +120,19 @@ def test_a_continuation_cut_by_the_deadline_keeps_its_last_rung_result(tmp_path)
     (row,) = db.candidates()
     assert report.promoted == 1 and report.cancelled == 0
     assert row["status"] == "ok" and json.loads(row["result"])["rung"] == 0  # not cancelled
+
+
+def test_a_resumed_search_keeps_the_bars_of_the_earlier_session(tmp_path):
+    calls = []
+
+    def train(genome, candidate_id, rung):
+        calls.append(rung)
+        return {"status": "ok", "val_bpb": 5.0 - rung, "rung": rung, "wall_seconds": 1.0}
+
+    strategy = AgingEvolution(CPU, EvolutionConfig(population_size=4, tournament_size=2), 0)
+    earlier = [(0, 3.0), (0, 3.5), (0, 4.0), (1, 2.0)]  # rung 0's bar is 3.0
+    loop = SearchLoop(strategy, InProcessEvaluator(train), RunDatabase(tmp_path / "r.db"),
+                      SearchLimits(max_candidates=1), hurdles=Hurdles(rungs=3),
+                      rung_history=earlier)
+    loop.run()
+    assert calls == [0]  # 5.0 would set the bar in a fresh search; here it does not clear
