@@ -27,7 +27,8 @@ def format_params(n: int | None) -> str:
 def leaderboard_table(rows: list[dict], title: str = "leaderboard") -> Table:
     table = Table(title=title, title_justify="left", expand=False)
     for column, justify in (("rank", "right"), ("id", "right"), ("genome", "left"),
-                            ("params", "right"), ("val bpb", "right"), ("tok/s", "right"),
+                            ("params", "right"), ("tokens", "right"), ("val bpb", "right"),
+                            ("tok/s", "right"),
                             ("status", "left"), ("origin", "left")):
         table.add_column(column, justify=justify)
     for rank, row in enumerate(rows, start=1):
@@ -35,7 +36,9 @@ def leaderboard_table(rows: list[dict], title: str = "leaderboard") -> Table:
                                     if _parents(row) else "")
         bpb = row.get("val_bpb")
         table.add_row(str(rank), str(row["id"]), row["summary"], format_params(row.get("params")),
-                      "-" if bpb is None else f"{bpb:.4f}",
+                      # Tokens trained: with hurdles, a candidate stopped at an early rung shows
+                      # fewer (and its bits per byte are not comparable with a full one's).
+                      format_params(row.get("tokens")), "-" if bpb is None else f"{bpb:.4f}",
                       "-" if row.get("tokens_per_second") is None
                       else f"{row['tokens_per_second']:,.0f}",
                       Text(row["status"], style=STATUS_STYLE.get(row["status"], "")), origin)

@@ -2,8 +2,8 @@
 
 A ``Genome`` holds the architecture genes; a ``SearchSpace`` says which values each gene may
 take. ``SearchSpace.repair`` maps any genome onto the nearest valid one (divisibility, ranges, a
-parameter budget): constraints are repaired, never violated. Every genome has a canonical hash,
-the identity used to never train the same architecture twice.
+parameter budget): constraints are repaired, never violated. Every genome has a canonical hash
+of the genes its model expresses, the identity used to never train the same model twice.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ GENES = ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_multiplier", "recu
 # the key (and the summary) it had before they existed, so older runs resume and dedupe.
 VARIANT_DEFAULTS = {"mlp_type": "swiglu", "qk_norm": False, "parallel_block": False,
                     "tie_embeddings": True, "rope_theta": 10_000.0}
+# Genes only attention blocks read. (n_heads stays: the RG-LRU's gates are block-diagonal per
+# head.)
+ATTENTION_ONLY_GENES = ("n_kv_heads", "window_size", "qk_norm", "rope_theta")
 
 
 @dataclass(frozen=True)
@@ -55,10 +58,23 @@ class Genome:
     def from_config(cls, config: ChimeraConfig) -> Genome:
         return cls(**{gene: getattr(config, gene) for gene in GENES})
 
+    def expressed(self) -> dict:
+        """The genes as the model sees them. With ``recurrence_ratio >= n_layers`` every block
+        is recurrent: every such ratio builds the same model, and the attention genes build
+        nothing. (Searches drift there: the small models that learn fastest are often all
+        recurrent, and a third of one run's full-budget candidates were such twins.)"""
+        genes = self.to_dict()
+        if self.recurrence_ratio >= self.n_layers:
+            genes["recurrence_ratio"] = self.n_layers
+            for gene in ATTENTION_ONLY_GENES:
+                del genes[gene]
+        return genes
+
     @property
     def key(self) -> str:
-        """Canonical hash: equal genomes, equal keys, across processes and runs."""
-        genes = {gene: value for gene, value in self.to_dict().items()
+        """Canonical hash of the expressed genes: genomes that build the same model have equal
+        keys, across processes and runs."""
+        genes = {gene: value for gene, value in self.expressed().items()
                  if VARIANT_DEFAULTS.get(gene, object()) != value}
         canonical = json.dumps(genes, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -13,7 +13,9 @@ STEP_PROBABILITY = 0.7  # a mutated gene moves to a neighbouring value; otherwis
 
 def mutate(genome: Genome, space: SearchSpace, rng: random.Random, n_genes: int = 1) -> Genome:
     """Change ``n_genes`` genes: each a small step (neighbouring value) or a resample. The
-    result always differs from the parent when the space allows it."""
+    result always builds a different model from the parent's when the space allows it (a
+    change to a gene the parent does not express, like the window of an all-recurrent model,
+    is tried again)."""
     for _ in range(10):
         genes = genome.to_dict()
         for gene in rng.sample(GENES, n_genes):
@@ -25,7 +27,7 @@ def mutate(genome: Genome, space: SearchSpace, rng: random.Random, n_genes: int 
             else:
                 genes[gene] = rng.choice(values)
         child = space.repair(Genome(**genes))
-        if child != genome:
+        if child.key != genome.key:
             return child
     return child
 

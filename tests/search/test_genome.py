@@ -1,5 +1,6 @@
 """Genomes, spaces and operators: always valid, deterministic per seed."""
 
+import dataclasses
 import random
 
 import pytest
@@ -83,3 +84,28 @@ def test_published_space_has_the_published_ranges():
     assert max(PUBLISHED.dropout) == 0.15
     with pytest.raises(ValueError, match="unknown search space"):
         get_space("huge")
+
+
+def test_genomes_that_build_the_same_model_share_a_key():
+    import torch
+
+    from chimera.model import Chimera
+
+    all_recurrent = Genome(d_model=64, n_layers=2, n_heads=2, n_kv_heads=1, ffn_multiplier=2.0,
+                           recurrence_ratio=2, window_size=32, dropout=0.0)
+    twin = dataclasses.replace(all_recurrent, recurrence_ratio=4, n_kv_heads=2, window_size=128,
+                               qk_norm=True, rope_theta=100_000.0)
+    assert twin.key == all_recurrent.key
+    torch.manual_seed(0)
+    a = Chimera(all_recurrent.to_config(vocab_size=64, max_seq_len=16))
+    torch.manual_seed(0)
+    b = Chimera(twin.to_config(vocab_size=64, max_seq_len=16))
+    tokens = torch.randint(0, 64, (2, 16))
+    assert torch.equal(a(tokens)[0], b(tokens)[0])  # the same model, so one key
+    # With an attention block the same genes do matter, and so do the keys.
+    hybrid = dataclasses.replace(all_recurrent, recurrence_ratio=1)
+    assert dataclasses.replace(hybrid, window_size=128).key != hybrid.key
+    assert dataclasses.replace(all_recurrent, n_heads=4).key != all_recurrent.key  # RG-LRU heads
+    # A mutation always changes the model, not only a gene it does not express.
+    rng = random.Random(0)
+    assert all(mutate(all_recurrent, CPU, rng).key != all_recurrent.key for _ in range(50))
