@@ -42,6 +42,7 @@ from rich.table import Table  # noqa: E402
 
 from cluster.evolve import EvolveSettings, run_evolve  # noqa: E402
 from results.db import RunDatabase  # noqa: E402
+from results.plots import compute_and_scores  # noqa: E402
 from search.evolution import EvolutionConfig  # noqa: E402
 from search.hurdles import Hurdles  # noqa: E402
 from search.loop import SearchLimits  # noqa: E402
@@ -60,26 +61,16 @@ HURDLES = Hurdles(rungs=3, factor=3.0, keep_fraction=1 / 3, min_results=3)
 
 
 def curve(db_path: Path) -> tuple[list[tuple[float, float]], float]:
-    """Best-so-far (worker-seconds, bpb) after each result, and the final best. Only results
-    of the full budget count towards the best (a rung-0 number is not comparable); every
-    rung's training time counts towards the compute."""
+    """Best-so-far (worker-seconds, bpb) after each result, and the final best. With hurdles
+    every rung's training counts as compute, and only full-budget results count as bests."""
     db = RunDatabase(db_path, readonly=True)
     try:
-        trained = [r for r in db.candidates() if r["reused_from"] is None and r["finished_at"]]
-        rungs = db.rungs()
+        scored = compute_and_scores(db.candidates(), db.rungs())
     finally:
         db.close()
-    if rungs:  # hurdles: every rung costs its own training time
-        last = HURDLES.rungs - 1
-        events = [(r["finished_at"], r["wall_seconds"] or 0.0,
-                   r["val_bpb"] if r["rung"] == last else None) for r in rungs]
-    else:
-        events = [(r["finished_at"], r["wall_seconds"] or 0.0, r["val_bpb"]) for r in trained]
-    spent, best, points = 0.0, float("inf"), []
-    for _, seconds, bpb in sorted(events):
-        spent += seconds
-        if bpb is not None:
-            best = min(best, bpb)
+    best, points = float("inf"), []
+    for spent, bpb in scored:
+        best = min(best, bpb if bpb is not None else best)
         points.append((spent, best))
     return points, best
 

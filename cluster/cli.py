@@ -328,23 +328,23 @@ def cmd_plot(args: argparse.Namespace, console: Console) -> int:
     import matplotlib.pyplot as plt
 
     from chimera.checkpoint import atomic_write
-    from results.plots import best_so_far_figure, lineage_figure, pareto_figure, trained_ok
+    from results.plots import best_so_far_figure, fully_trained, lineage_figure, pareto_figure
     from search.pareto import pareto_front
 
     db = _open_run(args.run)
     try:
-        rows, leaders = db.candidates(), db.leaderboard(1)
+        rows, leaders, rungs = db.candidates(), db.leaderboard(1), db.rungs()
     finally:
         db.close()
     if not leaders:
         raise CommandError(f"{args.run}: no candidate has finished ok yet; nothing to plot")
-    ok = trained_ok(rows)
+    ok = fully_trained(rows, rungs)
     front = {ok[i]["id"] for i in pareto_front([(r["val_bpb"], r["params"]) for r in ok])}
     out = Path(args.out or (Path(args.run) / "plots" if Path(args.run).is_dir() else "plots"))
     out.mkdir(parents=True, exist_ok=True)
     name = Path(args.run).parent.name if args.run.endswith(".db") else Path(args.run).name
-    figures = {"best_so_far.png": best_so_far_figure(rows, f"best so far: {name}"),
-               "pareto.png": pareto_figure(rows, front, f"bpb against parameters: {name}"),
+    figures = {"best_so_far.png": best_so_far_figure(rows, f"best so far: {name}", rungs),
+               "pareto.png": pareto_figure(ok, front, f"bpb against parameters: {name}"),
                "lineage.png": lineage_figure(rows, leaders[0]["id"])}
     for name, figure in figures.items():
         atomic_write(out / name, lambda tmp, f=figure: f.savefig(tmp, format="png", dpi=120))

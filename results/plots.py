@@ -1,14 +1,15 @@
 """A run's story in three figures (matplotlib, no display needed):
 
 - best-so-far validation bits per byte against compute (worker-hours spent training, in the
-  order candidates finished), every candidate as a dot;
+  order candidates finished), every candidate as a dot; with hurdles every rung's training
+  counts as compute, and only fully trained candidates count towards the best;
 - bits per byte against parameters, the Pareto front (fewer parameters, lower bpb) drawn as
   a staircase;
 - the winner's lineage: its ancestors by generation and score, edges from parent to child,
   labelled with the operator that made each one.
 
-Each function takes rows of the run database's ``candidates`` table and returns a Figure; the
-caller decides where (and how atomically) to save it.
+Each function takes rows of the run database's ``candidates`` table (and ``rungs``, with
+hurdles) and returns a Figure; the caller decides where (and how atomically) to save it.
 """
 
 from __future__ import annotations
@@ -29,17 +30,45 @@ def trained_ok(rows: list[dict]) -> list[dict]:
             and r.get("val_bpb") is not None]
 
 
-def best_so_far_figure(rows: list[dict], title: str = "") -> Figure:
-    trained = sorted((r for r in rows if r.get("reused_from") is None and r.get("finished_at")),
-                     key=lambda r: r["finished_at"])
-    hours, spent, points, best, best_line = [], 0.0, [], float("inf"), []
-    for row in trained:
-        spent += (row.get("wall_seconds") or 0.0) / 3600
-        if row["status"] == "ok" and row.get("val_bpb") is not None:
-            points.append((spent, row["val_bpb"]))
-            best = min(best, row["val_bpb"])
+def fully_trained(rows: list[dict], rungs: list[dict] = ()) -> list[dict]:
+    """``trained_ok``, less (with hurdles) the candidates stopped before the last rung: their
+    bits per byte after a fraction of the budget are not comparable with the rest."""
+    ok = trained_ok(rows)
+    if not rungs:
+        return ok
+    last = max(r["rung"] for r in rungs)
+    reached = {r["candidate_id"] for r in rungs if r["rung"] == last}
+    return [r for r in ok if r["id"] in reached]
+
+
+def compute_and_scores(rows: list[dict], rungs: list[dict] = ()
+                       ) -> list[tuple[float, float | None]]:
+    """After each result, in the order results finished: (worker-seconds of training spent so
+    far, the bits per byte it scores or None). With hurdles (``rungs``: the run's rung rows)
+    every rung is a result that costs its own time, and only the last rung's results score."""
+    if rungs:
+        last = max(r["rung"] for r in rungs)
+        events = [(r["finished_at"], r["wall_seconds"], r["val_bpb"] if r["rung"] == last and
+                   r["status"] == "ok" else None) for r in rungs]
+    else:
+        events = [(r["finished_at"], r.get("wall_seconds"), r.get("val_bpb")
+                   if r["status"] == "ok" else None)
+                  for r in rows if r.get("reused_from") is None and r.get("finished_at")]
+    spent, scored = 0.0, []
+    for _, seconds, bpb in sorted(events, key=lambda event: event[0]):
+        spent += seconds or 0.0
+        scored.append((spent, bpb))
+    return scored
+
+
+def best_so_far_figure(rows: list[dict], title: str = "", rungs: list[dict] = ()) -> Figure:
+    hours, points, best, best_line = [], [], float("inf"), []
+    for seconds, bpb in compute_and_scores(rows, rungs):
+        if bpb is not None:
+            points.append((seconds / 3600, bpb))
+            best = min(best, bpb)
         if best < float("inf"):
-            hours.append(spent)
+            hours.append(seconds / 3600)
             best_line.append(best)
     figure, axes = plt.subplots(figsize=(7, 4.5))
     if points:

@@ -8,7 +8,7 @@ import pytest
 
 from cluster.cli import main
 from results.db import RunDatabase
-from results.plots import ancestors
+from results.plots import ancestors, best_so_far_figure, fully_trained, trained_ok
 from search.evolution import AgingEvolution, EvolutionConfig
 from search.genome import CPU
 from search.loop import InProcessEvaluator, SearchLimits, SearchLoop
@@ -74,3 +74,28 @@ def test_plot_of_a_run_with_nothing_finished_is_a_clean_error(tmp_path, capsys):
     RunDatabase(tmp_path / "results.db").close()
     assert main(["plot", str(tmp_path)]) == 2
     assert "nothing to plot" in capsys.readouterr().err
+
+
+def test_with_hurdles_plots_count_every_rung_and_compare_only_full_budgets(tmp_path):
+    from search.hurdles import Hurdles
+
+    def train(genome, candidate_id, rung):
+        result = _fake_train(genome)
+        if result["status"] == "ok":  # each rung improves, and costs 2 s
+            result["val_bpb"] -= 0.5 * (2 - rung)
+        return {**result, "rung": rung}
+
+    db = RunDatabase(tmp_path / "results.db")
+    strategy = AgingEvolution(CPU, EvolutionConfig(population_size=6, tournament_size=2), 0)
+    SearchLoop(strategy, InProcessEvaluator(train), db, SearchLimits(max_candidates=20),
+               hurdles=Hurdles(rungs=3, keep_fraction=1 / 3)).run()
+    rows, rungs = db.candidates(), db.rungs()
+    full = fully_trained(rows, rungs)
+    reached = {r["candidate_id"] for r in rungs if r["rung"] == 2}
+    assert full and {r["id"] for r in full} == reached < {r["id"] for r in trained_ok(rows)}
+    figure = best_so_far_figure(rows, rungs=rungs)
+    (scatter,) = figure.axes[0].collections
+    best_line = figure.axes[0].lines[0]
+    assert best_line.get_xdata()[-1] == pytest.approx(sum(r["wall_seconds"] for r in rungs) / 3600)
+    assert len(scatter.get_offsets()) == len(full)  # early stops are not scored
+    assert best_line.get_ydata()[-1] == min(r["val_bpb"] for r in full)
