@@ -6,8 +6,8 @@ Every method runs the same `chimera evolve` machinery (same space, repair, train
 windows, Ray workers) with the same wall-clock budget per run, over several seeds, and none
 starts from the presets (they would be every method's first candidates, and the best of a short
 run). Without hurdles every candidate trains the full budget; with hurdles candidates start at
-a ninth of it and only those clearing each rung go on (3x, then 9x), as in So et al.'s
-progressive dynamic hurdles, whose baseline trains every candidate fully.
+a quarter of it and only those clearing each rung go on (2x, then 4x: 22, 44, 88 steps), as in
+So et al.'s progressive dynamic hurdles, whose baseline trains every candidate fully.
 
 Compute is measured as worker-seconds spent training (every rung counted), in the order
 results arrived. Printed per method: the best validation bits per byte (median and range over
@@ -57,7 +57,6 @@ METHODS = {  # id: (shown as, strategy, hurdles?)
     "tpe": ("Optuna TPE", "tpe", False),
     "nsga2": ("Optuna NSGA-II", "nsga2", False),
 }
-HURDLES = Hurdles(rungs=3, factor=3.0, keep_fraction=1 / 3, min_results=3)
 
 
 def curve(db_path: Path) -> tuple[list[tuple[float, float]], float]:
@@ -84,7 +83,9 @@ def main() -> None:
     parser.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     parser.add_argument("--seconds", type=float, default=200, help="wall clock per run")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--full-steps", type=int, default=90, help="a candidate's full budget")
+    parser.add_argument("--full-steps", type=int, default=88, help="a candidate's full budget")
+    parser.add_argument("--hurdle-factor", type=int, default=2,
+                        help="hurdles: each rung's budget is this many times the last (3 rungs)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--population", type=int, default=8,
                         help="evolution's population, TPE's start-up trials, NSGA-II's "
@@ -94,6 +95,11 @@ def main() -> None:
     parser.add_argument("--keep", metavar="DIR",
                         help="keep every run (results.db, run.json) under DIR for inspection")
     args = parser.parse_args()
+    hurdles = Hurdles(rungs=3, factor=args.hurdle_factor, keep_fraction=1 / 3, min_results=3)
+    first_rung, left = divmod(args.full_steps, args.hurdle_factor ** (hurdles.rungs - 1))
+    if left:  # the last rung must be the full budget, or the comparison is not like for like
+        parser.error(f"--full-steps {args.full_steps} is not a multiple of "
+                     f"{args.hurdle_factor ** (hurdles.rungs - 1)}")
     methods = [m for m in METHODS if m in args.methods]
     console = Console()
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="chimera-bench-search-"))
@@ -108,12 +114,11 @@ def main() -> None:
         for seed in range(args.seeds):
             for method in methods:
                 _, strategy, hurdled = METHODS[method]
-                steps = args.full_steps // (HURDLES.factor ** (HURDLES.rungs - 1)) if hurdled \
-                    else args.full_steps
+                steps = first_rung if hurdled else args.full_steps
                 run_dir = work / f"{strategy}{'-hurdles' if hurdled else ''}-{seed}"
                 settings = EvolveSettings(
                     run_dir=str(run_dir), corpus=corpus, vocab_size=512, seed=seed,
-                    strategy=strategy, hurdles=HURDLES if hurdled else None,
+                    strategy=strategy, hurdles=hurdles if hurdled else None,
                     warm_start=False,  # the presets would be every method's first picks
                     limits=SearchLimits(wall_seconds=args.seconds), hparams=hparams,
                     candidate_budget=TrainBudget(BudgetKind.STEPS, int(steps)),
