@@ -28,6 +28,16 @@ FAILED_FITNESS = math.inf
 REJECTED = "rejected"  # the status of a candidate no worker could train
 
 
+class Strategy(Protocol):
+    def ask(self) -> Proposal | None:
+        """The next candidate to train, or None when the strategy has nothing to propose now."""
+
+    def tell(self, candidate_id: int, proposal: Proposal, fitness: float | tuple[float, ...],
+             rung: int = 0) -> None:
+        """``fitness`` of a finished candidate; ``rung``: the furthest hurdle rung it reached
+        (strategies that ignore hurdles may ignore it)."""
+
+
 class Evaluator(Protocol):
     slots: int  # how many candidates can train at once
 
@@ -107,7 +117,8 @@ def proposal_record(proposal: Proposal) -> dict:
 
 
 class SearchLoop:
-    def __init__(self, strategy, evaluator: Evaluator, recorder: Recorder, limits: SearchLimits,
+    def __init__(self, strategy: Strategy, evaluator: Evaluator, recorder: Recorder,
+                 limits: SearchLimits,
                  clock: Callable[[], float] = time.monotonic,
                  on_tick: Callable[[], None] | None = None, poll_seconds: float = 0.5,
                  hurdles: Hurdles | None = None, objectives: Objectives | None = None,

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,3 +93,28 @@ def test_the_kernels_can_be_switched_off():
                             env={**os.environ, "CHIMERA_FUSED_KERNELS": "0"}, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "torch.Size([1, 4, 8])" in result.stdout
+
+
+def test_a_builder_killed_mid_build_does_not_block_later_builds(tmp_path):
+    # torch's lock file, left behind by a builder that died, is cleared; our own lock dies with
+    # its holder, so the next process gets it at once.
+    from chimera.kernels import _exclusive_build
+
+    build = tmp_path / "chimera_kernels"
+    build.mkdir()
+    (build / "lock").touch()  # what a killed torch build leaves
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from chimera.kernels import _exclusive_build\n"
+         f"with _exclusive_build(Path({str(build)!r})):\n"
+         "    print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert not (build / "lock").exists()
+        (build / "lock").touch()  # the holder is now a builder killed mid-build
+    finally:
+        holder.kill()
+        holder.wait()
+    with _exclusive_build(build):  # would wait forever on a lock that outlived its holder
+        assert not (build / "lock").exists()

@@ -14,6 +14,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from chimera.kernels import fused_ops
 from chimera.tokenizer import train_char
 from cluster.evaluator import RayEvaluator
 from cluster.node_store import StoreTransfer, ship_store
@@ -50,7 +51,7 @@ class FixedStrategy:
     def ask(self):
         return Proposal(self.genomes.pop(0), operator="seed") if self.genomes else None
 
-    def tell(self, candidate_id, proposal, fitness):
+    def tell(self, candidate_id, proposal, fitness, rung=0):
         self.told[candidate_id] = fitness
 
 
@@ -68,6 +69,9 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def simulated_cluster():
+    # As `chimera evolve` does: build the CPU kernels here, not in workers whose first minute
+    # of compiling would read as a hang under FAST_FAULTS (and which these tests kill).
+    fused_ops()
     # Fast health checks: a crashed node is declared dead in about a second, not half a minute.
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "_system_config": {"health_check_period_ms": 200,
