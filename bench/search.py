@@ -16,6 +16,7 @@ same seed (median; "never" if it did not). A best-so-far plot goes to bench/figu
 
     python bench/search.py                    # ~55 minutes: 5 methods x 3 seeds x 200 s
     python bench/search.py --seconds 40 --seeds 1 --methods random hurdles   # a smoke run
+    python bench/search.py --keep DIR ... then --report DIR   # keep runs; re-report, no training
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ def curve(db_path: Path) -> tuple[list[tuple[float, float]], float]:
     return points, best
 
 
+def _run_dir(work: Path, method: str, seed: int) -> Path:
+    _, strategy, hurdled = METHODS[method]
+    return work / f"{strategy}{'-hurdles' if hurdled else ''}-{seed}"
+
+
 def compute_to_reach(points: list[tuple[float, float]], target: float) -> float | None:
     return next((spent for spent, best in points if best <= target), None)
 
@@ -94,6 +100,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--keep", metavar="DIR",
                         help="keep every run (results.db, run.json) under DIR for inspection")
+    parser.add_argument("--report", metavar="DIR",
+                        help="train nothing: print the table and plot of the runs kept in DIR "
+                             "(pass the options they ran with)")
     args = parser.parse_args()
     hurdles = Hurdles(rungs=3, factor=args.hurdle_factor, keep_fraction=1 / 3, min_results=3)
     first_rung, left = divmod(args.full_steps, args.hurdle_factor ** (hurdles.rungs - 1))
@@ -102,6 +111,12 @@ def main() -> None:
                      f"{args.hurdle_factor ** (hurdles.rungs - 1)}")
     methods = [m for m in METHODS if m in args.methods]
     console = Console()
+    if args.report:
+        runs = {m: [curve(_run_dir(Path(args.report), m, seed) / "results.db")
+                    for seed in range(args.seeds)] for m in methods}
+        report(methods, {m: [points for points, _ in runs[m]] for m in methods},
+               {m: [best for _, best in runs[m]] for m in methods}, args, console)
+        return
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="chimera-bench-search-"))
     work.mkdir(parents=True, exist_ok=True)
     hparams = TrainHparams(batch_size=8, seq_len=128)
@@ -115,7 +130,7 @@ def main() -> None:
             for method in methods:
                 _, strategy, hurdled = METHODS[method]
                 steps = first_rung if hurdled else args.full_steps
-                run_dir = work / f"{strategy}{'-hurdles' if hurdled else ''}-{seed}"
+                run_dir = _run_dir(work, method, seed)
                 settings = EvolveSettings(
                     run_dir=str(run_dir), corpus=corpus, vocab_size=512, seed=seed,
                     strategy=strategy, hurdles=hurdles if hurdled else None,

@@ -481,7 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="progressive hurdles: train each candidate in RUNGS budget rungs "
                              "(the candidate budget, then x factor each), continuing only those "
                              "that clear each rung (default: off)")
-    search.add_argument("--hurdle-factor", type=float, default=3.0)
+    search.add_argument("--hurdle-factor", type=float, default=2.0,
+                        help="each rung trains this many times longer in total than the last "
+                             "(default 2: shorter first rungs rank candidates poorly)")
     search.add_argument("--objective", default="bpb",
                         help="what to minimise: bpb, or several for a Pareto search, e.g. "
                              "bpb,params or bpb,params,throughput")

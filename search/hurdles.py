@@ -5,7 +5,7 @@ continues to rung r + 1, from its checkpoint, if its validation bits per byte cl
 hurdle: the ``keep_fraction`` quantile of every rung-r result so far (itself included). Until a
 rung has ``min_results`` results everyone clears it, so the first candidates set the bar (as in
 So et al.'s progressive dynamic hurdles, where the hurdle is computed from earlier candidates).
-The rungs' budgets grow by ``factor``: with 3 rungs and factor 3, 1x, 3x and 9x the base budget,
+The rungs' budgets grow by ``factor``: with 3 rungs and factor 2, 1x, 2x and 4x the base budget,
 all on one learning-rate schedule spanning the last rung, so continuing equals training that
 long from the start.
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Hurdles:
     rungs: int = 3
-    factor: float = 3.0
+    factor: float = 2.0  # a first rung of a quarter of the budget: see BENCHMARKS.md
     keep_fraction: float = 1 / 3
     min_results: int = 3
 

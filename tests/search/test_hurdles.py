@@ -81,7 +81,7 @@ class _Clock:
 def _timed_loop(tmp_path, wall, on_tick=None):
     clock = _Clock()
 
-    hurdles = Hurdles(rungs=3)
+    hurdles = Hurdles(rungs=3, factor=3)
 
     def train(genome, candidate_id, rung):
         seconds = 10.0 * hurdles.relative_cost(rung)  # 10, 20 and 60 seconds
