@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--full-steps", type=int, default=88, help="a candidate's full budget")
     parser.add_argument("--hurdle-factor", type=int, default=2,
                         help="hurdles: each rung's budget is this many times the last (3 rungs)")
+    parser.add_argument("--hurdle-window", type=int,
+                        help="hurdles: each rung's bar from its last N results (default: all)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--population", type=int, default=8,
                         help="evolution's population, TPE's start-up trials, NSGA-II's "
@@ -104,7 +106,8 @@ def main() -> None:
                         help="train nothing: print the table and plot of the runs kept in DIR "
                              "(pass the options they ran with)")
     args = parser.parse_args()
-    hurdles = Hurdles(rungs=3, factor=args.hurdle_factor, keep_fraction=1 / 3, min_results=3)
+    hurdles = Hurdles(rungs=3, factor=args.hurdle_factor, keep_fraction=1 / 3, min_results=3,
+                      window=args.hurdle_window)
     first_rung, left = divmod(args.full_steps, args.hurdle_factor ** (hurdles.rungs - 1))
     if left:  # the last rung must be the full budget, or the comparison is not like for like
         parser.error(f"--full-steps {args.full_steps} is not a multiple of "

@@ -245,7 +245,8 @@ def _evolve_settings(args: argparse.Namespace):
                              seq_len=args.seq_len),
         seed=args.seed, warm_start=not args.no_warm_start, strategy=args.strategy,
         objectives=Objectives.parse(args.objective).names, max_params=args.max_params,
-        hurdles=Hurdles(args.hurdles, args.hurdle_factor, args.hurdle_keep)
+        hurdles=Hurdles(args.hurdles, args.hurdle_factor, args.hurdle_keep,
+                        window=args.hurdle_window)
         if args.hurdles > 1 else None,
         workers=args.workers,
         cpus_per_candidate=args.cpus_per_candidate, gpus_per_candidate=args.gpus_per_candidate,
@@ -491,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "shrunk to fit)")
     search.add_argument("--hurdle-keep", type=float, default=1 / 3,
                         help="share of a rung's results that continue (default 1/3)")
+    search.add_argument("--hurdle-window", type=int, metavar="N",
+                        help="set each rung's bar from its last N results, so it rises with an "
+                             "improving population (default: all results so far)")
     candidates = evolve.add_argument_group("candidate training")
     per = candidates.add_mutually_exclusive_group()
     per.add_argument("--candidate-tokens", type=int)

@@ -275,7 +275,8 @@ def _rung_history(db: RunDatabase) -> list[tuple[int, float]]:
     """The hurdle results of finished candidates (a resumed run's bars start from them; the
     rungs of candidates still owed are trained again)."""
     finished = {row["id"] for row in db.finished_in_order()}
-    return [(row["rung"], row["val_bpb"]) for row in db.rungs()
+    arrived = sorted(db.rungs(), key=lambda row: row["finished_at"])  # a window needs the order
+    return [(row["rung"], row["val_bpb"]) for row in arrived
             if row["candidate_id"] in finished and row["status"] == "ok"
             and row["val_bpb"] is not None]
 

@@ -175,9 +175,10 @@ def test_hurdles_continue_promoted_candidates_from_their_checkpoints(tmp_path, c
 
     run = tmp_path / "hurdles"
     assert main(_evolve_argv(run, "--in-process", "--max-candidates", "4", "--candidate-steps",
-                             "3", "--hurdles", "2", "--hurdle-factor", "2")) == 0
+                             "3", "--hurdles", "2", "--hurdle-factor", "2",
+                             "--hurdle-window", "3")) == 0
     settings = load_settings(run)
-    assert settings.hurdles.rungs == 2
+    assert settings.hurdles.rungs == 2 and settings.hurdles.window == 3
     with sqlite3.connect(run / "results.db") as conn:
         conn.row_factory = sqlite3.Row
         rungs = [dict(r) for r in conn.execute("SELECT * FROM rungs ORDER BY candidate_id, rung")]
@@ -203,7 +204,9 @@ def test_hurdles_continue_promoted_candidates_from_their_checkpoints(tmp_path, c
 
     db = RunDatabase(run / "results.db", readonly=True)
     try:
-        assert sorted(_rung_history(db)) == sorted((r["rung"], r["val_bpb"]) for r in rungs)
+        # In the order results arrived, which a windowed bar depends on.
+        arrived = sorted(rungs, key=lambda r: r["finished_at"])
+        assert _rung_history(db) == [(r["rung"], r["val_bpb"]) for r in arrived]
         strategy, _, _ = build_strategy(settings, store.vocab_size, db)
     finally:
         db.close()

@@ -32,6 +32,17 @@ def test_a_rung_keeps_its_top_fraction_once_it_has_enough_results():
     assert Hurdles(keep_fraction=1.0).clears([1.0, 2.0, 3.0], 3.0)  # keep all
 
 
+def test_a_window_moves_the_bar_with_an_improving_population():
+    # Results improve over time (early random candidates, later children of the best): 3.0 is
+    # in the top third of everything so far, but not of the last three.
+    arrived = [9.0, 8.0, 7.0, 6.0, 2.0, 1.0, 3.0]
+    assert Hurdles(keep_fraction=1 / 3).clears(arrived, 3.0)
+    assert not Hurdles(keep_fraction=1 / 3, window=3).clears(arrived, 3.0)
+    assert Hurdles(keep_fraction=1 / 3, window=3).clears(arrived[:-1] + [0.5], 0.5)
+    with pytest.raises(ValueError, match="window"):
+        Hurdles(min_results=3, window=2)
+
+
 def _score(genome, rung):  # made up: wide and shallow is better; every rung improves by 0.1
     return 2.0 - genome.d_model / 256 + genome.n_layers / 20 - 0.1 * rung
 
