@@ -5,9 +5,12 @@ continues to rung r + 1, from its checkpoint, if its validation bits per byte cl
 hurdle: the ``keep_fraction`` quantile of every rung-r result so far (itself included), or with
 ``window`` of the last ``window`` of them. A population that improves clears a bar set by its
 early, random members more and more easily; a window keeps the bar moving with it, as So et
-al.'s hurdle (the population's mean) does. Until a rung has ``min_results`` results everyone
-clears it, so the first candidates set the bar (as in
-So et al.'s progressive dynamic hurdles, where the hurdle is computed from earlier candidates).
+al.'s hurdle (the population's mean) does. The first ``min_results`` results at a rung set its
+bar (as in So et al.'s progressive dynamic hurdles, where the hurdle is computed from earlier
+candidates): those candidates wait, checkpoint kept, until the bar exists and are then judged by
+it like every later one, so only the best of them go on (as asynchronous successive halving
+promotes only from a rung's top fraction). Letting them all through would spend the longer
+rungs on whatever finished first, early random samples mostly.
 The rungs' budgets grow by ``factor``: with 3 rungs and factor 2, 1x, 2x and 4x the base budget,
 all on one learning-rate schedule spanning the last rung, so continuing equals training that
 long from the start.
@@ -46,11 +49,15 @@ class Hurdles:
         """The steps rung ``rung`` adds, as a multiple of the first rung's (factor 3: 1, 2, 6)."""
         return self.factor ** rung - (self.factor ** (rung - 1) if rung else 0.0)
 
+    def has_bar(self, rung_values: list[float]) -> bool:
+        """Are there enough results at a rung (``rung_values``) to set its hurdle?"""
+        return len(rung_values) >= self.min_results
+
     def clears(self, rung_values: list[float], value: float) -> bool:
         """Does ``value`` (lower is better) clear a rung whose results so far, in the order they
-        arrived and ``value`` last, are ``rung_values``?"""
-        if len(rung_values) < self.min_results:
-            return True
+        arrived, are ``rung_values`` (``value`` among them)? Without a bar (``has_bar``), no."""
+        if not self.has_bar(rung_values):
+            return False
         ranked = sorted(rung_values[-self.window:] if self.window else rung_values)
         kept = max(1, math.ceil(len(ranked) * self.keep_fraction))
         return value <= ranked[kept - 1]

@@ -136,6 +136,8 @@ class SearchLoop:
             if rung < len(self.rung_values) and math.isfinite(value):
                 self.rung_values[rung].append(value)
         self.cleared: dict[int, dict] = {}  # promoted and continuing: the rung result so far
+        # Finished a rung before it had a bar: (candidate id, result), judged once it has one.
+        self.waiting: list[list[tuple[int, dict]]] = [[] for _ in self.rung_values]
         self.limits, self.clock, self.on_tick, self.poll = limits, clock, on_tick, poll_seconds
         self.report = SearchReport()
         self.proposals: dict[int, Proposal] = {}
@@ -208,6 +210,10 @@ class SearchLoop:
                 self._finish(*finished)
             if self.on_tick:
                 self.on_tick()
+        for waiting in self.waiting:  # rungs that never got their bar: no continuation
+            for candidate_id, result in waiting:
+                self._stop(candidate_id, result)
+            waiting.clear()
         self.report.seconds = self.clock() - self.start
         return self.report
 
@@ -241,21 +247,44 @@ class SearchLoop:
     def _finish(self, candidate_id: int, result: dict) -> None:
         rung = result.get("rung", 0)
         self.durations.setdefault(rung, []).append(result.get("wall_seconds", 0.0))
-        if self.hurdles is not None:
-            self.recorder.record_rung(candidate_id, rung, result)
-            fitness = fitness_of(result)
-            if math.isfinite(fitness):
-                self.rung_values[rung].append(fitness)
-                # A continuation that cannot finish in time is not started.
-                if rung + 1 < self.hurdles.rungs and self._time_reason(rung + 1) is None and \
-                        self.hurdles.clears(self.rung_values[rung], fitness):
-                    self.evaluator.submit(candidate_id, self.proposals[candidate_id].genome,
-                                          rung + 1)
-                    self.cleared[candidate_id] = result
-                    self.report.promoted += 1
-                    return
-            self.cleared.pop(candidate_id, None)
-            self.evaluator.release(candidate_id)
+        if self.hurdles is None:
+            self._final(candidate_id, result)
+            return
+        self.recorder.record_rung(candidate_id, rung, result)
+        fitness = fitness_of(result)
+        if not math.isfinite(fitness) or rung + 1 == self.hurdles.rungs:
+            self._stop(candidate_id, result)
+            return
+        values = self.rung_values[rung]
+        values.append(fitness)
+        if not self.hurdles.has_bar(values):
+            # No bar yet. Letting the first few through would spend the next rungs on whatever
+            # came first (early random samples, mostly); they wait for the bar instead, as
+            # asynchronous successive halving promotes only from a rung's top fraction.
+            self.waiting[rung].append((candidate_id, result))
+            return
+        self._judge(candidate_id, result, values)
+        if self.waiting[rung]:  # the bar has just been set: judge those that waited for it
+            for waiting_id, waiting_result in self.waiting[rung]:
+                self._judge(waiting_id, waiting_result, values)
+            self.waiting[rung].clear()
+
+    def _judge(self, candidate_id: int, result: dict, rung_values: list[float]) -> None:
+        """Continue the candidate to the next rung if it clears this one's hurdle and the
+        continuation can finish in time; otherwise its result so far is final."""
+        rung = result.get("rung", 0)
+        if self._time_reason(rung + 1) is None and \
+                self.hurdles.clears(rung_values, fitness_of(result)):
+            self.evaluator.submit(candidate_id, self.proposals[candidate_id].genome, rung + 1)
+            self.cleared[candidate_id] = result
+            self.report.promoted += 1
+        else:
+            self._stop(candidate_id, result)
+
+    def _stop(self, candidate_id: int, result: dict) -> None:
+        """A hurdled candidate goes no further: drop its checkpoint; its last result is final."""
+        self.cleared.pop(candidate_id, None)
+        self.evaluator.release(candidate_id)
         self._final(candidate_id, result)
 
     def _final(self, candidate_id: int, result: dict) -> None:

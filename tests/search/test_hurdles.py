@@ -23,7 +23,7 @@ def test_rung_budgets_grow_by_the_factor():
 
 def test_a_rung_keeps_its_top_fraction_once_it_has_enough_results():
     hurdles = Hurdles(keep_fraction=1 / 3, min_results=3)
-    assert hurdles.clears([5.0], 5.0) and hurdles.clears([1.0, 5.0], 5.0)  # setting the bar
+    assert not hurdles.has_bar([5.0]) and not hurdles.has_bar([1.0, 5.0])  # setting the bar
     values = [3.0, 1.0, 2.0]  # 3 results: the best third is 1 result
     assert hurdles.clears(values, 1.0) and not hurdles.clears(values, 2.0)
     values = [3.0, 1.0, 2.0, 0.5, 4.0, 2.5]  # 6 results: the best 2 continue
@@ -61,14 +61,26 @@ def test_loop_promotes_exactly_the_candidates_that_clear_each_rung(tmp_path):
     report = SearchLoop(strategy, InProcessEvaluator(train, release=released.append), db,
                         SearchLimits(max_candidates=15), hurdles=hurdles).run()
 
-    # Replay the rule over the rung results in the order they arrived (one slot: call order).
-    seen = {0: [], 1: [], 2: []}
+    # Replay the rule over the rung results in the order they arrived (one slot: call order):
+    # the first min_results of a rung wait for its bar, then are judged by it, after the
+    # result that set it.
+    seen, waiting = {0: [], 1: []}, {0: [], 1: []}
     expected_promotions = []
     for candidate_id, rung, score in calls:
+        if rung == 2:
+            continue
         seen[rung].append(score)
-        if rung < 2 and hurdles.clears(seen[rung], score):
-            expected_promotions.append((candidate_id, rung + 1))
+        if not hurdles.has_bar(seen[rung]):
+            waiting[rung].append((candidate_id, score))
+            continue
+        for judged, value in [(candidate_id, score)] + waiting[rung]:
+            if hurdles.clears(seen[rung], value):
+                expected_promotions.append((judged, rung + 1))
+        waiting[rung] = []
     assert [(c, r) for c, r, _ in calls if r > 0] == expected_promotions
+    # Of the first three, only the best went on: none cleared a rung without a bar.
+    first = calls[:3]
+    assert [c for c, r, _ in calls if r == 1][0] == min(first, key=lambda call: call[2])[0]
     assert report.promoted == len(expected_promotions) > 0
     reached = {c: max(r for c2, r, _ in calls if c2 == c) for c, _, _ in calls}
     assert 2 in reached.values() and 0 in reached.values()  # some went all the way, some not
@@ -92,7 +104,7 @@ class _Clock:
 def _timed_loop(tmp_path, wall, on_tick=None):
     clock = _Clock()
 
-    hurdles = Hurdles(rungs=3, factor=3)
+    hurdles = Hurdles(rungs=3, factor=3, min_results=1)  # one result sets the bar
 
     def train(genome, candidate_id, rung):
         seconds = 10.0 * hurdles.relative_cost(rung)  # 10, 20 and 60 seconds
