@@ -12,7 +12,8 @@ So et al.'s progressive dynamic hurdles, whose baseline trains every candidate f
 Compute is measured as worker-seconds spent training (every rung counted), in the order
 results arrived. Printed per method: the best validation bits per byte (median and range over
 seeds), and the compute at which the method first reached random search's final best of the
-same seed (median; "never" if it did not). A best-so-far plot goes to bench/figures/.
+same seed (median; "never" if it did not). A best-so-far plot goes to bench/figures/ (the
+one BENCHMARKS.md shows) when every method ran, else only where --plot says.
 
     python bench/search.py                    # ~55 minutes: 5 methods x 3 seeds x 200 s
     python bench/search.py --seconds 40 --seeds 1 --methods random hurdles   # a smoke run
@@ -51,6 +52,7 @@ from trainers.candidate import BudgetKind, TrainBudget, TrainHparams  # noqa: E4
 from trainers.corpus import CorpusSpec, Separator  # noqa: E402
 
 DEFAULT_CORPUS = REPO.parent / "shared/data/tinyshakespeare.txt"
+RECORDED_PLOT = Path("bench/figures/search_best_so_far.png")  # shown in BENCHMARKS.md
 METHODS = {  # id: (shown as, strategy, hurdles?)
     "hurdles": ("evolution + hurdles", "evolution", True),
     "evolution": ("evolution", "evolution", False),
@@ -102,6 +104,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--keep", metavar="DIR",
                         help="keep every run (results.db, run.json) under DIR for inspection")
+    parser.add_argument("--plot", metavar="PNG",
+                        help=f"where the best-so-far plot goes (default: {RECORDED_PLOT} when "
+                             f"every method runs; no plot otherwise)")
     parser.add_argument("--report", metavar="DIR",
                         help="train nothing: print the table and plot of the runs kept in DIR "
                              "(pass the options they ran with)")
@@ -183,6 +188,11 @@ def report(methods, curves, bests, args, console) -> None:
             row += ["-", "-"]
         table.add_row(*row)
     console.print(table)
+    out = Path(args.plot) if args.plot else REPO / RECORDED_PLOT if len(methods) == len(
+        METHODS) else None
+    if out is None:  # a partial run must not replace the recorded comparison
+        console.print("no plot: not every method ran (pass --plot PNG for one)")
+        return
     figure, axes = plt.subplots(figsize=(8, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for color, method in zip(colors, methods):
@@ -195,11 +205,10 @@ def report(methods, curves, bests, args, console) -> None:
     axes.set_title("search methods on tinyshakespeare (one line per seed)")
     axes.grid(alpha=0.3)
     axes.legend()
-    out = REPO / "bench" / "figures" / "search_best_so_far.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(out, dpi=120)
-    console.print(f"plot: {out.relative_to(REPO)}")
+    console.print(f"plot: {out}")
 
 
 if __name__ == "__main__":
