@@ -2,10 +2,10 @@
 
 A population of the ``population_size`` most recently evaluated genomes. Each new child comes
 from a tournament: sample ``tournament_size`` members, take the fittest as the parent, mutate it
-(or cross it with the runner-up). When a result arrives the child joins the population and the
-oldest member leaves, however fit it is: that ageing regularises the search. There is no
-generation barrier: ``ask`` can be called whenever a worker is free, before earlier children
-have been told.
+(one gene, sometimes a few) or cross it with the runner-up. When a result arrives the child
+joins the population and the oldest member leaves, however fit it is: that ageing regularises
+the search. There is no generation barrier: ``ask`` can be called whenever a worker is free,
+before earlier children have been told.
 
 With progressive hurdles a result also says how far its candidate got (the budget ``rung`` it
 ended at), and bits per byte after 10 steps are not comparable with bits per byte after 90.
@@ -25,7 +25,7 @@ import random
 from collections import deque
 from dataclasses import dataclass
 
-from search.genome import Genome, SearchSpace
+from search.genome import GENES, Genome, SearchSpace
 from search.operators import crossover, mutate
 from search.pareto import crowding_distance, non_dominated_sort
 
@@ -54,6 +54,11 @@ class EvolutionConfig:
     population_size: int = 16
     tournament_size: int = 4
     crossover_probability: float = 0.25
+    # A mutant changes one gene, and each other gene with this probability (the classic 1/n
+    # rate; 0 for exactly one, as Real et al. with thousands of children). Short searches breed
+    # a few dozen children over 13 genes: one gene at a time, a population that started narrow
+    # never gets wide (measured in BENCHMARKS.md).
+    extra_gene_probability: float = 1 / len(GENES)
     max_dedupe_tries: int = 20
 
     def __post_init__(self) -> None:
@@ -62,6 +67,9 @@ class EvolutionConfig:
         if not 1 <= self.tournament_size <= self.population_size:
             raise ValueError(f"tournament_size={self.tournament_size}: must be in "
                              f"[1, population_size={self.population_size}]")
+        if not 0 <= self.extra_gene_probability <= 1:
+            raise ValueError(f"extra_gene_probability={self.extra_gene_probability}: must be "
+                             f"in [0, 1]")
 
 
 def rank(members: list[Member]) -> list[Member]:
@@ -122,8 +130,12 @@ class AgingEvolution:
             child = crossover(parent.genome, other.genome, self.space, self.rng)
             return Proposal(child, (parent.candidate_id, other.candidate_id), "crossover",
                             max(parent.generation, other.generation) + 1)
-        child = mutate(parent.genome, self.space, self.rng)
+        child = mutate(parent.genome, self.space, self.rng, n_genes=self._mutation_size())
         return Proposal(child, (parent.candidate_id,), "mutation", parent.generation + 1)
+
+    def _mutation_size(self) -> int:
+        extra = self.config.extra_gene_probability
+        return 1 + (sum(self.rng.random() < extra for _ in GENES[1:]) if extra else 0)
 
     def tell(self, candidate_id: int, proposal: Proposal, fitness: float | tuple[float, ...],
              rung: int = 0) -> None:

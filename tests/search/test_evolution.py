@@ -49,6 +49,37 @@ def test_strategy_avoids_genomes_it_has_seen():
     assert len(set(keys)) == len(keys)
 
 
+# Genes that repair never touches in a valid genome, so a change to one is the mutation's own.
+FREE_GENES = ("ffn_multiplier", "recurrence_ratio", "window_size", "dropout", "mlp_type",
+              "qk_norm", "parallel_block", "tie_embeddings", "rope_theta")
+
+
+def _genes_mutated(extra_gene_probability, children=300):
+    """For each mutant child: how many free genes differ from its parent."""
+    config = EvolutionConfig(population_size=4, tournament_size=2, crossover_probability=0.0,
+                             extra_gene_probability=extra_gene_probability)
+    strategy = AgingEvolution(CPU, config, 0)
+    genomes, changed = {}, []
+    for i in range(children):
+        proposal = strategy.ask()
+        genomes[i] = proposal.genome
+        if proposal.operator == "mutation":
+            parent = genomes[proposal.parents[0]]
+            changed.append(sum(getattr(parent, g) != getattr(proposal.genome, g)
+                               for g in FREE_GENES))
+        strategy.tell(i, proposal, random.Random(i).random())
+    return changed
+
+
+def test_mutants_change_one_gene_or_sometimes_a_few():
+    assert max(_genes_mutated(0.0)) == 1  # one gene per child: at most one free gene moved
+    several = _genes_mutated(1 / 13)
+    share = sum(n >= 2 for n in several) / len(several)
+    assert 0.1 < share < 0.6  # each of 12 other genes at 1/13: ~1 in 4 children moves 2+ genes
+    with pytest.raises(ValueError, match="extra_gene_probability"):
+        EvolutionConfig(extra_gene_probability=1.5)
+
+
 def _loop(tmp_path, train, limits, space=CPU, seed=0, clock=None, name="r.db"):
     db = RunDatabase(tmp_path / name)
     strategy = AgingEvolution(space, EvolutionConfig(population_size=4, tournament_size=2), seed)
