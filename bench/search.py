@@ -12,18 +12,23 @@ So et al.'s progressive dynamic hurdles, whose baseline trains every candidate f
 Compute is measured as worker-seconds spent training (every rung counted), in the order
 results arrived. Printed per method: the best validation bits per byte (median and range over
 seeds), and the compute at which the method first reached random search's final best of the
-same seed (median; "never" if it did not). A best-so-far plot goes to bench/figures/ (the
-one BENCHMARKS.md shows) when every method ran, else only where --plot says.
+same seed (median; "never" if it did not). Each seed also holds out its own validation
+documents, so bpb levels move with the seed; paired by seed, the table adds each method's mean
+rank among the methods and its median difference to random's best. A best-so-far plot (raw, and
+paired with random) goes to bench/figures/ (the one BENCHMARKS.md shows) when every method ran,
+else only where --plot says.
 
     python bench/search.py                    # ~55 minutes: 5 methods x 3 seeds x 200 s
     python bench/search.py --seconds 40 --seeds 1 --methods random hurdles   # a smoke run
     python bench/search.py --keep DIR ... then --report DIR   # keep runs; re-report, no training
+    python bench/search.py --keep DIR --seeds 3 --first-seed 3   # three more seeds into DIR
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -62,6 +67,29 @@ METHODS = {  # id: (shown as, strategy, hurdles?)
 }
 
 
+def bench_hparams() -> TrainHparams:
+    return TrainHparams(batch_size=8, seq_len=128)
+
+
+def bench_corpus(path: str) -> CorpusSpec:
+    return CorpusSpec(path, separator=Separator.BLANK_LINE)
+
+
+def ranks(values: list[float]) -> list[float]:
+    """Rank of each value (0 = smallest), ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    result = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            result[order[k]] = (i + j) / 2
+        i = j + 1
+    return result
+
+
 def curve(db_path: Path) -> tuple[list[tuple[float, float]], float]:
     """Best-so-far (worker-seconds, bpb) after each result, and the final best. With hurdles
     every rung's training counts as compute, and only full-budget results count as bests."""
@@ -82,6 +110,11 @@ def _run_dir(work: Path, method: str, seed: int) -> Path:
     return work / f"{strategy}{'-hurdles' if hurdled else ''}-{seed}"
 
 
+def best_at(points: list[tuple[float, float]], spent: float) -> float:
+    """The best so far once ``spent`` worker-seconds were used (inf before any result)."""
+    return next((best for at, best in reversed(points) if at <= spent), math.inf)
+
+
 def compute_to_reach(points: list[tuple[float, float]], target: float) -> float | None:
     return next((spent for spent, best in points if best <= target), None)
 
@@ -90,7 +123,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     parser.add_argument("--seconds", type=float, default=200, help="wall clock per run")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds run from this one (add seeds to a kept set of runs)")
     parser.add_argument("--full-steps", type=int, default=88, help="a candidate's full budget")
     parser.add_argument("--hurdle-factor", type=int, default=2,
                         help="hurdles: each rung's budget is this many times the last (3 rungs)")
@@ -101,6 +136,9 @@ def main() -> None:
                         help="evolution's population, TPE's start-up trials, NSGA-II's "
                              "population: smaller than the number of candidates a run trains")
     parser.add_argument("--tournament", type=int, default=3)
+    parser.add_argument("--gene-pool", type=float, default=0.0, metavar="FRACTION",
+                        help="evolution: children recombine the best FRACTION of the "
+                             "population (gene-pool recombination; 0: tournaments)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--keep", metavar="DIR",
                         help="keep every run (results.db, run.json) under DIR for inspection")
@@ -118,23 +156,23 @@ def main() -> None:
         parser.error(f"--full-steps {args.full_steps} is not a multiple of "
                      f"{args.hurdle_factor ** (hurdles.rungs - 1)}")
     methods = [m for m in METHODS if m in args.methods]
-    console = Console()
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    console = Console(width=None if sys.stdout.isatty() else 150)  # logs: the table unwrapped
     if args.report:
         runs = {m: [curve(_run_dir(Path(args.report), m, seed) / "results.db")
-                    for seed in range(args.seeds)] for m in methods}
+                    for seed in seeds] for m in methods}
         report(methods, {m: [points for points, _ in runs[m]] for m in methods},
                {m: [best for _, best in runs[m]] for m in methods}, args, console)
         return
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="chimera-bench-search-"))
     work.mkdir(parents=True, exist_ok=True)
-    hparams = TrainHparams(batch_size=8, seq_len=128)
-    corpus = CorpusSpec(args.corpus, separator=Separator.BLANK_LINE)
+    hparams, corpus = bench_hparams(), bench_corpus(args.corpus)
     curves: dict[str, list[list[tuple[float, float]]]] = {m: [] for m in methods}
     bests: dict[str, list[float]] = {m: [] for m in methods}
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=False)
     try:
-        for seed in range(args.seeds):
+        for seed in seeds:
             for method in methods:
                 _, strategy, hurdled = METHODS[method]
                 steps = first_rung if hurdled else args.full_steps
@@ -147,7 +185,8 @@ def main() -> None:
                     candidate_budget=TrainBudget(BudgetKind.STEPS, int(steps)),
                     workers=args.workers,
                     evolution=EvolutionConfig(population_size=args.population,
-                                              tournament_size=args.tournament))
+                                              tournament_size=args.tournament,
+                                              gene_pool_fraction=args.gene_pool))
                 console.print(f"seed {seed}: {METHODS[method][0]} ...", highlight=False)
                 outcome = run_evolve(settings, Console(quiet=True), live=False)
                 points, best = curve(run_dir / "results.db")
@@ -166,16 +205,23 @@ def report(methods, curves, bests, args, console) -> None:
     table = Table(title=f"tinyshakespeare, {args.seconds:.0f} s x {args.workers} workers per "
                         f"run, {args.seeds} seeds, population {args.population} (validation "
                         f"bits per byte; lower is better)")
-    for column in ("method", "best bpb: median", "range", "worker-s to reach random's best",
+    for column in ("method", "best bpb: median", "range", "per seed", "mean rank",
+                   "minus random's best: median", "worker-s to reach random's best",
                    "vs random"):
         table.add_column(column)
+    # Each seed holds out its own validation documents, so bpb levels move with the seed: the
+    # rank among the methods on each seed (1 = best) is the paired comparison.
+    per_seed = [ranks([bests[m][i] for m in methods]) for i in range(len(bests[methods[0]]))]
     random_cost = [compute_to_reach(c, b) for c, b in zip(curves.get("random", []),
                                                            bests.get("random", []))]
     for method in methods:
         values = bests[method]
         row = [METHODS[method][0], f"{statistics.median(values):.4f}",
-               f"{min(values):.4f} - {max(values):.4f}"]
+               f"{min(values):.4f} - {max(values):.4f}",
+               " / ".join(f"{value:.4f}" for value in values),
+               f"{1 + statistics.mean(r[methods.index(method)] for r in per_seed):.1f}"]
         if "random" in curves:
+            row.append(f"{statistics.median(v - r for v, r in zip(values, bests['random'])):+.4f}")
             reach = [compute_to_reach(c, target) for c, target in
                      zip(curves[method], bests["random"])]
             done = [r for r in reach if r is not None]
@@ -185,7 +231,7 @@ def report(methods, curves, bests, args, console) -> None:
                     f"never in {len(reach) - len(done)} of {len(reach)}",
                     f"{median_reach / base:.2f}x" if median_reach is not None else "-"]
         else:
-            row += ["-", "-"]
+            row += ["-", "-", "-"]
         table.add_row(*row)
     console.print(table)
     out = Path(args.plot) if args.plot else REPO / RECORDED_PLOT if len(methods) == len(
@@ -193,7 +239,10 @@ def report(methods, curves, bests, args, console) -> None:
     if out is None:  # a partial run must not replace the recorded comparison
         console.print("no plot: not every method ran (pass --plot PNG for one)")
         return
-    figure, axes = plt.subplots(figsize=(8, 5))
+    paired = "random" in bests
+    figure, panels = plt.subplots(1, 2 if paired else 1, figsize=(14 if paired else 8, 5),
+                                  squeeze=False)
+    axes = panels[0][0]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for color, method in zip(colors, methods):
         for i, points in enumerate(curves[method]):
@@ -205,6 +254,22 @@ def report(methods, curves, bests, args, console) -> None:
     axes.set_title("search methods on tinyshakespeare (one line per seed)")
     axes.grid(alpha=0.3)
     axes.legend()
+    if paired:  # each seed's own validation documents: compare with random on the same seed
+        axes = panels[0][1]
+        end = max(points[-1][0] for runs in curves.values() for points in runs if points)
+        grid = [end * k / 200 for k in range(201)]
+        for color, method in zip(colors, methods):
+            gaps = [[best_at(points, x) - target for x in grid]
+                    for points, target in zip(curves[method], bests["random"])]
+            axes.plot(grid, [statistics.median(column) if all(map(math.isfinite, column))
+                             else math.nan for column in zip(*gaps)],
+                      color=color, label=METHODS[method][0])
+        axes.axhline(0.0, color="gray", linestyle="--", linewidth=1)
+        axes.set_xlabel("compute (worker-seconds of candidate training)")
+        axes.set_ylabel("best so far minus random's final best (bpb)")
+        axes.set_title("median over seeds, paired with random search on each seed")
+        axes.grid(alpha=0.3)
+        axes.legend()
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(out, dpi=120)

@@ -239,7 +239,8 @@ def _evolve_settings(args: argparse.Namespace):
         run_dir=run_dir, corpus=_corpus_spec(args), tokenizer=args.tokenizer,
         vocab_size=args.vocab_size, space=args.space,
         evolution=EvolutionConfig(population_size=args.population,
-                                  tournament_size=args.tournament),
+                                  tournament_size=args.tournament,
+                                  gene_pool_fraction=args.gene_pool),
         limits=limits, candidate_budget=TrainBudget(kind, amount),
         hparams=TrainHparams(learning_rate=args.lr, batch_size=args.batch_size,
                              seq_len=args.seq_len),
@@ -477,6 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "Optuna TPE, Optuna NSGA-II")
     search.add_argument("--population", type=int, default=16)
     search.add_argument("--tournament", type=int, default=4)
+    search.add_argument("--gene-pool", type=float, default=0.0, metavar="FRACTION",
+                        help="evolution: each child draws every gene from one of the best "
+                             "FRACTION of the population, then mutates (gene-pool "
+                             "recombination) instead of mutating a tournament winner "
+                             "(default: 0, tournaments)")
     search.add_argument("--no-warm-start", action="store_true", help="do not seed with presets")
     search.add_argument("--hurdles", type=int, default=0, metavar="RUNGS",
                         help="progressive hurdles: train each candidate in RUNGS budget rungs "

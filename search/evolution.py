@@ -21,12 +21,13 @@ Before the population is full, the first children are the warm-start seeds, then
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from dataclasses import dataclass
 
 from search.genome import GENES, Genome, SearchSpace
-from search.operators import crossover, mutate
+from search.operators import crossover, mutate, recombine
 from search.pareto import crowding_distance, non_dominated_sort
 
 
@@ -34,7 +35,7 @@ from search.pareto import crowding_distance, non_dominated_sort
 class Proposal:
     genome: Genome
     parents: tuple[int, ...] = ()  # candidate ids
-    operator: str = "random"  # seed | random | mutation | crossover
+    operator: str = "random"  # seed | random | mutation | crossover | gene-pool
     generation: int = 0  # 0 for seeds and random samples; parent's generation + 1
 
 
@@ -59,6 +60,11 @@ class EvolutionConfig:
     # a few dozen children over 13 genes: one gene at a time, a population that started narrow
     # never gets wide (measured in BENCHMARKS.md).
     extra_gene_probability: float = 1 / len(GENES)
+    # Above 0: every child instead draws each gene from one of the best this fraction of the
+    # population (at least two), then mutates: gene-pool recombination, which spreads what the
+    # best members share to every child (as NSGA-II's crossover of elites and TPE's density of
+    # good trials do) rather than searching around one tournament winner at a time.
+    gene_pool_fraction: float = 0.0
     max_dedupe_tries: int = 20
 
     def __post_init__(self) -> None:
@@ -70,6 +76,8 @@ class EvolutionConfig:
         if not 0 <= self.extra_gene_probability <= 1:
             raise ValueError(f"extra_gene_probability={self.extra_gene_probability}: must be "
                              f"in [0, 1]")
+        if not 0 <= self.gene_pool_fraction <= 1:
+            raise ValueError(f"gene_pool_fraction={self.gene_pool_fraction}: must be in [0, 1]")
 
 
 def rank(members: list[Member]) -> list[Member]:
@@ -123,6 +131,8 @@ class AgingEvolution:
                 return Proposal(genome, operator="seed")
         if len(self.population) < self.config.population_size:
             return Proposal(self.space.sample(self.rng), operator="random")
+        if self.config.gene_pool_fraction:
+            return self._from_gene_pool()
         contestants = rank(self.rng.sample(list(self.population), self.config.tournament_size))
         parent = contestants[0]
         if len(contestants) > 1 and self.rng.random() < self.config.crossover_probability:
@@ -132,6 +142,14 @@ class AgingEvolution:
                             max(parent.generation, other.generation) + 1)
         child = mutate(parent.genome, self.space, self.rng, n_genes=self._mutation_size())
         return Proposal(child, (parent.candidate_id,), "mutation", parent.generation + 1)
+
+    def _from_gene_pool(self) -> Proposal:
+        ranked = rank(list(self.population))
+        pool = ranked[:max(2, math.ceil(self.config.gene_pool_fraction * len(ranked)))]
+        mixed = recombine([m.genome for m in pool], self.space, self.rng)
+        child = mutate(mixed, self.space, self.rng, n_genes=self._mutation_size())
+        return Proposal(child, tuple(m.candidate_id for m in pool), "gene-pool",
+                        max(m.generation for m in pool) + 1)
 
     def _mutation_size(self) -> int:
         extra = self.config.extra_gene_probability

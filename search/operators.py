@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Sequence
 
 from search.genome import GENES, Genome, SearchSpace, nearest_value
 
@@ -34,5 +35,12 @@ def mutate(genome: Genome, space: SearchSpace, rng: random.Random, n_genes: int 
 
 def crossover(a: Genome, b: Genome, space: SearchSpace, rng: random.Random) -> Genome:
     """Uniform crossover: each gene from either parent with equal probability."""
-    genes = {gene: getattr(a if rng.random() < 0.5 else b, gene) for gene in GENES}
-    return space.repair(dataclasses.replace(a, **genes))
+    return recombine((a, b), space, rng)
+
+
+def recombine(parents: Sequence[Genome], space: SearchSpace, rng: random.Random) -> Genome:
+    """Each gene from one of ``parents``, drawn uniformly for every gene: uniform crossover for
+    two, gene-pool recombination (Muehlenbein and Voigt, 1996) for a population's best few,
+    whose shared values every child keeps and whose differences it mixes."""
+    genes = {gene: getattr(parents[int(rng.random() * len(parents))], gene) for gene in GENES}
+    return space.repair(dataclasses.replace(parents[0], **genes))

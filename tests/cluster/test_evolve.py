@@ -127,6 +127,12 @@ def test_resume_of_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert "not a Chimera run" in capsys.readouterr().err
 
 
+def test_a_bad_search_option_is_a_clean_error(tmp_path, capsys):
+    assert main(_evolve_argv(tmp_path / "run", "--gene-pool", "1.5")) == 2
+    assert "gene_pool_fraction=1.5: must be in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing written for a run that never started
+
+
 @pytest.fixture
 def local_ray():
     import ray

@@ -88,6 +88,26 @@ def _loop(tmp_path, train, limits, space=CPU, seed=0, clock=None, name="r.db"):
     return loop, db
 
 
+def test_gene_pool_children_recombine_the_best_members_then_mutate():
+    config = EvolutionConfig(population_size=6, tournament_size=2, gene_pool_fraction=0.5,
+                             extra_gene_probability=0.0)
+    strategy = AgingEvolution(CPU, config, 0)
+    genomes = {}
+    for i in range(30):
+        proposal = strategy.ask()
+        genomes[i] = proposal.genome
+        if i >= 6:  # the population is full: every child comes from its best half
+            best_half = [m.candidate_id for m in rank(list(strategy.population))[:3]]
+            assert proposal.operator == "gene-pool" and list(proposal.parents) == best_half
+            parents = [genomes[p] for p in proposal.parents]
+            inherited = sum(any(getattr(proposal.genome, g) == getattr(p, g) for p in parents)
+                            for g in FREE_GENES)
+            assert inherited >= len(FREE_GENES) - 1  # all but the one mutated gene
+        strategy.tell(i, proposal, random.Random(i).random())
+    with pytest.raises(ValueError, match="gene_pool_fraction"):
+        EvolutionConfig(gene_pool_fraction=-0.1)
+
+
 def test_a_repeated_genome_reuses_the_recorded_result(tmp_path):
     tiny = SearchSpace(name="tiny", d_model=(64,), n_layers=(2, 3), n_heads=(2,),
                        n_kv_heads=(1,), ffn_multiplier=(2.0,), recurrence_ratio=(1,),

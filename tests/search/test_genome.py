@@ -7,7 +7,7 @@ import pytest
 
 from chimera.config import ChimeraConfig
 from search.genome import CPU, PUBLISHED, Genome, get_space, preset_seeds
-from search.operators import crossover, mutate
+from search.operators import crossover, mutate, recombine
 
 
 def _valid(genome: Genome, space) -> bool:
@@ -51,6 +51,20 @@ def test_mutation_changes_the_genome_a_little():
         assert child != parent
         changed = [g for g, v in parent.to_dict().items() if child.to_dict()[g] != v]
         assert 1 <= len(changed) <= 4  # one gene, plus what repair adjusts with it
+
+
+def test_recombination_takes_every_gene_from_some_parent_and_mixes_them():
+    rng = random.Random(2)
+    parents = [dataclasses.replace(CPU.sample(rng), dropout=d, mlp_type=m, rope_theta=r)
+               for d, m, r in ((0.0, "swiglu", 10_000.0), (0.05, "gelu", 10_000.0),
+                               (0.1, "relu2", 10_000.0))]
+    children = [recombine(parents, CPU, rng) for _ in range(200)]
+    for gene in ("dropout", "mlp_type", "ffn_multiplier", "window_size", "qk_norm"):
+        values = {getattr(child, gene) for child in children}
+        assert values <= {getattr(p, gene) for p in parents}  # nothing new: no mutation
+    assert {c.dropout for c in children} == {0.0, 0.05, 0.1}  # every parent contributes
+    assert {c.rope_theta for c in children} == {10_000.0}  # what all share, every child keeps
+    assert len({(c.dropout, c.mlp_type) for c in children}) > 3  # genes mixed independently
 
 
 def test_repair_fixes_divisibility_and_the_parameter_budget():
