@@ -70,6 +70,8 @@ def rung_table(db_path: Path) -> tuple[list[int], list[list[float]]]:
 
 
 def report(db_path: Path, console: Console) -> None:
+    if not db_path.exists():
+        raise SystemExit(f"{db_path}: no such run database (train one with --keep DIR first)")
     steps, rows = rung_table(db_path)
     if len(rows) < 3:
         raise SystemExit(f"{db_path}: only {len(rows)} candidates finished every rung; "

@@ -159,6 +159,11 @@ def main() -> None:
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     console = Console(width=None if sys.stdout.isatty() else 150)  # logs: the table unwrapped
     if args.report:
+        missing = [str(_run_dir(Path(args.report), m, seed)) for m in methods for seed in seeds
+                   if not (_run_dir(Path(args.report), m, seed) / "results.db").exists()]
+        if missing:
+            parser.error(f"no kept run in {', '.join(missing)} (pass the --methods and --seeds "
+                         f"they ran with)")
         runs = {m: [curve(_run_dir(Path(args.report), m, seed) / "results.db")
                     for seed in seeds] for m in methods}
         report(methods, {m: [points for points, _ in runs[m]] for m in methods},

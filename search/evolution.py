@@ -5,7 +5,9 @@ from a tournament: sample ``tournament_size`` members, take the fittest as the p
 (one gene, sometimes a few) or cross it with the runner-up. When a result arrives the child
 joins the population and the oldest member leaves, however fit it is: that ageing regularises
 the search. There is no generation barrier: ``ask`` can be called whenever a worker is free,
-before earlier children have been told.
+before earlier children have been told. With ``gene_pool_fraction`` set, a child instead
+recombines the genes of the population's best members, then mutates (an option, measured in
+BENCHMARKS.md).
 
 With progressive hurdles a result also says how far its candidate got (the budget ``rung`` it
 ended at), and bits per byte after 10 steps are not comparable with bits per byte after 90.
