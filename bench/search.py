@@ -12,8 +12,9 @@ So et al.'s progressive dynamic hurdles, whose baseline trains every candidate f
 Compute is measured as worker-seconds spent training (every rung counted), in the order
 results arrived. Printed per method: the best validation bits per byte (median and range over
 seeds), and the compute at which the method first reached random search's final best of the
-same seed (median; "never" if it did not). Each seed also holds out its own validation
-documents, so bpb levels move with the seed; paired by seed, the table adds each method's mean
+same seed (median; "never" if it did not). Every seed is scored on the same validation documents
+(--data-seed; --split-per-seed gives each seed its own, as the runs before session 6 did, which
+moves bpb levels by up to 0.2 between seeds). Paired by seed, the table adds each method's mean
 rank among the methods and its median difference to random's best. A best-so-far plot (raw, and
 paired with random) goes to bench/figures/ (the one BENCHMARKS.md shows) when every method ran,
 else only where --plot says.
@@ -126,6 +127,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="how many seeds")
     parser.add_argument("--first-seed", type=int, default=0,
                         help="seeds run from this one (add seeds to a kept set of runs)")
+    split = parser.add_mutually_exclusive_group()
+    split.add_argument("--data-seed", type=int, default=0,
+                       help="the train/validation split every seed shares (default 0)")
+    split.add_argument("--split-per-seed", action="store_true",
+                       help="each seed draws its own split (how runs before session 6 ran)")
     parser.add_argument("--full-steps", type=int, default=88, help="a candidate's full budget")
     parser.add_argument("--hurdle-factor", type=int, default=2,
                         help="hurdles: each rung's budget is this many times the last (3 rungs)")
@@ -184,6 +190,7 @@ def main() -> None:
                 run_dir = _run_dir(work, method, seed)
                 settings = EvolveSettings(
                     run_dir=str(run_dir), corpus=corpus, vocab_size=512, seed=seed,
+                    data_seed=seed if args.split_per_seed else args.data_seed,
                     strategy=strategy, hurdles=hurdles if hurdled else None,
                     warm_start=False,  # the presets would be every method's first picks
                     limits=SearchLimits(wall_seconds=args.seconds), hparams=hparams,
@@ -214,8 +221,8 @@ def report(methods, curves, bests, args, console) -> None:
                    "minus random's best: median", "worker-s to reach random's best",
                    "vs random"):
         table.add_column(column)
-    # Each seed holds out its own validation documents, so bpb levels move with the seed: the
-    # rank among the methods on each seed (1 = best) is the paired comparison.
+    # Paired by seed (1 = best on that seed): seeds differ in their search and, with
+    # --split-per-seed, in their validation documents, which moves every method's bpb alike.
     per_seed = [ranks([bests[m][i] for m in methods]) for i in range(len(bests[methods[0]]))]
     random_cost = [compute_to_reach(c, b) for c, b in zip(curves.get("random", []),
                                                            bests.get("random", []))]
@@ -231,10 +238,11 @@ def report(methods, curves, bests, args, console) -> None:
                      zip(curves[method], bests["random"])]
             done = [r for r in reach if r is not None]
             median_reach = statistics.median(done) if len(done) == len(reach) else None
-            base = statistics.median([r for r in random_cost if r is not None])
+            reached = [r for r in random_cost if r is not None]
+            base = statistics.median(reached) if reached else None  # None: random found nothing
             row += [f"{median_reach:.0f}" if median_reach is not None else
                     f"never in {len(reach) - len(done)} of {len(reach)}",
-                    f"{median_reach / base:.2f}x" if median_reach is not None else "-"]
+                    f"{median_reach / base:.2f}x" if median_reach is not None and base else "-"]
         else:
             row += ["-", "-", "-"]
         table.add_row(*row)
@@ -259,7 +267,7 @@ def report(methods, curves, bests, args, console) -> None:
     axes.set_title("search methods on tinyshakespeare (one line per seed)")
     axes.grid(alpha=0.3)
     axes.legend()
-    if paired:  # each seed's own validation documents: compare with random on the same seed
+    if paired:  # compare with random on the same seed (and split)
         axes = panels[0][1]
         end = max(points[-1][0] for runs in curves.values() for points in runs if points)
         grid = [end * k / 200 for k in range(201)]

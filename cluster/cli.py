@@ -91,13 +91,14 @@ def parse_size(text: str) -> int:
     return int(float(match[1]) * {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}[match[2].upper()])
 
 
-def _corpus_spec(args: argparse.Namespace):
+def _corpus_spec(args: argparse.Namespace, seed: int):
+    """The corpus the options name; ``seed`` draws the built-in stories."""
     from trainers.corpus import CorpusFormat, CorpusSpec, DecodeErrors, Separator
 
     return CorpusSpec(source=args.corpus, format=CorpusFormat(args.format),
                       text_field=args.text_field, separator=Separator(args.separator),
                       errors=DecodeErrors(args.errors), clean_wikitext=args.clean_wikitext,
-                      stories_bytes=args.corpus_size, seed=args.seed)
+                      stories_bytes=args.corpus_size, seed=seed)
 
 
 def cmd_data_prepare(args: argparse.Namespace, console: Console) -> int:
@@ -120,7 +121,7 @@ def cmd_data_prepare(args: argparse.Namespace, console: Console) -> int:
     )
 
     try:
-        spec = _corpus_spec(args)
+        spec = _corpus_spec(args, args.seed)
         split = SplitConfig(val_fraction=args.val_fraction, seed=args.seed)
         with console.status(f"preparing the {args.tokenizer} tokenizer"):
             tokenizer = tokenizer_for(spec, args.tokenizer, args.vocab_size, args.out)
@@ -236,7 +237,7 @@ def _evolve_settings(args: argparse.Namespace):
                          if v is not None), (BudgetKind.TOKENS, DEFAULT_CANDIDATE_TOKENS))
     run_dir = args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
     return EvolveSettings(
-        run_dir=run_dir, corpus=_corpus_spec(args), tokenizer=args.tokenizer,
+        run_dir=run_dir, corpus=_corpus_spec(args, args.data_seed), tokenizer=args.tokenizer,
         vocab_size=args.vocab_size, space=args.space,
         evolution=EvolutionConfig(population_size=args.population,
                                   tournament_size=args.tournament,
@@ -244,7 +245,8 @@ def _evolve_settings(args: argparse.Namespace):
         limits=limits, candidate_budget=TrainBudget(kind, amount),
         hparams=TrainHparams(learning_rate=args.lr, batch_size=args.batch_size,
                              seq_len=args.seq_len),
-        seed=args.seed, warm_start=not args.no_warm_start, strategy=args.strategy,
+        seed=args.seed, data_seed=args.data_seed, warm_start=not args.no_warm_start,
+        strategy=args.strategy,
         objectives=Objectives.parse(args.objective).names, max_params=args.max_params,
         hurdles=Hurdles(args.hurdles, args.hurdle_factor, args.hurdle_keep,
                         window=args.hurdle_window)
@@ -456,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = evolve.add_argument_group("run")
     run.add_argument("--run-dir", help="where the run lives (default runs/<timestamp>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0,
+                     help="seed of the search (proposals, initial weights, batch order)")
     run.add_argument("--no-live", action="store_true", help="no live display")
     run.add_argument("--database", metavar="URL",
                      help="a SQLAlchemy URL for the results (default: RUN_DIR/results.db)")
@@ -465,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--corpus-size", type=parse_size, default="2MB")
     data.add_argument("--tokenizer", default="bpe", help="bpe, char or a tokenizer directory")
     data.add_argument("--vocab-size", type=int, default=1024)
+    data.add_argument("--data-seed", type=int, default=0,
+                      help="seed of the built-in stories and the train/validation split, apart "
+                           "from --seed so that runs with different seeds share a validation "
+                           "set (default 0)")
     data.add_argument("--format", choices=["auto", "text", "jsonl", "parquet"], default="auto")
     data.add_argument("--text-field", default="text")
     data.add_argument("--separator", choices=["eot", "blank"], default="eot")

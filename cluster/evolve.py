@@ -65,7 +65,10 @@ class EvolveSettings:
     limits: SearchLimits = SearchLimits(wall_seconds=180)
     candidate_budget: TrainBudget = TrainBudget(BudgetKind.TOKENS, 100_000)
     hparams: TrainHparams = TrainHparams()
-    seed: int = 0
+    seed: int = 0  # the search's: proposals, initial weights, batch order
+    # The built-in stories and the train/validation split. Apart from ``seed`` so that runs with
+    # different search seeds are scored on the same validation documents and can be compared.
+    data_seed: int = 0
     warm_start: bool = True
     strategy: str = "evolution"  # evolution | random | tpe | nsga2 (the baselines)
     objectives: tuple[str, ...] = ("bpb",)  # with more than one, selection is by Pareto rank
@@ -101,7 +104,9 @@ class EvolveSettings:
         corpus.update(format=CorpusFormat(corpus["format"]), separator=Separator(
             corpus["separator"]), errors=DecodeErrors(corpus["errors"]))
         budget = data["candidate_budget"]
-        extra = {}  # settings added after a run was made keep their defaults
+        # settings added after a run was made keep their defaults; runs made before the data
+        # seed drew their split from the search seed
+        extra = {"data_seed": data.get("data_seed", data["seed"])}
         if "faults" in data:
             extra["faults"] = FaultPolicy(**data["faults"])
         if "store_transfer" in data:
@@ -148,7 +153,8 @@ def prepare_data(settings: EvolveSettings, console: Console):
     with console.status(f"preparing the {settings.tokenizer} tokenizer and the token store "
                         f"from {settings.corpus.describe()}"):
         tokenizer = tokenizer_for(settings.corpus, settings.tokenizer, settings.vocab_size, out)
-        store, _ = prepare_store(settings.corpus, tokenizer, out, SplitConfig(seed=settings.seed),
+        store, _ = prepare_store(settings.corpus, tokenizer, out,
+                                 SplitConfig(seed=settings.data_seed),
                                  tokenizer_recipe=tokenizer_recipe(settings.tokenizer,
                                                                    settings.vocab_size))
     return store

@@ -230,3 +230,25 @@ def test_pareto_search_with_a_parameter_budget(tmp_path, capsys):
     assert settings["objectives"] == ["bpb", "params"] and settings["max_params"] == 400_000
     assert main(_evolve_argv(tmp_path / "bad", "--objective", "bpb,latency")) == 2
     assert "unknown objective" in capsys.readouterr().err
+
+
+def test_the_validation_split_follows_the_data_seed_not_the_search_seed(tmp_path):
+    """Runs with different search seeds are scored on the same documents, so they compare."""
+    from rich.console import Console
+
+    from cluster.evolve import EvolveSettings, prepare_data
+    from trainers.corpus import CorpusSpec
+
+    def validation(name, **seeds):
+        settings = EvolveSettings(run_dir=str(tmp_path / name), tokenizer="char",
+                                  corpus=CorpusSpec("stories", stories_bytes=60_000), **seeds)
+        return prepare_data(settings, Console(quiet=True)).tokens("val").tolist()
+
+    shared = validation("a", seed=1)
+    assert validation("b", seed=2) == shared
+    assert validation("c", seed=1, data_seed=1) != shared
+    # a run made before the data seed existed drew its split from its search seed: resumed, it
+    # must find the same store
+    old = EvolveSettings(run_dir=str(tmp_path / "d"), seed=5, data_seed=5).to_dict()
+    del old["data_seed"]
+    assert EvolveSettings.from_dict(old).data_seed == 5
