@@ -155,9 +155,15 @@ class SearchLoop:
         return 0.0
 
     def _time_reason(self, rung: int = 0) -> str | None:
+        """Why training from ``rung`` on must not start: it would not reach the full budget (the
+        last rung) before the deadline. A candidate cut short at an early rung is ranked below
+        every one that went further and cannot be the search's winner, so a rung that cannot be
+        followed through is compute spent on nothing (up to a tenth of a bench run's)."""
         if self.limits.wall_seconds is not None:
-            if self.clock() + self._expected_seconds(rung) > self.deadline:
-                return "the time budget would be overrun by another candidate"
+            last = self.hurdles.rungs if self.hurdles else 1
+            needed = sum(self._expected_seconds(r) for r in range(rung, last))
+            if self.clock() + needed > self.deadline:
+                return "the time budget would end before another candidate's full budget"
         return None
 
     def _stop_reason(self, launched_total: int) -> str | None:

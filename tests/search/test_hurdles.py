@@ -120,14 +120,29 @@ def _timed_loop(tmp_path, wall, on_tick=None):
     return loop, db
 
 
-def test_no_continuation_starts_that_would_overrun_the_budget(tmp_path):
-    # Rung 0 ends at 10 s and rung 1 at 30 s; rung 2 would take 60 more (the loop expects
-    # rung 0's time scaled by the steps it adds), and no new candidate fits in the last 5 s.
+def test_no_continuation_starts_that_could_not_reach_the_full_budget(tmp_path):
+    # Rung 0 ends at 10 s. Rung 1 would fit in the 25 s left, but rungs 1 and 2 would take 80
+    # (the loop expects rung 0's time scaled by the steps each adds), so the candidate stops
+    # at rung 0, and no new candidate starts either.
     loop, db = _timed_loop(tmp_path, wall=35)
     loop.run()
     (row,) = db.candidates()
-    assert row["status"] == "ok" and json.loads(row["result"])["rung"] == 1
-    assert [r["rung"] for r in db.rungs(row["id"])] == [0, 1]
+    assert row["status"] == "ok" and json.loads(row["result"])["rung"] == 0
+    assert [r["rung"] for r in db.rungs(row["id"])] == [0]
+
+
+def test_no_candidate_starts_that_could_not_reach_the_full_budget(tmp_path):
+    # The first candidate goes through all rungs in 90 s (10 + 20 + 60). Ten seconds are left:
+    # enough for a rung 0, but its result could never be the best, so nothing more starts.
+    loop, db = _timed_loop(tmp_path, wall=100)
+    report = loop.run()
+    (row,) = db.candidates()
+    assert json.loads(row["result"])["rung"] == 2 and row["status"] == "ok"
+    assert "full budget" in report.stop_reason
+    # With time for a second full pass, a second candidate starts.
+    loop, db = _timed_loop(tmp_path / "longer", wall=180)
+    loop.run()
+    assert len(db.candidates()) == 2
 
 
 def test_a_continuation_cut_by_the_deadline_keeps_its_last_rung_result(tmp_path):
@@ -138,7 +153,7 @@ def test_a_continuation_cut_by_the_deadline_keeps_its_last_rung_result(tmp_path)
             jumped.append(True)
             clock.now += 100.0
 
-    loop, db = _timed_loop(tmp_path, wall=60, on_tick=jump_past_the_deadline)
+    loop, db = _timed_loop(tmp_path, wall=100, on_tick=jump_past_the_deadline)
     report = loop.run()
     (row,) = db.candidates()
     assert report.promoted == 1 and report.cancelled == 0
