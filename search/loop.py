@@ -163,7 +163,7 @@ class SearchLoop:
             last = self.hurdles.rungs if self.hurdles else 1
             needed = sum(self._expected_seconds(r) for r in range(rung, last))
             if self.clock() + needed > self.deadline:
-                return "the time budget would end before another candidate's full budget"
+                return "the time budget would be overrun before another candidate's full budget"
         return None
 
     def _stop_reason(self, launched_total: int) -> str | None:

@@ -91,10 +91,15 @@ def test_train_ctrl_c_saves_and_a_rerun_resumes(tmp_path):
                  "--tokenizer", "char", "--out", str(store)]) == 0
     argv = [sys.executable, "-m", "cluster.cli", "train", "--preset", "tiny", "--store",
             str(store), "--out", str(tmp_path / "model"), "--tokens", "400K", "--batch-size",
-            "4", "--seq-len", "32", "--max-seq-len", "64", "--checkpoint-every", "1000"]
+            "4", "--seq-len", "32", "--max-seq-len", "64", "--checkpoint-every", "200"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     checkpoints = tmp_path / "model" / "checkpoints" / "pretrain"
-    time.sleep(8)  # into the training loop
+    # Signal only once the training loop (and its SIGINT handler) runs: its first checkpoint
+    # says so. A fixed sleep raced the set-up on a loaded machine.
+    deadline = time.monotonic() + 120
+    while CheckpointManager(checkpoints).latest() is None and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
