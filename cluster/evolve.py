@@ -177,7 +177,8 @@ def make_strategy(name: str, space, settings: EvolveSettings, seeds: list[Genome
     if name in SAMPLERS:
         return OptunaSearch(space, name, settings.seed, seeds,
                             population_size=settings.evolution.population_size,
-                            n_objectives=len(settings.objectives))
+                            n_objectives=len(settings.objectives),
+                            final_rung=settings.hurdles.rungs - 1 if settings.hurdles else 0)
     raise ValueError(f"unknown strategy {name!r}: choose from {', '.join(STRATEGIES)}")
 
 

@@ -8,7 +8,12 @@ aging evolution, so a comparison changes nothing but the strategy:
   any other (divisibility, parameter budget), and Optuna learns f(repair(x)).
 
 Failed candidates (infinite fitness) are told to Optuna as failed trials, which its samplers
-leave out of their models.
+leave out of their models. With progressive hurdles, a candidate stopped at an earlier rung is
+told as a pruned trial whose last intermediate value is its bits per byte at that rung, as an
+Optuna pruner would leave it: TPE then ranks complete trials first and pruned ones by how far
+they got, then by value (the order hurdled evolution ranks by), and NSGA-II breeds from
+complete trials only. Told as complete, a rung-0 value after a quarter of the budget would be
+compared with full-budget ones as if it were one of them.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import math
 import random
 
 import optuna
+from optuna.trial import TrialState
 
 from search.evolution import Proposal
 from search.genome import GENES, Genome, SearchSpace
@@ -64,9 +70,10 @@ def make_sampler(name: str, seed: int, population_size: int = 16) -> optuna.samp
 
 class OptunaSearch:
     def __init__(self, space: SearchSpace, sampler: str, seed: int, seeds: list[Genome] = (),
-                 population_size: int = 16, n_objectives: int = 1) -> None:
+                 population_size: int = 16, n_objectives: int = 1, final_rung: int = 0) -> None:
+        """``final_rung``: with hurdles, the index of the last (full-budget) rung."""
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.space, self.sampler_name = space, sampler
+        self.space, self.sampler_name, self.final_rung = space, sampler, final_rung
         self.study = optuna.create_study(directions=["minimize"] * n_objectives,
                                          sampler=make_sampler(sampler, seed, population_size))
         self.distributions = {gene: optuna.distributions.IntDistribution(
@@ -94,18 +101,30 @@ class OptunaSearch:
 
     def tell(self, candidate_id: int, proposal: Proposal,
              fitness: float | tuple[float, ...], rung: int = 0) -> None:
-        """``fitness``: one value, or one per objective (all minimised). ``rung`` (how far a
-        hurdled candidate got) is not passed on: Optuna's samplers model one budget."""
+        """``fitness``: one value, or one per objective (all minimised); ``rung``: the hurdle
+        rung the candidate ended at (below ``final_rung``: stopped early, a pruned trial)."""
         self.seen.add(proposal.genome.key)
         values = list(fitness) if isinstance(fitness, tuple) else [fitness]
         finite = all(math.isfinite(v) for v in values)
-        state = optuna.trial.TrialState.COMPLETE if finite else optuna.trial.TrialState.FAIL
-        told = (values if len(values) > 1 else values[0]) if finite else None
+        state, told, intermediate = TrialState.COMPLETE, (
+            values if len(values) > 1 else values[0]), {}
+        if not finite:
+            state, told = TrialState.FAIL, None
+        elif rung < self.final_rung:
+            # Optuna keeps intermediate values for one objective only; with several, a pruned
+            # trial still ranks below every complete one.
+            state, told = TrialState.PRUNED, None
+            intermediate = {rung: values[0]} if len(values) == 1 else {}
         trial = self.trials.pop(id(proposal), None)
         if trial is not None:
+            for step, value in intermediate.items():
+                trial.report(value, step)
             self.study.tell(trial, told, state=state)
         else:  # a result from an earlier session (resume): add it as a finished trial
+            if intermediate:  # as a live tell leaves it: the last intermediate value
+                told = values[0]
             self.study.add_trial(optuna.trial.create_trial(
                 params=self._params(proposal.genome), distributions=self.distributions,
-                **({"values": values} if len(values) > 1 else {"value": told}) if finite else {},
-                state=state))
+                **({} if told is None else {"values": values} if len(values) > 1
+                   else {"value": told}),
+                intermediate_values=intermediate, state=state))

@@ -5,6 +5,7 @@ import statistics
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 
 from search.baselines import OptunaSearch, RandomSearch
 from search.genome import CPU, preset_seeds
@@ -64,3 +65,56 @@ def test_optuna_replays_results_of_an_earlier_session():
     assert len(trials) == 12 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     assert [t.value for t in trials] == [_score(p.genome) for p in history]
     assert resumed.ask().genome is not None
+
+
+def _hurdled_drive(strategy, count):
+    """Results as hurdles leave them: made-up rungs, the better a genome the further it got
+    (rung 2 is the full budget), and a failure now and then."""
+    told = []
+    for i in range(count):
+        proposal = strategy.ask()
+        score = _score(proposal.genome)
+        fitness, rung = (math.inf, 0) if i % 7 == 6 else (score, 0 if score > 1.6 else
+                                                            1 if score > 1.3 else 2)
+        strategy.tell(i, proposal, fitness, rung=rung)
+        told.append((proposal, fitness, rung))
+    return told
+
+
+def _expected_trial(fitness, rung):
+    if not math.isfinite(fitness):
+        return TrialState.FAIL, None, {}
+    if rung < 2:  # Optuna gives a pruned trial its last intermediate value as its value
+        return TrialState.PRUNED, fitness, {rung: fitness}
+    return TrialState.COMPLETE, fitness, {}
+
+
+@pytest.mark.parametrize("name", ["tpe", "nsga2"])
+def test_with_hurdles_a_candidate_stopped_early_is_a_pruned_trial_at_its_rung(name):
+    strategy = OptunaSearch(CPU, name, 0, population_size=8, final_rung=2)
+    told = _hurdled_drive(strategy, 40)
+    trials = strategy.study.trials
+    assert [(t.state, t.value, t.intermediate_values) for t in trials] == \
+        [_expected_trial(fitness, rung) for _, fitness, rung in told]
+    assert {rung for _, _, rung in told} == {0, 1, 2}
+    # Replayed on resume, the study is the same.
+    resumed = OptunaSearch(CPU, name, 0, population_size=8, final_rung=2)
+    for i, (proposal, fitness, rung) in enumerate(told):
+        resumed.tell(i, proposal, fitness, rung=rung)
+    assert [(t.state, t.value, t.intermediate_values) for t in resumed.study.trials] == \
+        [(t.state, t.value, t.intermediate_values) for t in trials]
+
+
+def test_hurdled_tpe_learns_from_complete_and_pruned_trials():
+    told = _hurdled_drive(OptunaSearch(CPU, "tpe", 0, population_size=8, final_rung=2), 80)
+    scores = [_score(proposal.genome) for proposal, _, _ in told]
+    assert statistics.mean(scores[-20:]) < statistics.mean(scores[:20]) - 0.1
+
+
+def test_with_several_objectives_a_pruned_trial_has_no_intermediate_values():
+    strategy = OptunaSearch(CPU, "nsga2", 0, population_size=8, n_objectives=2, final_rung=1)
+    strategy.tell(0, strategy.ask(), (2.5, 1e6), rung=0)
+    strategy.tell(1, strategy.ask(), (2.1, 2e6), rung=1)
+    pruned, complete = strategy.study.trials
+    assert pruned.state == TrialState.PRUNED and pruned.intermediate_values == {}
+    assert complete.state == TrialState.COMPLETE and complete.values == [2.1, 2e6]
