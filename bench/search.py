@@ -2,6 +2,8 @@
 
     evolution + hurdles | evolution | random | Optuna TPE | Optuna NSGA-II
 
+and, asked for by --methods, Optuna TPE + hurdles (TPE proposes, the hurdles screen).
+
 Every method runs the same `chimera evolve` machinery (same space, repair, trainer, validation
 windows, Ray workers) with the same wall-clock budget per run, over several seeds, and none
 starts from the presets (they would be every method's first candidates, and the best of a short
@@ -16,8 +18,8 @@ same seed (median; "never" if it did not). Every seed is scored on the same vali
 (--data-seed; --split-per-seed gives each seed its own, as the runs before session 6 did, which
 moves bpb levels by up to 0.2 between seeds). Paired by seed, the table adds each method's mean
 rank among the methods and its median difference to random's best. A best-so-far plot (raw, and
-paired with random) goes to bench/figures/ (the one BENCHMARKS.md shows) when every method ran,
-else only where --plot says.
+paired with random) goes to bench/figures/ (the one BENCHMARKS.md shows) when the five methods
+above ran, else only where --plot says.
 
     python bench/search.py                    # ~55 minutes: 5 methods x 3 seeds x 200 s
     python bench/search.py --seconds 40 --seeds 1 --methods random hurdles   # a smoke run
