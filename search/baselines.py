@@ -105,26 +105,25 @@ class OptunaSearch:
         rung the candidate ended at (below ``final_rung``: stopped early, a pruned trial)."""
         self.seen.add(proposal.genome.key)
         values = list(fitness) if isinstance(fitness, tuple) else [fitness]
-        finite = all(math.isfinite(v) for v in values)
-        state, told, intermediate = TrialState.COMPLETE, (
-            values if len(values) > 1 else values[0]), {}
-        if not finite:
+        intermediate: dict[int, float] = {}
+        if not all(math.isfinite(v) for v in values):
             state, told = TrialState.FAIL, None
         elif rung < self.final_rung:
+            state, told = TrialState.PRUNED, None
             # Optuna keeps intermediate values for one objective only; with several, a pruned
             # trial still ranks below every complete one.
-            state, told = TrialState.PRUNED, None
-            intermediate = {rung: values[0]} if len(values) == 1 else {}
+            if len(values) == 1:
+                intermediate = {rung: values[0]}
+        else:
+            state, told = TrialState.COMPLETE, values
         trial = self.trials.pop(id(proposal), None)
         if trial is not None:
             for step, value in intermediate.items():
                 trial.report(value, step)
             self.study.tell(trial, told, state=state)
-        else:  # a result from an earlier session (resume): add it as a finished trial
-            if intermediate:  # as a live tell leaves it: the last intermediate value
-                told = values[0]
+        else:  # a result from an earlier session (resume): add it as a finished trial, a
+            # pruned one holding its last intermediate value, as a live tell leaves it
             self.study.add_trial(optuna.trial.create_trial(
                 params=self._params(proposal.genome), distributions=self.distributions,
-                **({} if told is None else {"values": values} if len(values) > 1
-                   else {"value": told}),
+                values=told or list(intermediate.values()) or None,
                 intermediate_values=intermediate, state=state))
