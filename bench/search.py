@@ -133,6 +133,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="how many seeds")
     parser.add_argument("--first-seed", type=int, default=0,
                         help="seeds run from this one (add seeds to a kept set of runs)")
+    parser.add_argument("--seed-list", type=int, nargs="+", metavar="SEED",
+                        help="exactly these seeds, instead of --seeds and --first-seed (to "
+                             "report kept runs whose seeds are not consecutive)")
     split = parser.add_mutually_exclusive_group()
     split.add_argument("--data-seed", type=int, default=0,
                        help="the train/validation split every seed shares (default 0)")
@@ -169,7 +172,8 @@ def main() -> None:
         parser.error(f"--full-steps {args.full_steps} is not a multiple of "
                      f"{args.hurdle_factor ** (hurdles.rungs - 1)}")
     methods = [m for m in METHODS if m in args.methods]
-    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    seeds = args.seed_list or range(args.first_seed, args.first_seed + args.seeds)
+    args.seeds = len(seeds)
     console = Console(width=None if sys.stdout.isatty() else 150)  # logs: the table unwrapped
     if args.report:
         missing = [str(_run_dir(Path(args.report), m, seed)) for m in methods for seed in seeds
