@@ -12,7 +12,10 @@ a quarter of it and only those clearing each rung go on (2x, then 4x: 22, 44, 88
 So et al.'s progressive dynamic hurdles, whose baseline trains every candidate fully.
 
 Compute is measured as worker-seconds spent training (every rung counted), in the order
-results arrived. Printed per method: the best validation bits per byte (median and range over
+results arrived; with --flops every run instead gets the same budget of training FLOPs (the
+model's count of each candidate's training, `chimera evolve --flops`), and compute is measured
+in FLOPs: the same on any machine, where a wall-clock budget buys fewer candidates on a slower
+one. Printed per method: the best validation bits per byte (median and range over
 seeds), and the compute at which the method first reached random search's final best of the
 same seed (median; "never" if it did not). Every seed is scored on the same validation documents
 (--data-seed; --split-per-seed gives each seed its own, as the runs before session 6 did, which
@@ -25,6 +28,7 @@ above ran, else only where --plot says.
     python bench/search.py --seconds 40 --seeds 1 --methods random hurdles   # a smoke run
     python bench/search.py --keep DIR ... then --report DIR   # keep runs; re-report, no training
     python bench/search.py --keep DIR --seeds 3 --first-seed 3   # three more seeds into DIR
+    python bench/search.py --flops 13T ...   # a FLOPs budget per run instead of wall clock
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import ray  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from cluster.cli import parse_flops  # noqa: E402
 from cluster.evolve import EvolveSettings, run_evolve  # noqa: E402
 from results.db import RunDatabase  # noqa: E402
 from results.plots import compute_and_scores  # noqa: E402
@@ -97,12 +102,17 @@ def ranks(values: list[float]) -> list[float]:
     return result
 
 
-def curve(db_path: Path) -> tuple[list[tuple[float, float]], float]:
-    """Best-so-far (worker-seconds, bpb) after each result, and the final best. With hurdles
-    every rung's training counts as compute, and only full-budget results count as bests."""
+def curve(db_path: Path, flops: bool = False) -> tuple[list[tuple[float, float]], float]:
+    """Best-so-far (compute, bpb) after each result, and the final best; compute in
+    worker-seconds or (``flops``) training FLOPs. With hurdles every rung's training counts as
+    compute, and only full-budget results count as bests."""
     db = RunDatabase(db_path, readonly=True)
     try:
-        scored = compute_and_scores(db.candidates(), db.rungs())
+        rows = db.candidates()
+        if flops and not any(row.get("train_flops") for row in rows):
+            raise SystemExit(f"{db_path}: no training FLOPs recorded (a run made before they "
+                             f"were); report it without --flops")
+        scored = compute_and_scores(rows, db.rungs(), flops=flops)
     finally:
         db.close()
     best, points = float("inf"), []
@@ -130,6 +140,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     parser.add_argument("--seconds", type=float, default=200, help="wall clock per run")
+    parser.add_argument("--flops", type=parse_flops, metavar="FLOPS",
+                        help="a budget of training FLOPs per run instead of --seconds (e.g. "
+                             "13T), and compute measured in FLOPs")
     parser.add_argument("--seeds", type=int, default=3, help="how many seeds")
     parser.add_argument("--first-seed", type=int, default=0,
                         help="seeds run from this one (add seeds to a kept set of runs)")
@@ -181,8 +194,8 @@ def main() -> None:
         if missing:
             parser.error(f"no kept run in {', '.join(missing)} (pass the --methods and --seeds "
                          f"they ran with)")
-        runs = {m: [curve(_run_dir(Path(args.report), m, seed) / "results.db")
-                    for seed in seeds] for m in methods}
+        runs = {m: [curve(_run_dir(Path(args.report), m, seed) / "results.db",
+                          flops=bool(args.flops)) for seed in seeds] for m in methods}
         report(methods, {m: [points for points, _ in runs[m]] for m in methods},
                {m: [best for _, best in runs[m]] for m in methods}, args, console)
         return
@@ -204,7 +217,8 @@ def main() -> None:
                     data_seed=seed if args.split_per_seed else args.data_seed,
                     strategy=strategy, hurdles=hurdles if hurdled else None,
                     warm_start=False,  # the presets would be every method's first picks
-                    limits=SearchLimits(wall_seconds=args.seconds), hparams=hparams,
+                    limits=SearchLimits(train_flops=args.flops) if args.flops else
+                    SearchLimits(wall_seconds=args.seconds), hparams=hparams,
                     candidate_budget=TrainBudget(BudgetKind.STEPS, int(steps)),
                     workers=args.workers,
                     evolution=EvolutionConfig(population_size=args.population,
@@ -212,11 +226,12 @@ def main() -> None:
                                               gene_pool_fraction=args.gene_pool))
                 console.print(f"seed {seed}: {METHODS[method][0]} ...", highlight=False)
                 outcome = run_evolve(settings, Console(quiet=True), live=False)
-                points, best = curve(run_dir / "results.db")
+                points, best = curve(run_dir / "results.db", flops=bool(args.flops))
                 curves[method].append(points)
                 bests[method].append(best)
                 console.print(f"  {outcome.report.completed} candidates, best {best:.4f} bpb, "
-                              f"{points[-1][0] if points else 0:.0f} worker-s", highlight=False)
+                              f"{_compute(points[-1][0] if points else 0, args)}",
+                              highlight=False)
     finally:
         ray.shutdown()
         if not args.keep:
@@ -224,12 +239,19 @@ def main() -> None:
     report(methods, curves, bests, args, console)
 
 
+def _compute(spent: float, args) -> str:
+    return f"{spent / 1e12:.2f} TFLOPs" if args.flops else f"{spent:.0f} worker-s"
+
+
 def report(methods, curves, bests, args, console) -> None:
-    table = Table(title=f"tinyshakespeare, {args.seconds:.0f} s x {args.workers} workers per "
-                        f"run, {args.seeds} seeds, population {args.population} (validation "
-                        f"bits per byte; lower is better)")
+    budget = f"{args.flops:.3g} training FLOPs" if args.flops else \
+        f"{args.seconds:.0f} s x {args.workers} workers"
+    unit = "TFLOPs" if args.flops else "worker-s"
+    scale = 1e12 if args.flops else 1.0
+    table = Table(title=f"tinyshakespeare, {budget} per run, {args.seeds} seeds, population "
+                        f"{args.population} (validation bits per byte; lower is better)")
     for column in ("method", "best bpb: median", "range", "per seed", "mean rank",
-                   "minus random's best: median", "worker-s to reach random's best",
+                   "minus random's best: median", f"{unit} to reach random's best",
                    "vs random"):
         table.add_column(column)
     # Paired by seed (1 = best on that seed): seeds differ in their search and, with
@@ -251,7 +273,8 @@ def report(methods, curves, bests, args, console) -> None:
             median_reach = statistics.median(done) if len(done) == len(reach) else None
             reached = [r for r in random_cost if r is not None]
             base = statistics.median(reached) if reached else None  # None: random found nothing
-            row += [f"{median_reach:.0f}" if median_reach is not None else
+            row += [f"{median_reach / scale:.{2 if args.flops else 0}f}"
+                    if median_reach is not None else
                     f"never in {len(reach) - len(done)} of {len(reach)}",
                     f"{median_reach / base:.2f}x" if median_reach is not None and base else "-"]
         else:
@@ -267,13 +290,15 @@ def report(methods, curves, bests, args, console) -> None:
     figure, panels = plt.subplots(1, 2 if paired else 1, figsize=(14 if paired else 8, 5),
                                   squeeze=False)
     axes = panels[0][0]
+    xlabel = "compute (training FLOPs)" if args.flops else \
+        "compute (worker-seconds of candidate training)"
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for color, method in zip(colors, methods):
         for i, points in enumerate(curves[method]):
             if points:
                 axes.step(*zip(*points), where="post", color=color, alpha=0.8,
                           label=METHODS[method][0] if i == 0 else None)
-    axes.set_xlabel("compute (worker-seconds of candidate training)")
+    axes.set_xlabel(xlabel)
     axes.set_ylabel("best validation bits per byte so far")
     axes.set_title("search methods on tinyshakespeare (one line per seed)")
     axes.grid(alpha=0.3)
@@ -289,7 +314,7 @@ def report(methods, curves, bests, args, console) -> None:
                              else math.nan for column in zip(*gaps)],
                       color=color, label=METHODS[method][0])
         axes.axhline(0.0, color="gray", linestyle="--", linewidth=1)
-        axes.set_xlabel("compute (worker-seconds of candidate training)")
+        axes.set_xlabel(xlabel)
         axes.set_ylabel("best so far minus random's final best (bpb)")
         axes.set_title("median over seeds, paired with random search on each seed")
         axes.grid(alpha=0.3)

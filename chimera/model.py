@@ -153,6 +153,22 @@ def param_counts_analytic(config: ChimeraConfig) -> ParamCounts:
     return ParamCounts(embedding, layers + d)
 
 
+def training_flops_per_token(config: ChimeraConfig, seq_len: int) -> int:
+    """Floating-point operations of one training token (forward and backward) on sequences of
+    ``seq_len``, the PaLM appendix-B count: 6 per weight a token meets in a matmul (every
+    non-embedding weight, and the output head's vocab x d_model whether tied or not; the input
+    embedding is a lookup) plus 12 per attention layer, head dimension and attended position
+    (QK^T and AV, forward and backward), a position attending min(window, seq_len) keys.
+    Elementwise work (norms, gates, the scan) is left out; tests hold the count to torch's
+    FlopCounterMode. A machine-independent cost: search budgets in it are comparable across
+    machines and days, unlike wall-clock seconds."""
+    counts = param_counts_analytic(config)
+    matmul_weights = counts.non_embedding + config.vocab_size * config.d_model
+    attention_layers = sum(t is BlockType.ATTENTION for t in config.block_types)
+    attended = min(config.window_size, seq_len)
+    return 6 * matmul_weights + 12 * attention_layers * config.n_heads * config.head_dim * attended
+
+
 @torch.no_grad()
 def resize_vocabulary(model: Chimera, vocab_size: int) -> Chimera:
     """A copy of ``model`` with a larger vocabulary: trained rows kept as they are, new rows (of

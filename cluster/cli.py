@@ -207,6 +207,19 @@ def parse_duration(text: str) -> float:
     return total
 
 
+_FLOPS = re.compile(r"^\s*(\d+(?:\.\d*)?(?:e\+?\d+)?)\s*([KMGTPE]?)\s*$", re.IGNORECASE)
+_FLOPS_SCALE = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15, "e": 1e18}
+
+
+def parse_flops(text: str) -> float:
+    """'2e13', '20T', '1.5P' -> FLOPs."""
+    match = _FLOPS.match(text)
+    if not match or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive number of FLOPs: {text!r} (use e.g. "
+                                         f"2e13, 20T, 1.5P)")
+    return float(match[1]) * _FLOPS_SCALE[match[2].lower()]
+
+
 def _evolve_settings(args: argparse.Namespace):
     import dataclasses
 
@@ -221,10 +234,11 @@ def _evolve_settings(args: argparse.Namespace):
     from trainers.candidate import BudgetKind, TrainBudget, TrainHparams
 
     wall = args.budget
-    if wall is None and args.max_candidates is None and args.max_generations is None:
+    if wall is None and args.max_candidates is None and args.max_generations is None \
+            and args.flops is None:
         wall = DEFAULT_BUDGET_SECONDS
     limits = SearchLimits(wall_seconds=wall, max_candidates=args.max_candidates,
-                          max_generations=args.max_generations)
+                          max_generations=args.max_generations, train_flops=args.flops)
     if args.resume:  # the stored configuration, with this session's limits and execution
         settings = load_settings(args.resume)
         return dataclasses.replace(settings, limits=limits, workers=args.workers,
@@ -453,6 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--budget", type=parse_duration, default=None,
                         help="wall-clock budget, e.g. 90s, 5m, 1h (default 3m when no other "
                              "limit is given)")
+    limits.add_argument("--flops", type=parse_flops, metavar="FLOPS",
+                        help="training-compute budget, e.g. 2e13 or 20T, counted over every "
+                             "session of the run (no candidate starts whose full budget would "
+                             "overrun it); unlike --budget, the same on any machine")
     limits.add_argument("--max-candidates", type=int)
     limits.add_argument("--max-generations", type=int)
     run = evolve.add_argument_group("run")

@@ -18,6 +18,7 @@ import json
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from rich.live import Live
 
 from chimera.checkpoint import atomic_write
 from chimera.kernels import fused_ops
+from chimera.model import training_flops_per_token
 from cluster.node_store import DEFAULT_CACHE_ROOT, StoreTransfer
 from cluster.runtime import start_ray
 from cluster.worker import (
@@ -90,6 +92,10 @@ class EvolveSettings:
             raise ValueError(f"max_params must be positive, got {self.max_params}")
         if self.hurdles is not None and self.candidate_budget.kind is BudgetKind.SECONDS:
             raise ValueError("hurdles need a step or token budget per candidate, not seconds")
+        if self.limits.train_flops is not None \
+                and self.candidate_budget.kind is BudgetKind.SECONDS:
+            raise ValueError("a FLOPs budget needs a step or token budget per candidate (what "
+                             "a candidate trains in seconds cannot be known before it runs)")
 
     @property
     def database_target(self) -> str:
@@ -295,6 +301,20 @@ def _rung_steps(settings: EvolveSettings) -> tuple[int, ...]:
     return settings.hurdles.steps(budget_steps(settings.candidate_budget, settings.hparams))
 
 
+def training_flops(settings: EvolveSettings, vocab_size: int) -> Callable[[Genome, int], float]:
+    """FLOPs of training a genome from scratch to the end of a rung (the whole budget without
+    hurdles), as the trainer counts them after the fact."""
+    steps = _rung_steps(settings) or (budget_steps(settings.candidate_budget, settings.hparams),)
+    seq_len = settings.hparams.seq_len
+    tokens_per_step = settings.hparams.batch_size * seq_len
+
+    def flops(genome: Genome, rung: int) -> float:
+        config = genome.to_config(vocab_size, max_seq_len=seq_len)
+        return float(steps[rung] * tokens_per_step * training_flops_per_token(config, seq_len))
+
+    return flops
+
+
 def run_evolve(settings: EvolveSettings, console: Console | None = None,
                live: bool = True) -> EvolveOutcome:
     console = console or Console()
@@ -318,10 +338,13 @@ def run_evolve(settings: EvolveSettings, console: Console | None = None,
     evaluator, started_ray = _make_evaluator(settings, candidate)
     started = time.monotonic()
 
+    flops_budget = settings.limits.train_flops
+
     def view():
         return live_view(db.leaderboard(LIVE_TOP), db.running(), db.counts(),
                          time.monotonic() - started, settings.limits.wall_seconds,
-                         settings.limits.max_candidates)
+                         settings.limits.max_candidates,
+                         (db.train_flops_spent(), flops_budget) if flops_budget else None)
 
     # Transient: when the run ends the live view gives way to the final leaderboard. Without a
     # terminal (a submitted Ray job, a log file) each event is a line instead.
@@ -331,11 +354,14 @@ def run_evolve(settings: EvolveSettings, console: Console | None = None,
     recorder = db if live else EventLog(db, console)
     loop = SearchLoop(strategy, evaluator, recorder, settings.limits, hurdles=settings.hurdles,
                       objectives=Objectives(settings.objectives), rung_history=_rung_history(db),
-                      on_tick=(lambda: display.update(view())) if display else None)
+                      on_tick=(lambda: display.update(view())) if display else None,
+                      train_flops=training_flops(settings, store.vocab_size)
+                      if settings.limits.train_flops else None)
     try:
         if display:
             display.start()
-        report = loop.run(already_launched=already + len(relaunch), relaunch=relaunch)
+        report = loop.run(already_launched=already + len(relaunch), relaunch=relaunch,
+                          already_flops=db.train_flops_spent())
     except KeyboardInterrupt:
         for candidate_id in evaluator.cancel_all():
             db.record_cancelled(candidate_id, "interrupted")

@@ -38,7 +38,7 @@ from sqlalchemy import (
 FINISHED = ("ok", "diverged", "out_of_memory", "failed", "rejected")
 UNFINISHED = ("pending", "running", "cancelled")
 METRIC_COLUMNS = ("val_loss", "val_bpb", "params", "non_embedding_params", "tokens",
-                  "tokens_per_second", "wall_seconds", "peak_memory_mb")
+                  "tokens_per_second", "train_flops", "wall_seconds", "peak_memory_mb")
 
 metadata = MetaData()
 run_table = Table("run", metadata,
@@ -61,6 +61,7 @@ candidates_table = Table(
     Column("non_embedding_params", Integer), Column("tokens", Integer),
     Column("tokens_per_second", Float), Column("wall_seconds", Float),
     Column("peak_memory_mb", Float),
+    Column("train_flops", Float),  # to train it this far (with hurdles: every rung it reached)
     Column("result", Text),  # the full result as JSON (loss curve included)
     Column("error", Text), Column("worker", String(200)),
     Column("created_at", Float, nullable=False), Column("started_at", Float),
@@ -209,6 +210,20 @@ class RunDatabase:
 
     def running(self) -> list[dict]:
         return self._candidate_rows((_c.status == "running",))
+
+    def train_flops_spent(self) -> float:
+        """Training FLOPs of the run so far: every candidate trained (a hurdled one's last rung
+        counts its earlier ones), and the rungs of candidates an interrupted session cut off,
+        which a resumed run trains again. Rows of versions that did not record FLOPs count 0."""
+        trained = self._rows(select(func.coalesce(func.sum(_c.train_flops), 0.0).label("n"))
+                             .where(_c.status.in_(FINISHED), _c.reused_from.is_(None)))[0]["n"]
+        owed = {row["id"] for row in self.unfinished()}
+        furthest: dict[int, float] = {}
+        for row in self.rungs():
+            if row["candidate_id"] in owed:
+                flops = json.loads(row["result"] or "{}").get("train_flops") or 0.0
+                furthest[row["candidate_id"]] = max(furthest.get(row["candidate_id"], 0.0), flops)
+        return float(trained) + sum(furthest.values())
 
     def leaderboard(self, top: int | None = None) -> list[dict]:
         """Trained candidates that finished ok, best validation bits per byte first."""

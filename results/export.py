@@ -26,8 +26,9 @@ SCHEMA = pa.schema([
     ("status", pa.string()), ("reused_from", pa.int64()), ("attempts", pa.int64()),
     ("val_loss", pa.float64()), ("val_bpb", pa.float64()), ("params", pa.int64()),
     ("non_embedding_params", pa.int64()), ("tokens", pa.int64()),
-    ("tokens_per_second", pa.float64()), ("wall_seconds", pa.float64()),
-    ("peak_memory_mb", pa.float64()), ("error", pa.string()), ("worker", pa.string()),
+    ("tokens_per_second", pa.float64()), ("train_flops", pa.float64()),
+    ("wall_seconds", pa.float64()), ("peak_memory_mb", pa.float64()), ("error", pa.string()),
+    ("worker", pa.string()),
     ("created_at", pa.timestamp("ms", tz="UTC")), ("started_at", pa.timestamp("ms", tz="UTC")),
     ("finished_at", pa.timestamp("ms", tz="UTC")), ("result", pa.string()),
 ])

@@ -76,9 +76,14 @@ def workers_table(running: list[dict], now: float | None = None) -> Table:
 
 
 def budget_bar(elapsed: float, total: float | None, launched: int,
-               max_candidates: int | None) -> Group:
-    """Progress through the run's budget with an ETA: time, or candidates when no time limit."""
-    if total:
+               max_candidates: int | None, flops: tuple[float, float] | None = None) -> Group:
+    """Progress through the run's budget: training FLOPs when it has a FLOPs budget, else time
+    (with an ETA), else candidates."""
+    if flops:
+        spent, budget = flops
+        fraction = min(1.0, spent / budget)
+        label = f"compute {spent:.3g} / {budget:.3g} training FLOPs, {elapsed:,.0f}s"
+    elif total:
         fraction = min(1.0, elapsed / total)
         label = f"budget {elapsed:,.0f}s / {total:,.0f}s, ETA {max(0.0, total - elapsed):,.0f}s"
     elif max_candidates:
@@ -90,9 +95,11 @@ def budget_bar(elapsed: float, total: float | None, launched: int,
 
 
 def live_view(leaders: list[dict], running: list[dict], counts: dict[str, int], elapsed: float,
-              wall_seconds: float | None, max_candidates: int | None) -> Group:
-    """Budget, workers, the best ``leaders`` and the counts: what ``chimera evolve`` shows."""
+              wall_seconds: float | None, max_candidates: int | None,
+              flops: tuple[float, float] | None = None) -> Group:
+    """Budget, workers, the best ``leaders`` and the counts: what ``chimera evolve`` shows.
+    ``flops``: (training FLOPs spent, the FLOPs budget), when the run has one."""
     launched = sum(counts.values()) - counts.get("pending", 0)  # reused ones count too
-    return Group(budget_bar(elapsed, wall_seconds, launched, max_candidates),
+    return Group(budget_bar(elapsed, wall_seconds, launched, max_candidates, flops),
                  workers_table(running), leaderboard_table(leaders, f"top {len(leaders)}"),
                  counts_line(counts))

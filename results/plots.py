@@ -41,22 +41,28 @@ def fully_trained(rows: list[dict], rungs: list[dict] = ()) -> list[dict]:
     return [r for r in ok if r["id"] in reached]
 
 
-def compute_and_scores(rows: list[dict], rungs: list[dict] = ()
+def compute_and_scores(rows: list[dict], rungs: list[dict] = (), flops: bool = False
                        ) -> list[tuple[float, float | None]]:
-    """After each result, in the order results finished: (worker-seconds of training spent so
-    far, the bits per byte it scores or None). With hurdles (``rungs``: the run's rung rows)
-    every rung is a result that costs its own time, and only the last rung's results score."""
+    """After each result, in the order results finished: (compute spent so far, the bits per
+    byte it scores or None). Compute: worker-seconds of training, or with ``flops`` training
+    FLOPs. With hurdles (``rungs``: the run's rung rows) every rung is a result that costs its
+    own compute, and only the last rung's results score."""
     if rungs:
         last = max(r["rung"] for r in rungs)
-        events = [(r["finished_at"], r["wall_seconds"], r["val_bpb"] if r["rung"] == last and
-                   r["status"] == "ok" else None) for r in rungs]
+        # A rung result counts its candidate's training so far: a rung costs the difference.
+        so_far = {(r["candidate_id"], r["rung"]): json.loads(r["result"] or "{}").get(
+            "train_flops") or 0.0 for r in rungs} if flops else {}
+        events = [(r["finished_at"], so_far[r["candidate_id"], r["rung"]] - so_far.get(
+                   (r["candidate_id"], r["rung"] - 1), 0.0) if flops else r["wall_seconds"],
+                   r["val_bpb"] if r["rung"] == last and r["status"] == "ok" else None)
+                  for r in rungs]
     else:
-        events = [(r["finished_at"], r.get("wall_seconds"), r.get("val_bpb")
-                   if r["status"] == "ok" else None)
+        events = [(r["finished_at"], r.get("train_flops" if flops else "wall_seconds"),
+                   r.get("val_bpb") if r["status"] == "ok" else None)
                   for r in rows if r.get("reused_from") is None and r.get("finished_at")]
     spent, scored = 0.0, []
-    for _, seconds, bpb in sorted(events, key=lambda event: event[0]):
-        spent += seconds or 0.0
+    for _, cost, bpb in sorted(events, key=lambda event: event[0]):
+        spent += cost or 0.0
         scored.append((spent, bpb))
     return scored
 

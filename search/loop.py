@@ -7,7 +7,10 @@ database). It never imports Ray or the database; it passes plain data.
 A genome is never trained twice: a proposal whose genome already has a recorded result is told
 that result at once and recorded as reused. Limits: wall-clock seconds (no candidate is launched
 that would overrun, judged by the median duration so far; what is still running at the deadline
-is cancelled and recorded), a number of candidates, and a number of generations.
+is cancelled and recorded), training FLOPs (predicted before launch from the genome and the
+budget: no candidate is launched whose full budget would overrun; a machine-independent budget,
+so searches on different machines or days spend the same compute), a number of candidates, and a
+number of generations.
 """
 
 from __future__ import annotations
@@ -83,12 +86,15 @@ class SearchLimits:
     wall_seconds: float | None = None
     max_candidates: int | None = None  # launched (trained or reused), resumed ones included
     max_generations: int | None = None  # children deeper than this are not launched
+    train_flops: float | None = None  # of all training, earlier sessions' included (resume)
 
     def __post_init__(self) -> None:
         if self.wall_seconds is None and self.max_candidates is None \
-                and self.max_generations is None:
-            raise ValueError("a search needs a limit: wall-clock seconds, a number of candidates "
-                             "or a number of generations")
+                and self.max_generations is None and self.train_flops is None:
+            raise ValueError("a search needs a limit: wall-clock seconds, training FLOPs, a "
+                             "number of candidates or a number of generations")
+        if self.train_flops is not None and not self.train_flops > 0:
+            raise ValueError(f"train_flops must be positive, got {self.train_flops}")
 
 
 @dataclass
@@ -122,11 +128,16 @@ class SearchLoop:
                  clock: Callable[[], float] = time.monotonic,
                  on_tick: Callable[[], None] | None = None, poll_seconds: float = 0.5,
                  hurdles: Hurdles | None = None, objectives: Objectives | None = None,
-                 rung_history: list[tuple[int, float]] = ()) -> None:
+                 rung_history: list[tuple[int, float]] = (),
+                 train_flops: Callable[[Genome, int], float] | None = None) -> None:
         """``hurdles``: train every candidate in budget rungs, continuing only those that clear
         each rung's hurdle (the evaluator must support ``rung``); ``rung_history``: the (rung,
         bits per byte) results of an earlier session, which keep setting the bars on resume.
-        ``objectives``: what the strategy is told (default: bits per byte alone)."""
+        ``objectives``: what the strategy is told (default: bits per byte alone).
+        ``train_flops(genome, rung)``: the FLOPs of training ``genome`` from scratch to the end
+        of ``rung`` (needed by a ``limits.train_flops`` budget)."""
+        if limits.train_flops is not None and train_flops is None:
+            raise ValueError("a FLOPs budget needs the FLOPs of training a genome (train_flops)")
         self.strategy, self.evaluator, self.recorder = strategy, evaluator, recorder
         self.objectives = objectives
         self.hurdles = hurdles
@@ -143,6 +154,16 @@ class SearchLoop:
         self.proposals: dict[int, Proposal] = {}
         self.durations: dict[int, list[float]] = {}  # rung -> seconds each finished one took
         self.start = self.deadline = 0.0
+        # The FLOPs budget. A candidate in flight holds its full budget's FLOPs, so a hurdled
+        # one can always continue; once it stops, what it trained is what it holds.
+        self.flops_of = train_flops
+        self.flops_spent = 0.0  # finished: earlier sessions' and this one's
+        self.flops_held: dict[int, float] = {}  # candidate id -> its full budget's FLOPs
+        self.waiting_proposal: Proposal | None = None  # asked, but the FLOPs were held
+
+    @property
+    def flops_committed(self) -> float:
+        return self.flops_spent + sum(self.flops_held.values())
 
     # ------------------------------------------------------------------ limits
     def _expected_seconds(self, rung: int) -> float:
@@ -172,11 +193,30 @@ class SearchLoop:
             return f"reached {limits.max_candidates} candidates"
         return self._time_reason()
 
-    def run(self, already_launched: int = 0, relaunch: list[tuple[int, Proposal]] = ()
-            ) -> SearchReport:
+    def _full_flops(self, genome: Genome) -> float:
+        return self.flops_of(genome, self.hurdles.rungs - 1 if self.hurdles else 0)
+
+    def _flops_reason(self) -> str:
+        return (f"the compute budget ({self.limits.train_flops:.3g} training FLOPs) has no room "
+                f"for another candidate's full budget")
+
+    def _affordable(self, proposal: Proposal) -> bool | None:
+        """Whether ``proposal``'s full budget fits in the FLOPs left (True without a FLOPs budget,
+        or when its genome has a result already and costs nothing); None: not now, but it may
+        once a hurdled candidate in flight stops early and gives back what it held."""
+        if self.limits.train_flops is None or self.recorder.lookup(proposal.genome.key):
+            return True
+        if self.flops_committed + self._full_flops(proposal.genome) <= self.limits.train_flops:
+            return True
+        return None if self.hurdles and self.evaluator.in_flight() else False
+
+    def run(self, already_launched: int = 0, relaunch: list[tuple[int, Proposal]] = (),
+            already_flops: float = 0.0) -> SearchReport:
         """Run until a limit. ``already_launched``: candidates of earlier sessions (resume);
-        ``relaunch``: candidates that were in flight when an earlier session stopped."""
+        ``relaunch``: candidates that were in flight when an earlier session stopped;
+        ``already_flops``: the training FLOPs earlier sessions spent."""
         self.start = self.clock()
+        self.flops_spent = already_flops
         self.deadline = self.start + (self.limits.wall_seconds or math.inf)
         launched_total = already_launched
         queue = list(relaunch)
@@ -186,12 +226,25 @@ class SearchLoop:
                 # Candidates owed by an earlier session come first; they are already counted.
                 reason = self._time_reason() if queue else self._stop_reason(launched_total)
                 if reason is None and queue:
-                    self._launch(*queue.pop(0))
-                    continue
-                proposal = None if reason else self.strategy.ask()
+                    affordable = self._affordable(queue[0][1])
+                    if affordable:
+                        self._launch(*queue.pop(0))
+                        continue
+                    if affordable is None:  # wait for a result to give FLOPs back
+                        break
+                    reason = self._flops_reason()
+                proposal, self.waiting_proposal = (
+                    None if reason else self.waiting_proposal or self.strategy.ask()), None
                 if proposal is not None and self.limits.max_generations is not None \
                         and proposal.generation > self.limits.max_generations:
                     reason = f"reached generation {self.limits.max_generations}"
+                if proposal is not None and not reason:
+                    affordable = self._affordable(proposal)
+                    if affordable is None:  # wait for a result to give FLOPs back
+                        self.waiting_proposal = proposal
+                        break
+                    if not affordable:
+                        reason = self._flops_reason()
                 if reason:
                     stopping, self.report.stop_reason = True, reason
                     break
@@ -246,6 +299,8 @@ class SearchLoop:
 
     def _launch(self, candidate_id: int, proposal: Proposal) -> None:
         self.proposals[candidate_id] = proposal
+        if self.limits.train_flops is not None:
+            self.flops_held[candidate_id] = self._full_flops(proposal.genome)
         self.evaluator.submit(candidate_id, proposal.genome)
         self.recorder.record_start(candidate_id, self.evaluator.running().get(candidate_id, ""))
         self.report.launched += 1
@@ -295,6 +350,8 @@ class SearchLoop:
 
     def _final(self, candidate_id: int, result: dict) -> None:
         proposal = self.proposals.pop(candidate_id)
+        if self.flops_held.pop(candidate_id, None) is not None:
+            self.flops_spent += result.get("train_flops") or 0.0
         self.recorder.record_result(candidate_id, result)
         self.strategy.tell(candidate_id, proposal, self._fitness(result),
                            rung=result.get("rung", 0))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from chimera.config import BlockType, ChimeraConfig
-from chimera.model import Chimera, param_counts_analytic
+from chimera.model import Chimera, param_counts_analytic, training_flops_per_token
 from trainers.recipe import (
     TrainHparams,
     autocast_for,
@@ -69,6 +69,9 @@ class CandidateResult:
     steps: int = 0
     tokens: int = 0
     tokens_per_second: float = 0.0
+    # Of all ``steps`` (a continued candidate's earlier rungs included, like ``tokens``), by the
+    # model's count (chimera.model.training_flops_per_token): a machine-independent cost.
+    train_flops: float = 0.0
     wall_seconds: float = 0.0
     # CUDA: peak allocated during this candidate. CPU: the worker process's peak resident memory
     # so far (Linux has no per-interval peak), so in a reused worker it covers earlier ones too.
@@ -236,6 +239,8 @@ def train_candidate(config: ChimeraConfig, store: TokenStore, budget: TrainBudge
         result.steps, result.tokens = step, step * tokens_per_step
         result.tokens_per_second = (step - first_step) * tokens_per_step / max(train_seconds,
                                                                                1e-9)
+        result.train_flops = float(result.tokens * training_flops_per_token(config,
+                                                                            hparams.seq_len))
         if keep_state:  # before evaluation, which draws no randomness but switches modes
             result.state = TrainingState(
                 {k: v.detach().clone() for k, v in model.state_dict().items()},

@@ -161,3 +161,37 @@ def test_config_is_frozen_and_replace_revalidates():
         config.d_model = 64
     with pytest.raises(ValueError, match="n_heads"):
         dataclasses.replace(config, d_model=30)
+
+
+@pytest.mark.parametrize("genes", [
+    dict(recurrence_ratio=0),  # attention only
+    dict(recurrence_ratio=2, n_layers=3),  # R R A
+    dict(recurrence_ratio=3, n_layers=3, mlp_type="gelu", tie_embeddings=False),  # R R R
+    dict(recurrence_ratio=1, mlp_type="relu2", parallel_block=True, qk_norm=True),
+])
+def test_training_flops_per_token_match_torch_flop_counter(genes):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from chimera.model import training_flops_per_token
+
+    # The window covers the sequence, so attention computes every causal pair as counted. The
+    # counter sees attention's matmuls only on the math path (not in the fused CPU kernel).
+    config = _config(window_size=32, **genes)
+    torch.manual_seed(0)
+    model = Chimera(config)
+    tokens = torch.randint(0, config.vocab_size, (2, 32))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        logits, _ = model(tokens[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    counted = counter.get_total_flops() / tokens[:, 1:].numel()
+    assert training_flops_per_token(config, 31) == pytest.approx(counted, rel=0.05)
+
+
+def test_training_flops_grow_with_the_attended_window_not_past_it():
+    from chimera.model import training_flops_per_token
+
+    config = _config(recurrence_ratio=1, window_size=16)  # 2 attention layers of d_model 32
+    short, long = (training_flops_per_token(config, t) for t in (8, 64))
+    assert long - short == 12 * 2 * 32 * (16 - 8)  # 8 more keys per token, no more past 16
+    assert training_flops_per_token(config, 16) == long

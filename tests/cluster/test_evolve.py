@@ -252,3 +252,51 @@ def test_the_validation_split_follows_the_data_seed_not_the_search_seed(tmp_path
     old = EvolveSettings(run_dir=str(tmp_path / "d"), seed=5, data_seed=5).to_dict()
     del old["data_seed"]
     assert EvolveSettings.from_dict(old).data_seed == 5
+
+
+def test_a_flops_budget_holds_across_sessions(tmp_path, capsys):
+    """Real training in process: every candidate records the FLOPs of its training, and a
+    FLOPs budget counts every session of the run."""
+    from chimera.model import training_flops_per_token
+    from cluster.evolve import load_settings
+    from results.db import RunDatabase
+    from search.genome import Genome
+    from trainers.store import TokenStore
+
+    run = tmp_path / "flops"
+    assert main(_evolve_argv(run, "--in-process", "--max-candidates", "3", "--candidate-steps",
+                             "3", "--no-warm-start")) == 0
+    settings, vocab = load_settings(run), TokenStore.open(run / "store").vocab_size
+    seq_len = settings.hparams.seq_len
+    rows = _finished(run)
+    for row in rows:  # the model's count of what it trained
+        config = Genome.from_dict(json.loads(row["genome"])).to_config(vocab, seq_len)
+        assert row["train_flops"] == row["tokens"] * training_flops_per_token(config, seq_len)
+    db = RunDatabase(run / "results.db", readonly=True)
+    spent = db.train_flops_spent()
+    db.close()
+    assert spent == sum(row["train_flops"] for row in rows) > 0
+    # Resumed with a budget it has spent already: nothing more trains.
+    capsys.readouterr()
+    assert main(["evolve", "--resume", str(run), "--in-process", "--no-live", "--flops",
+                 f"{spent:.6e}"]) == 0
+    assert "compute budget" in capsys.readouterr().out and len(_finished(run)) == 3
+    # With three times as much, more train, and the run as a whole stays within it.
+    assert main(["evolve", "--resume", str(run), "--in-process", "--no-live", "--flops",
+                 f"{3 * spent:.6e}"]) == 0
+    more = _finished(run)
+    assert len(more) > 3 and sum(row["train_flops"] for row in more) <= 3 * spent
+    assert main(_evolve_argv(tmp_path / "bad", "--flops", "20T", "--candidate-seconds",
+                             "5")) == 2
+    assert "FLOPs budget needs a step or token budget" in capsys.readouterr().err
+
+
+def test_flops_parse():
+    from cluster.cli import parse_flops
+
+    assert parse_flops("2e13") == 2e13 and parse_flops("20T") == 2e13
+    assert parse_flops("1.5P") == 1.5e15 and parse_flops("3.2e+12") == 3.2e12
+    with pytest.raises(Exception, match="not a positive number of FLOPs"):
+        parse_flops("lots")
+    with pytest.raises(Exception, match="not a positive number of FLOPs"):
+        parse_flops("0")

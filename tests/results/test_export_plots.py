@@ -8,7 +8,13 @@ import pytest
 
 from cluster.cli import main
 from results.db import RunDatabase
-from results.plots import ancestors, best_so_far_figure, fully_trained, trained_ok
+from results.plots import (
+    ancestors,
+    best_so_far_figure,
+    compute_and_scores,
+    fully_trained,
+    trained_ok,
+)
 from search.evolution import AgingEvolution, EvolutionConfig
 from search.genome import CPU
 from search.loop import InProcessEvaluator, SearchLimits, SearchLoop
@@ -99,3 +105,23 @@ def test_with_hurdles_plots_count_every_rung_and_compare_only_full_budgets(tmp_p
     assert best_line.get_xdata()[-1] == pytest.approx(sum(r["wall_seconds"] for r in rungs) / 3600)
     assert len(scatter.get_offsets()) == len(full)  # early stops are not scored
     assert best_line.get_ydata()[-1] == min(r["val_bpb"] for r in full)
+
+
+def test_compute_in_flops_charges_each_rung_what_it_added(tmp_path):
+    db = RunDatabase(tmp_path / "results.db")
+    proposal = {"genome": {}, "summary": "", "parents": [], "operator": "random",
+                "generation": 0}
+    # A rung result counts the candidate's training so far: 100, then 300 in all (rung 1
+    # added 200); the other candidate stopped at rung 0 after 150.
+    a = db.record_proposal({**proposal, "genome_key": "a"})
+    b = db.record_proposal({**proposal, "genome_key": "b"})
+    db.record_rung(a, 0, {"status": "ok", "val_bpb": 3.0, "train_flops": 100.0,
+                          "wall_seconds": 1.0})
+    db.record_rung(b, 0, {"status": "ok", "val_bpb": 3.5, "train_flops": 150.0,
+                          "wall_seconds": 1.0})
+    db.record_rung(a, 1, {"status": "ok", "val_bpb": 2.5, "train_flops": 300.0,
+                          "wall_seconds": 2.0})
+    rows, rungs = db.candidates(), db.rungs()
+    assert compute_and_scores(rows, rungs, flops=True) == [(100.0, None), (250.0, None),
+                                                           (450.0, 2.5)]
+    assert compute_and_scores(rows, rungs) == [(1.0, None), (2.0, None), (4.0, 2.5)]

@@ -53,6 +53,15 @@ def test_live_view_renders_budget_workers_and_leaderboard_columns(tmp_path):
     assert first_row.split()[1] == "1"  # rank 1 is the lowest bpb
 
 
+def test_a_flops_budget_is_the_progress_shown(tmp_path):
+    db = RunDatabase(tmp_path / "r.db")
+    _fill(db)
+    console = Console(record=True, width=140)
+    console.print(live_view([], [], db.counts(), elapsed=30, wall_seconds=None,
+                            max_candidates=None, flops=(5e12, 2e13)))
+    assert "compute 5e+12 / 2e+13 training FLOPs, 30s" in console.export_text()
+
+
 def test_results_are_json_for_other_tools(tmp_path):
     db = RunDatabase(tmp_path / "r.db")
     _fill(db)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from chimera.config import ChimeraConfig
+from chimera.model import training_flops_per_token
 from chimera.tokenizer import train_char
 from trainers.candidate import (
     BudgetKind,
@@ -119,6 +120,10 @@ def test_continued_training_equals_uninterrupted_training(store):
         assert torch.equal(tensor, rest.state.model[name]), name
     assert rest.val_loss == whole.val_loss
     assert first.loss_curve + rest.loss_curve == whole.loss_curve  # steps 1 | 10
+    # FLOPs count the candidate's training so far, as tokens do: the continuation's include
+    # the first rung's, and equal the uninterrupted run's.
+    assert first.train_flops == 5 * 4 * 32 * training_flops_per_token(config, 32) > 0
+    assert rest.train_flops == whole.train_flops == pytest.approx(12 / 5 * first.train_flops)
     # without the shared schedule the short rung would have annealed: a different model
     annealed = train_candidate(config, store, TrainBudget(BudgetKind.STEPS, 5), HPARAMS, seed=3,
                                keep_state=True)
