@@ -155,7 +155,9 @@ class SearchLoop:
         self.durations: dict[int, list[float]] = {}  # rung -> seconds each finished one took
         self.start = self.deadline = 0.0
         # The FLOPs budget. A candidate in flight holds its full budget's FLOPs, so a hurdled
-        # one can always continue; once it stops, what it trained is what it holds.
+        # one can continue; once it stops, what it trained is what it holds. One waiting for a
+        # rung's bar holds what it trained (the first few of a rung would otherwise hold the
+        # budget idle), and continues only if its full budget fits again.
         self.flops_of = train_flops
         self.flops_spent = 0.0  # finished: earlier sessions' and this one's
         self.flops_held: dict[int, float] = {}  # candidate id -> its full budget's FLOPs
@@ -323,6 +325,8 @@ class SearchLoop:
             # came first (early random samples, mostly); they wait for the bar instead, as
             # asynchronous successive halving promotes only from a rung's top fraction.
             self.waiting[rung].append((candidate_id, result))
+            if candidate_id in self.flops_held:  # idle until judged: hold only what it trained
+                self.flops_held[candidate_id] = result.get("train_flops") or 0.0
             return
         self._judge(candidate_id, result, values)
         if self.waiting[rung]:  # the bar has just been set: judge those that waited for it
@@ -332,15 +336,27 @@ class SearchLoop:
 
     def _judge(self, candidate_id: int, result: dict, rung_values: list[float]) -> None:
         """Continue the candidate to the next rung if it clears this one's hurdle and the
-        continuation can finish in time; otherwise its result so far is final."""
+        continuation can finish in time and within the FLOPs budget; otherwise its result so far
+        is final."""
         rung = result.get("rung", 0)
-        if self._time_reason(rung + 1) is None and \
+        if self._time_reason(rung + 1) is None and self._flops_room(candidate_id) and \
                 self.hurdles.clears(rung_values, fitness_of(result)):
             self.evaluator.submit(candidate_id, self.proposals[candidate_id].genome, rung + 1)
             self.cleared[candidate_id] = result
             self.report.promoted += 1
         else:
             self._stop(candidate_id, result)
+
+    def _flops_room(self, candidate_id: int) -> bool:
+        """Whether the candidate can hold its full budget's FLOPs again (it holds them already
+        unless it waited for a rung's bar), and holds them if so."""
+        if self.limits.train_flops is None:
+            return True
+        full = self._full_flops(self.proposals[candidate_id].genome)
+        if self.flops_committed - self.flops_held[candidate_id] + full > self.limits.train_flops:
+            return False
+        self.flops_held[candidate_id] = full
+        return True
 
     def _stop(self, candidate_id: int, result: dict) -> None:
         """A hurdled candidate goes no further: drop its checkpoint; its last result is final."""

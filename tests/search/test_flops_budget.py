@@ -117,3 +117,16 @@ def test_limits_take_a_flops_budget_alone_and_reject_a_bad_one(tmp_path):
     with pytest.raises(ValueError, match="FLOPs budget needs"):
         SearchLoop(strategy, InProcessEvaluator(lambda *a: {}), RunDatabase(tmp_path / "r.db"),
                    SearchLimits(train_flops=1e12))
+
+
+def test_candidates_waiting_for_a_bar_hold_only_what_they_trained(tmp_path):
+    # Full budget 4000, rung 0 1000. Had the first two held 4000 each while they waited for
+    # the bar of three results, the third could not start within 9000 and no bar would ever
+    # be set; they hold 1000 each, so the bar is set and its best continues.
+    hurdles = Hurdles(rungs=3, factor=2, keep_fraction=1 / 3, min_results=3)
+    loop, db = _loop(tmp_path, 9000.0, hurdles=hurdles,
+                     flops=lambda genome, rung: 100.0 * STEPS[rung])
+    loop.run()
+    trained = [row for row in db.candidates() if row["reused_from"] is None]
+    assert len(trained) >= 3 and _spent(db) <= 9000.0
+    assert max(json.loads(row["result"])["rung"] for row in trained) >= 1
