@@ -356,12 +356,16 @@ def cmd_plot(args: argparse.Namespace, console: Console) -> int:
         db.close()
     if not leaders:
         raise CommandError(f"{args.run}: no candidate has finished ok yet; nothing to plot")
+    if args.flops and not any(row.get("train_flops") for row in rows):
+        raise CommandError(f"{args.run}: no training FLOPs recorded (a run made before they "
+                           f"were); plot it without --flops")
     ok = fully_trained(rows, rungs)
     front = {ok[i]["id"] for i in pareto_front([(r["val_bpb"], r["params"]) for r in ok])}
     out = Path(args.out or (Path(args.run) / "plots" if Path(args.run).is_dir() else "plots"))
     out.mkdir(parents=True, exist_ok=True)
     name = Path(args.run).parent.name if args.run.endswith(".db") else Path(args.run).name
-    figures = {"best_so_far.png": best_so_far_figure(rows, f"best so far: {name}", rungs),
+    figures = {"best_so_far.png": best_so_far_figure(rows, f"best so far: {name}", rungs,
+                                                     flops=args.flops),
                "pareto.png": pareto_figure(ok, front, f"bpb against parameters: {name}"),
                "lineage.png": lineage_figure(rows, leaders[0]["id"])}
     for name, figure in figures.items():
@@ -567,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "winner's lineage as PNG files")
     plot.add_argument("run", help="a run directory, its results.db, or a database URL")
     plot.add_argument("--out", metavar="DIR", help="default: RUN/plots")
+    plot.add_argument("--flops", action="store_true",
+                      help="compute in training FLOPs instead of worker-hours")
     plot.set_defaults(handler=cmd_plot)
 
     board = commands.add_parser("leaderboard", help="show a run's leaderboard (also while it "

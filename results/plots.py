@@ -67,20 +67,24 @@ def compute_and_scores(rows: list[dict], rungs: list[dict] = (), flops: bool = F
     return scored
 
 
-def best_so_far_figure(rows: list[dict], title: str = "", rungs: list[dict] = ()) -> Figure:
-    hours, points, best, best_line = [], [], float("inf"), []
-    for seconds, bpb in compute_and_scores(rows, rungs):
+def best_so_far_figure(rows: list[dict], title: str = "", rungs: list[dict] = (),
+                       flops: bool = False) -> Figure:
+    """Compute in worker-hours, or (``flops``) in training FLOPs."""
+    scale = 1.0 if flops else 3600.0
+    xs, points, best, best_line = [], [], float("inf"), []
+    for spent, bpb in compute_and_scores(rows, rungs, flops=flops):
         if bpb is not None:
-            points.append((seconds / 3600, bpb))
+            points.append((spent / scale, bpb))
             best = min(best, bpb)
         if best < float("inf"):
-            hours.append(seconds / 3600)
+            xs.append(spent / scale)
             best_line.append(best)
     figure, axes = plt.subplots(figsize=(7, 4.5))
     if points:
         axes.scatter(*zip(*points), s=12, alpha=0.35, label="candidate")
-    axes.step(hours, best_line, where="post", linewidth=2, label="best so far")
-    axes.set_xlabel("compute (worker-hours of candidate training)")
+    axes.step(xs, best_line, where="post", linewidth=2, label="best so far")
+    axes.set_xlabel("compute (training FLOPs)" if flops else
+                    "compute (worker-hours of candidate training)")
     axes.set_ylabel("validation bits per byte")
     axes.set_title(title or "best so far")
     axes.grid(alpha=0.3)

@@ -26,7 +26,8 @@ def _fake_train(genome, candidate_id=0, rung=0):
         return {"status": "diverged", "error": "loss nan at step 3", "wall_seconds": 1.0}
     bpb = 2.0 - genome.d_model / 256 + genome.n_layers / 20
     return {"status": "ok", "val_bpb": bpb, "val_loss": bpb * 0.7, "wall_seconds": 2.0,
-            "params": CPU.params(genome), "tokens": 1000, "attempts": 1, "worker": "w@h"}
+            "params": CPU.params(genome), "tokens": 1000, "attempts": 1, "worker": "w@h",
+            "train_flops": 6000.0 * CPU.params(genome)}
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def test_export_round_trips_every_candidate(run_db, tmp_path, capsys):
         assert back["parents"] == json.loads(row["parents"])
         for column in ("id", "genome_key", "summary", "operator", "generation", "status",
                        "reused_from", "attempts", "val_bpb", "val_loss", "params", "error",
-                       "worker", "result"):
+                       "worker", "result", "train_flops"):
             assert back[column] == row[column], column
         assert back["finished_at"].timestamp() == pytest.approx(row["finished_at"], abs=1e-3)
     assert {"ok", "diverged"} <= set(table.column("status").to_pylist())
@@ -74,6 +75,23 @@ def test_plot_writes_three_pngs_and_follows_the_winners_lineage(run_db, tmp_path
     assert winner["id"] in family
     for row in family.values():  # closed under parents
         assert all(parent in family for parent in json.loads(row["parents"]))
+
+
+def test_plot_in_flops_and_a_clean_error_where_none_were_recorded(run_db, tmp_path, capsys):
+    assert main(["plot", str(run_db), "--out", str(tmp_path / "plots"), "--flops"]) == 0
+    rows = RunDatabase(run_db, readonly=True).candidates()
+    figure = best_so_far_figure(rows, flops=True)
+    spent = sum(r["train_flops"] or 0.0 for r in rows if r["reused_from"] is None)
+    assert figure.axes[0].lines[0].get_xdata()[-1] == pytest.approx(spent)
+    assert figure.axes[0].get_xlabel() == "compute (training FLOPs)"
+    old = RunDatabase(tmp_path / "old.db")  # a run whose results carry no FLOPs
+    SearchLoop(AgingEvolution(CPU, EvolutionConfig(population_size=4, tournament_size=2), 0),
+               InProcessEvaluator(lambda genome, *_: {k: v for k, v in _fake_train(genome).items()
+                                                      if k != "train_flops"}),
+               old, SearchLimits(max_candidates=4)).run()
+    old.close()
+    assert main(["plot", str(tmp_path / "old.db"), "--flops"]) == 2
+    assert "no training FLOPs recorded" in capsys.readouterr().err
 
 
 def test_plot_of_a_run_with_nothing_finished_is_a_clean_error(tmp_path, capsys):
