@@ -28,7 +28,7 @@ above ran, else only where --plot says.
     python bench/search.py --seconds 40 --seeds 1 --methods random hurdles   # a smoke run
     python bench/search.py --keep DIR ... then --report DIR   # keep runs; re-report, no training
     python bench/search.py --keep DIR --seeds 3 --first-seed 3   # three more seeds into DIR
-    python bench/search.py --flops 13T ...   # a FLOPs budget per run instead of wall clock
+    python bench/search.py --flops 12T ...   # a FLOPs budget per run instead of wall clock
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=200, help="wall clock per run")
     parser.add_argument("--flops", type=parse_flops, metavar="FLOPS",
                         help="a budget of training FLOPs per run instead of --seconds (e.g. "
-                             "13T), and compute measured in FLOPs")
+                             "12T), and compute measured in FLOPs")
     parser.add_argument("--seeds", type=int, default=3, help="how many seeds")
     parser.add_argument("--first-seed", type=int, default=0,
                         help="seeds run from this one (add seeds to a kept set of runs)")

@@ -338,13 +338,17 @@ def run_evolve(settings: EvolveSettings, console: Console | None = None,
     evaluator, started_ray = _make_evaluator(settings, candidate)
     started = time.monotonic()
 
-    flops_budget = settings.limits.train_flops
+    flops_budget, already_flops = settings.limits.train_flops, db.train_flops_spent()
+    loop = None  # built below; the first frame is drawn before it
 
     def view():
+        # The loop's count of finished training (read once from the database, not per frame);
+        # before the loop exists or runs, what earlier sessions spent.
+        spent = max(already_flops, loop.flops_spent if loop else 0.0)
         return live_view(db.leaderboard(LIVE_TOP), db.running(), db.counts(),
                          time.monotonic() - started, settings.limits.wall_seconds,
                          settings.limits.max_candidates,
-                         (db.train_flops_spent(), flops_budget) if flops_budget else None)
+                         (spent, flops_budget) if flops_budget else None)
 
     # Transient: when the run ends the live view gives way to the final leaderboard. Without a
     # terminal (a submitted Ray job, a log file) each event is a line instead.
@@ -361,7 +365,7 @@ def run_evolve(settings: EvolveSettings, console: Console | None = None,
         if display:
             display.start()
         report = loop.run(already_launched=already + len(relaunch), relaunch=relaunch,
-                          already_flops=db.train_flops_spent())
+                          already_flops=already_flops)
     except KeyboardInterrupt:
         for candidate_id in evaluator.cancel_all():
             db.record_cancelled(candidate_id, "interrupted")

@@ -339,8 +339,10 @@ class SearchLoop:
         continuation can finish in time and within the FLOPs budget; otherwise its result so far
         is final."""
         rung = result.get("rung", 0)
-        if self._time_reason(rung + 1) is None and self._flops_room(candidate_id) and \
-                self.hurdles.clears(rung_values, fitness_of(result)):
+        # The FLOPs room check last: it re-holds the full budget for a candidate that goes on.
+        if self._time_reason(rung + 1) is None and \
+                self.hurdles.clears(rung_values, fitness_of(result)) and \
+                self._flops_room(candidate_id):
             self.evaluator.submit(candidate_id, self.proposals[candidate_id].genome, rung + 1)
             self.cleared[candidate_id] = result
             self.report.promoted += 1
