@@ -7,6 +7,8 @@ window-sized KV ring for attention blocks, so generation can run past ``max_seq_
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -16,27 +18,63 @@ from torch import Tensor
 from chimera.model import Chimera
 
 
+# Temperatures in (0, MIN_TEMPERATURE) are refused: logits are divided by the temperature in
+# float32, and 1e-300 turns every logit into +-inf (softmax then gives NaN and sampling fails).
+# At 1e-2 a logit of even 1e30 stays finite, and sampling that cold is already greedy in all
+# but name, so 0 (exact greedy) is the way to ask for it.
+MIN_TEMPERATURE = 1e-2
+# The repetition penalty divides or multiplies logits in the same way, so it is bounded alike.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 1e2
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; the signed range is portable
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
+    """Sampling settings, checked on construction: a bad value raises ValueError naming the
+    field (the CLI turns that into a one-line error, the web server into a 400)."""
+
     max_new_tokens: int = 128
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 means greedy; otherwise at least MIN_TEMPERATURE
     top_k: int | None = None
-    top_p: float | None = None
+    top_p: float | None = None  # in (0, 1]; however small, the most likely token stays
     repetition_penalty: float = 1.0  # >1 discourages tokens already in the context
     stop_tokens: tuple[int, ...] = ()
-    seed: int | None = None
+    seed: int | None = None  # in [0, MAX_SEED]
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 0")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature}: must be >= 0")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k}: must be >= 1 or None")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p}: must be in (0, 1] or None")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty={self.repetition_penalty}: must be > 0")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be an integer >= 0")
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) \
+                or self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature!r}: must be a finite number >= 0")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"temperature={self.temperature!r}: must be 0 (greedy) or at least "
+                             f"{MIN_TEMPERATURE} (colder overflows the logits)")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 1 or None")
+        if self.top_p is not None and (not _is_real(self.top_p) or not math.isfinite(self.top_p)
+                                       or not 0 < self.top_p <= 1):
+            raise ValueError(f"top_p={self.top_p!r}: must be a number in (0, 1] or None")
+        if not _is_real(self.repetition_penalty) or not math.isfinite(self.repetition_penalty) \
+                or not 0 < self.repetition_penalty:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty!r}: must be a finite "
+                             f"number > 0")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty!r}: must be in "
+                             f"[{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}] (beyond, "
+                             f"it overflows the logits)")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            shown = "a huge integer" if _is_int(self.seed) and self.seed.bit_length() > 128 \
+                else f"{self.seed!r:.40}"  # repr of a 5000-digit int would itself fail
+            raise ValueError(f"seed={shown}: must be an integer in [0, 2**63 - 1] or None")
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
@@ -63,8 +101,10 @@ def filter_top_p(logits: Tensor, p: float | None) -> Tensor:
         return logits
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
     probs = sorted_logits.softmax(dim=-1)
-    # Drop a token when the mass before it already reaches p; the top token always stays.
+    # Drop a token when the mass before it already reaches p. The top token always stays, also
+    # when p is so small that it rounds to 0 in float32 (which would otherwise drop every token).
     drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
+    drop_sorted[..., 0] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

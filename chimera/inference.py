@@ -46,9 +46,12 @@ def load_pretrained(directory: str | Path, quantize: int | None = None,
         raise CheckpointError(f"{directory}: no {TOKENIZER_DIR}/ directory; is it a model "
                               f"directory written by chimera train, sft or promote?")
     tokenizer = load_tokenizer(tokenizer_dir)
-    if len(tokenizer) > model.config.vocab_size:
-        raise TokenizerError(f"{tokenizer_dir}: {len(tokenizer)} tokens, more than the model's "
-                             f"vocabulary of {model.config.vocab_size}")
+    if len(tokenizer) != model.config.vocab_size:  # every maker of a model directory sizes
+        # the vocabulary to its tokenizer: another size means another tokenizer, and its ids
+        # would decode into gibberish (or index past the embedding)
+        raise TokenizerError(f"{tokenizer_dir}: {len(tokenizer)} tokens, but the model's "
+                             f"vocabulary has {model.config.vocab_size}: not the tokenizer this "
+                             f"model was trained with")
     if quantize:
         model = quantize_int8(model)
     return model, tokenizer

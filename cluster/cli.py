@@ -7,17 +7,21 @@ Expected failures (bad input) print one clear line on stderr and exit with statu
 from __future__ import annotations
 
 import argparse
-import re
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.table import Table
 
 from chimera.config import PRESETS, ChimeraConfig, get_preset
+from cluster import argtypes
+from cluster.argtypes import parse_duration, parse_flops, parse_size  # noqa: F401 - re-exported
 from cluster import model_commands as model_cli
-from cluster.errors import CommandError
+from cluster.errors import CommandError, user_errors
 
 EXIT_USAGE = 2
 DEFAULT_BUDGET_SECONDS = 180.0
@@ -78,17 +82,6 @@ def cmd_model_presets(args: argparse.Namespace, console: Console) -> int:
                       _format_count(counts.non_embedding))
     console.print(table)
     return 0
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'5MB', '500KB', '1.5G' or a plain number of bytes."""
-    match = _SIZE.match(text)
-    if not match or float(match[1]) <= 0:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 500KB, 5MB)")
-    return int(float(match[1]) * {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}[match[2].upper()])
 
 
 def _corpus_spec(args: argparse.Namespace, seed: int):
@@ -157,12 +150,10 @@ def _print_store(store, console: Console) -> None:
 
 
 def cmd_data_info(args: argparse.Namespace, console: Console) -> int:
-    from trainers.store import StoreError, TokenStore
+    from trainers.store import TokenStore
 
-    try:
-        store = TokenStore.open(args.store)
-    except StoreError as err:
-        raise CommandError(str(err)) from None
+    store = TokenStore.open(args.store)
+    store.load_tokenizer()  # the metadata and the tokenizer must agree too
     _print_store(store, console)
     return 0
 
@@ -170,8 +161,6 @@ def cmd_data_info(args: argparse.Namespace, console: Console) -> int:
 def cmd_data_stories(args: argparse.Namespace, console: Console) -> int:
     """Write the built-in story corpus, with each story's facts, as JSONL."""
     import json
-    from pathlib import Path
-
     from chimera.checkpoint import atomic_write
     from trainers.stories import stories_of_size
 
@@ -191,39 +180,10 @@ def cmd_data_stories(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*"
-                       r"(?:(\d+(?:\.\d+)?)s?)?\s*$")
-
-
-def parse_duration(text: str) -> float:
-    """'90s', '5m', '1h', '1h30m' or plain seconds -> seconds."""
-    match = _DURATION.match(text)
-    if not match or not any(match.groups()):
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 90s, 5m, 1h)")
-    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
-    total = hours * 3600 + minutes * 60 + seconds
-    if total <= 0:
-        raise argparse.ArgumentTypeError(f"duration must be positive: {text!r}")
-    return total
-
-
-_FLOPS = re.compile(r"^\s*(\d+(?:\.\d*)?(?:e\+?\d+)?)\s*([KMGTPE]?)\s*$", re.IGNORECASE)
-_FLOPS_SCALE = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15, "e": 1e18}
-
-
-def parse_flops(text: str) -> float:
-    """'2e13', '20T', '1.5P' -> FLOPs."""
-    match = _FLOPS.match(text)
-    if not match or float(match[1]) <= 0:
-        raise argparse.ArgumentTypeError(f"not a positive number of FLOPs: {text!r} (use e.g. "
-                                         f"2e13, 20T, 1.5P)")
-    return float(match[1]) * _FLOPS_SCALE[match[2].lower()]
-
-
 def _evolve_settings(args: argparse.Namespace):
     import dataclasses
 
-    from cluster.evolve import EvolveSettings, load_settings
+    from cluster.evolve import EvolveSettings, check_new_run_dir, load_settings
     from cluster.node_store import DEFAULT_CACHE_ROOT, StoreTransfer
     from cluster.worker import FaultPolicy
     from search.evolution import EvolutionConfig
@@ -240,6 +200,9 @@ def _evolve_settings(args: argparse.Namespace):
     limits = SearchLimits(wall_seconds=wall, max_candidates=args.max_candidates,
                           max_generations=args.max_generations, train_flops=args.flops)
     if args.resume:  # the stored configuration, with this session's limits and execution
+        if args.run_dir and Path(args.run_dir).resolve() != Path(args.resume).resolve():
+            raise CommandError(f"--run-dir {args.run_dir} and --resume {args.resume} name two "
+                               f"runs; --resume RUN_DIR alone continues a run")
         settings = load_settings(args.resume)
         return dataclasses.replace(settings, limits=limits, workers=args.workers,
                                    address=args.address, in_process=args.in_process,
@@ -250,6 +213,7 @@ def _evolve_settings(args: argparse.Namespace):
                                              (BudgetKind.SECONDS, args.candidate_seconds))
                          if v is not None), (BudgetKind.TOKENS, DEFAULT_CANDIDATE_TOKENS))
     run_dir = args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+    check_new_run_dir(run_dir)  # never overwrite a run, or mix a new one into another's files
     return EvolveSettings(
         run_dir=run_dir, corpus=_corpus_spec(args, args.data_seed), tokenizer=args.tokenizer,
         vocab_size=args.vocab_size, space=args.space,
@@ -303,8 +267,6 @@ def cmd_evolve(args: argparse.Namespace, console: Console) -> int:
 
 def _open_run(run: str):
     """The run database of a run directory, a results.db file or a database URL, read-only."""
-    from pathlib import Path
-
     from cluster.evolve import DATABASE_FILE, load_settings
     from results.db import RunDatabase
 
@@ -321,8 +283,6 @@ def _open_run(run: str):
 
 
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
-    from pathlib import Path
-
     from chimera.checkpoint import atomic_write
     from results.export import write_parquet
 
@@ -341,8 +301,6 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_plot(args: argparse.Namespace, console: Console) -> int:
-    from pathlib import Path
-
     import matplotlib.pyplot as plt
 
     from chimera.checkpoint import atomic_write
@@ -437,10 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--tokenizer", required=True,
                          help="a tokenizer directory, or 'bpe' / 'char' to train one")
     prepare.add_argument("--out", required=True, help="the store directory")
-    prepare.add_argument("--vocab-size", type=int, default=4096, help="for --tokenizer bpe")
-    prepare.add_argument("--val-fraction", type=float, default=0.05,
+    prepare.add_argument("--vocab-size", type=argtypes.positive_int, default=4096, help="for --tokenizer bpe")
+    prepare.add_argument("--val-fraction", type=argtypes.finite_float, default=0.05,
                          help="share of documents held out for validation")
-    prepare.add_argument("--seed", type=int, default=0,
+    prepare.add_argument("--seed", type=argtypes.seed, default=0,
                          help="seed of the split (and of the built-in stories)")
     prepare.add_argument("--format", choices=["auto", "text", "jsonl", "parquet"],
                          default="auto", help="how to read files (auto: by suffix)")
@@ -460,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     stories = data_commands.add_parser("stories", help="write the built-in stories as JSONL")
     stories.add_argument("--out", required=True)
     stories.add_argument("--size", type=parse_size, default="1MB")
-    stories.add_argument("--seed", type=int, default=0)
+    stories.add_argument("--seed", type=argtypes.seed, default=0)
     stories.set_defaults(handler=cmd_data_stories)
 
     evolve = commands.add_parser(
@@ -475,12 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training-compute budget, e.g. 2e13 or 20T, counted over every "
                              "session of the run (no candidate starts whose full budget would "
                              "overrun it); unlike --budget, the same on any machine")
-    limits.add_argument("--max-candidates", type=int)
-    limits.add_argument("--max-generations", type=int)
+    limits.add_argument("--max-candidates", type=argtypes.positive_int)
+    limits.add_argument("--max-generations", type=argtypes.positive_int)
     run = evolve.add_argument_group("run")
     run.add_argument("--run-dir", help="where the run lives (default runs/<timestamp>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
-    run.add_argument("--seed", type=int, default=0,
+    run.add_argument("--seed", type=argtypes.seed, default=0,
                      help="seed of the search (proposals, initial weights, batch order)")
     run.add_argument("--no-live", action="store_true", help="no live display")
     run.add_argument("--database", metavar="URL",
@@ -489,8 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--corpus", default="stories")
     data.add_argument("--corpus-size", type=parse_size, default="2MB")
     data.add_argument("--tokenizer", default="bpe", help="bpe, char or a tokenizer directory")
-    data.add_argument("--vocab-size", type=int, default=1024)
-    data.add_argument("--data-seed", type=int, default=0,
+    data.add_argument("--vocab-size", type=argtypes.positive_int, default=1024)
+    data.add_argument("--data-seed", type=argtypes.seed, default=0,
                       help="seed of the built-in stories and the train/validation split, apart "
                            "from --seed so that runs with different seeds share a validation "
                            "set (default 0)")
@@ -505,48 +463,48 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["evolution", "random", "tpe", "nsga2"],
                         help="aging evolution (default), or a baseline: random search, "
                              "Optuna TPE, Optuna NSGA-II")
-    search.add_argument("--population", type=int, default=16)
-    search.add_argument("--tournament", type=int, default=4)
-    search.add_argument("--gene-pool", type=float, default=0.0, metavar="FRACTION",
+    search.add_argument("--population", type=argtypes.positive_int, default=16)
+    search.add_argument("--tournament", type=argtypes.positive_int, default=4)
+    search.add_argument("--gene-pool", type=argtypes.non_negative_float, default=0.0, metavar="FRACTION",
                         help="evolution: each child draws every gene from one of the best "
                              "FRACTION of the population, then mutates (gene-pool "
                              "recombination) instead of mutating a tournament winner "
                              "(default: 0, tournaments)")
     search.add_argument("--no-warm-start", action="store_true", help="do not seed with presets")
-    search.add_argument("--hurdles", type=int, default=0, metavar="RUNGS",
+    search.add_argument("--hurdles", type=argtypes.non_negative_int, default=0, metavar="RUNGS",
                         help="progressive hurdles: train each candidate in RUNGS budget rungs "
                              "(the candidate budget, then x factor each), continuing only those "
                              "that clear each rung (default: off)")
-    search.add_argument("--hurdle-factor", type=float, default=2.0,
+    search.add_argument("--hurdle-factor", type=argtypes.positive_float, default=2.0,
                         help="each rung trains this many times longer in total than the last "
                              "(default 2: shorter first rungs rank candidates poorly)")
     search.add_argument("--objective", default="bpb",
                         help="what to minimise: bpb, or several for a Pareto search, e.g. "
                              "bpb,params or bpb,params,throughput")
-    search.add_argument("--max-params", type=int, help="parameter budget (candidates are "
+    search.add_argument("--max-params", type=argtypes.positive_int, help="parameter budget (candidates are "
                                                        "shrunk to fit)")
-    search.add_argument("--hurdle-keep", type=float, default=1 / 3,
+    search.add_argument("--hurdle-keep", type=argtypes.positive_float, default=1 / 3,
                         help="share of a rung's results that continue (default 1/3)")
-    search.add_argument("--hurdle-window", type=int, metavar="N",
+    search.add_argument("--hurdle-window", type=argtypes.positive_int, metavar="N",
                         help="set each rung's bar from its last N results, so it rises with an "
                              "improving population (default: all results so far)")
     candidates = evolve.add_argument_group("candidate training")
     per = candidates.add_mutually_exclusive_group()
-    per.add_argument("--candidate-tokens", type=int)
-    per.add_argument("--candidate-steps", type=int)
-    per.add_argument("--candidate-seconds", type=float)
-    candidates.add_argument("--lr", type=float, default=3e-3)
-    candidates.add_argument("--batch-size", type=int, default=16)
-    candidates.add_argument("--seq-len", type=int, default=128)
+    per.add_argument("--candidate-tokens", type=argtypes.positive_int)
+    per.add_argument("--candidate-steps", type=argtypes.positive_int)
+    per.add_argument("--candidate-seconds", type=argtypes.positive_float)
+    candidates.add_argument("--lr", type=argtypes.positive_float, default=3e-3)
+    candidates.add_argument("--batch-size", type=argtypes.positive_int, default=16)
+    candidates.add_argument("--seq-len", type=argtypes.positive_int, default=128)
     cluster = evolve.add_argument_group("execution")
     cluster.add_argument("--address", help="join a Ray cluster (e.g. auto); default: embedded")
-    cluster.add_argument("--workers", type=int, help="candidates at once (default: all CPUs)")
-    cluster.add_argument("--cpus-per-candidate", type=float, default=1.0)
-    cluster.add_argument("--gpus-per-candidate", type=float, default=0.0)
+    cluster.add_argument("--workers", type=argtypes.positive_int, help="candidates at once (default: all CPUs)")
+    cluster.add_argument("--cpus-per-candidate", type=argtypes.positive_float, default=1.0)
+    cluster.add_argument("--gpus-per-candidate", type=argtypes.non_negative_float, default=0.0)
     cluster.add_argument("--in-process", action="store_true",
                          help="no Ray: train candidates one at a time in this process")
     faults = evolve.add_argument_group("faults (Ray)")
-    faults.add_argument("--max-attempts", type=int,
+    faults.add_argument("--max-attempts", type=argtypes.positive_int,
                         help="runs of a candidate whose worker dies or hangs (default 3)")
     faults.add_argument("--heartbeat", type=parse_duration,
                         help="how often a busy worker is asked for a heartbeat (default 10s)")
@@ -578,9 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     board = commands.add_parser("leaderboard", help="show a run's leaderboard (also while it "
                                                     "runs)")
     board.add_argument("run", help="a run directory, its results.db, or a database URL")
-    board.add_argument("--top", type=int, default=10)
+    board.add_argument("--top", type=argtypes.positive_int, default=10)
     board.add_argument("--watch", action="store_true", help="refresh until Ctrl+C")
-    board.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    board.add_argument("--interval", type=argtypes.positive_float, default=2.0, help="seconds between refreshes")
     board.add_argument("--json", action="store_true", help="machine-readable output")
     board.set_defaults(handler=cmd_leaderboard)
     model_cli.register(commands, parse_size)
@@ -594,13 +552,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace, Console], int] = args.handler
     try:
         return handler(args, console)
-    except CommandError as err:
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {err}",
-                                                 highlight=False)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")
         return 130
+    except Exception as err:  # noqa: BLE001 - only bad input is caught; a bug is re-raised
+        message = _user_message(err)
+        if message is None or os.environ.get("CHIMERA_DEBUG"):
+            raise
+        Console(stderr=True, soft_wrap=True).print(
+            f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
+        return EXIT_USAGE
+
+
+def _user_message(err: Exception) -> str | None:
+    """The one line to print for bad input (a flag, a file, a URL) or a file-system refusal;
+    None for anything else, which is a bug and keeps its traceback."""
+    if isinstance(err, user_errors()):
+        return str(err)
+    if isinstance(err, OSError) and err.strerror:  # permissions, a full disk, a missing path
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    return None
 
 
 if __name__ == "__main__":

@@ -47,7 +47,15 @@ from search.loop import InProcessEvaluator, SearchLimits, SearchLoop, SearchRepo
 from search.objectives import Objectives
 from trainers.candidate import BudgetKind, TrainBudget, TrainHparams, budget_steps
 from trainers.corpus import CorpusFormat, CorpusSpec, DecodeErrors, Separator
-from trainers.store import SplitConfig, prepare_store, tokenizer_for, tokenizer_recipe
+from trainers.store import (
+    META_FILE,
+    SplitConfig,
+    StoreError,
+    TokenStore,
+    prepare_store,
+    tokenizer_for,
+    tokenizer_recipe,
+)
 
 CONFIG_FILE = "run.json"
 DATABASE_FILE = "results.db"
@@ -141,11 +149,40 @@ class EvolveOutcome:
     worst_bpb: float | None = None  # of every candidate that finished ok
 
 
+class RunDirError(ValueError):
+    """A directory that is not a run where one is needed, or a run where a new one would go."""
+
+
 def load_settings(run_dir: str | Path) -> EvolveSettings:
+    """The settings of the run in ``run_dir``, wherever that directory now is: a run is
+    relocatable, so the ``run_dir`` it recorded when it was made is replaced by this one (and
+    the default database, the store and the checkpoints are found inside it)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: not a Chimera run (no {CONFIG_FILE})")
-    return EvolveSettings.from_dict(json.loads(path.read_text()))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        settings = EvolveSettings.from_dict(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError,
+            AttributeError) as err:
+        raise RunDirError(f"{path}: not a readable run configuration ({type(err).__name__}: "
+                          f"{err})") from None
+    return dataclasses.replace(settings, run_dir=str(run_dir))
+
+
+def check_new_run_dir(run_dir: str | Path) -> None:
+    """Refuse to start a run where one would overwrite or mix with what is there: ``run_dir``
+    must be missing or an empty directory."""
+    path = Path(run_dir)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise RunDirError(f"{run_dir}: exists and is not a directory; choose another --run-dir")
+    if (path / CONFIG_FILE).exists():
+        raise RunDirError(f"{run_dir}: already holds a run; continue it with --resume "
+                          f"{run_dir}, or choose another --run-dir")
+    if any(path.iterdir()):
+        raise RunDirError(f"{run_dir}: not empty; choose a new or empty --run-dir")
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -154,15 +191,26 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 
 def prepare_data(settings: EvolveSettings, console: Console):
-    """The run's token store (reused when it is already there and current)."""
+    """The run's token store: the one it already holds (a resumed run keeps its data, and
+    needs neither the corpus nor the tokenizer directory it was made from), else built."""
     out = Path(settings.run_dir) / STORE_DIR
+    split = SplitConfig(seed=settings.data_seed)
+    recipe = tokenizer_recipe(settings.tokenizer, settings.vocab_size)
+    if (out / META_FILE).is_file():
+        try:
+            store = TokenStore.open(out)
+        except StoreError as err:
+            console.print(f"[yellow]the run's store is unusable ({err}); building it "
+                          f"again[/yellow]", highlight=False)
+        else:
+            if store.meta.get("split") == dataclasses.asdict(split) \
+                    and store.meta.get("tokenizer_recipe") == recipe:
+                return store
     with console.status(f"preparing the {settings.tokenizer} tokenizer and the token store "
                         f"from {settings.corpus.describe()}"):
         tokenizer = tokenizer_for(settings.corpus, settings.tokenizer, settings.vocab_size, out)
-        store, _ = prepare_store(settings.corpus, tokenizer, out,
-                                 SplitConfig(seed=settings.data_seed),
-                                 tokenizer_recipe=tokenizer_recipe(settings.tokenizer,
-                                                                   settings.vocab_size))
+        store, _ = prepare_store(settings.corpus, tokenizer, out, split,
+                                 tokenizer_recipe=recipe)
     return store
 
 
@@ -319,14 +367,20 @@ def run_evolve(settings: EvolveSettings, console: Console | None = None,
                live: bool = True) -> EvolveOutcome:
     console = console or Console()
     run_dir = Path(settings.run_dir)
-    store = prepare_data(settings, console)  # bad data fails here, before the run exists
+    created = not run_dir.exists()
+    try:  # what can fail on bad input fails here, before the run is recorded
+        db = RunDatabase(settings.database_target)  # a bad URL, a damaged database
+        store = prepare_data(settings, console)  # bad data
+    except BaseException:
+        if created:  # leave nothing behind: all of it is this call's
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     if settings.gpus_per_candidate == 0:
         # Compile the fused CPU kernels here, once per machine (~30 s the first time, a cache
         # hit after), rather than inside the first candidates' timed training on the workers.
         with console.status("fused CPU kernels (compiled once per machine)"):
             fused_ops()
     _write_json_atomic(run_dir / CONFIG_FILE, settings.to_dict())
-    db = RunDatabase(settings.database_target)
     db.set_config(settings.to_dict() | {"store": store.meta})
     strategy, already, relaunch = build_strategy(settings, store.vocab_size, db)
     candidate = CandidateSettings(

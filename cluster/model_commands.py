@@ -14,20 +14,16 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cluster.errors import CommandError
+from cluster import argtypes
+from cluster.errors import CommandError, user_errors
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from chimera.chat import ConversationError
-    from chimera.checkpoint import CheckpointError
-    from chimera.tokenizer import TokenizerError
+    """What these commands report as bad input: the library's user errors, a promote that
+    cannot go ahead, and the configs' own validation (ValueError)."""
     from cluster.promote import PromoteError
-    from trainers.checkpoints import CheckpointStateError
-    from trainers.sft import ChatDataError
-    from trainers.store import StoreError
 
-    return (PromoteError, CheckpointError, CheckpointStateError, ChatDataError, StoreError,
-            TokenizerError, ConversationError, ValueError, FileNotFoundError)
+    return (*user_errors(), PromoteError, ValueError, FileNotFoundError)
 
 
 # ----------------------------------------------------------------------------- promote
@@ -84,7 +80,6 @@ def _train_config(args: argparse.Namespace, vocab_size: int):
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
     from chimera.inference import TOKENIZER_DIR
     from chimera.model import param_counts_analytic
-    from chimera.tokenizer import load_tokenizer
     from cluster.evolve import STORE_DIR
     from cluster.promote import run_pretrain, story_sampler
     from cluster.runtime import start_ray
@@ -114,7 +109,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
                       f"tokens -> {out}")
         started = args.workers > 1 and start_ray(args.address)
         try:
-            tokenizer = load_tokenizer(store.tokenizer_path)
+            tokenizer = store.load_tokenizer()
             sampler = story_sampler(tokenizer, console, args.seed)
             model, result = run_pretrain(plan, store, out, console, args.workers, args.device,
                                          sampler=sampler)
@@ -265,13 +260,14 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
                                   temperature=0.8, top_p=0.95)
         service = ChatService(model, tokenizer, Path(args.model).resolve().name, limits,
                               defaults)
-        server = make_server(service, args.host, args.port)
-    except OSError as err:
-        raise CommandError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
     except _user_errors() as err:
         raise CommandError(str(err)) from None
-    host, port = server.server_address[:2]
-    console.print(f"[bold]Wyrd[/bold] serving {args.model} on http://{host}:{port}/ "
+    try:  # apart from loading: a missing model directory is an OSError too, but not this one
+        server = make_server(service, args.host, args.port)
+    except OSError as err:
+        raise CommandError(f"cannot listen on {args.host}:{args.port}: "
+                           f"{err.strerror or err}") from None
+    console.print(f"[bold]Wyrd[/bold] serving {args.model} on {server.own_origin()}/ "
                   f"(Ctrl+C stops)")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         console.print("[yellow]listening beyond this machine: anyone who can reach it can use "
@@ -288,12 +284,12 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
 # ----------------------------------------------------------------------------- parser
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--max-new-tokens", type=int, default=200)
-    group.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    group.add_argument("--top-k", type=int, default=None)
-    group.add_argument("--top-p", type=float, default=0.95)
-    group.add_argument("--repetition-penalty", type=float, default=1.0)
-    group.add_argument("--seed", type=int, default=None)
+    group.add_argument("--max-new-tokens", type=argtypes.positive_int, default=200)
+    group.add_argument("--temperature", type=argtypes.finite_float, default=0.8, help="0: greedy")
+    group.add_argument("--top-k", type=argtypes.positive_int, default=None)
+    group.add_argument("--top-p", type=argtypes.finite_float, default=0.95)
+    group.add_argument("--repetition-penalty", type=argtypes.positive_float, default=1.0)
+    group.add_argument("--seed", type=argtypes.seed, default=None)
     group.add_argument("--quantize", type=int, choices=[8], default=None,
                        help="dynamic int8 linear layers (faster CPU inference)")
 
@@ -343,32 +339,32 @@ def register(commands, parse_size) -> None:
     what.add_argument("--preset", help="a built-in preset (vocabulary set to the store's)")
     what.add_argument("--config", metavar="MODEL_DIR", help="the config of a model directory")
     what.add_argument("--run", metavar="RUN", help="a run's best genome (or --genome ID)")
-    train.add_argument("--genome", type=int, default=None, metavar="ID")
+    train.add_argument("--genome", type=argtypes.positive_int, default=None, metavar="ID")
     train.add_argument("--store", default=None,
                        help="a token store (chimera data prepare); default with --run: its store")
     train.add_argument("--out", required=True, help="model directory to write")
     train.add_argument("--tokens", type=parse_size, default=2_000_000,
                        help="training tokens (e.g. 2M)")
-    train.add_argument("--lr", type=float, default=3e-3)
-    train.add_argument("--warmup", type=float, default=0.1, help="warmup fraction")
+    train.add_argument("--lr", type=argtypes.positive_float, default=3e-3)
+    train.add_argument("--warmup", type=argtypes.non_negative_float, default=0.1, help="warmup fraction")
     train.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
-    train.add_argument("--weight-decay", type=float, default=0.1)
-    train.add_argument("--beta2", type=float, default=0.95)
-    train.add_argument("--batch-size", type=int, default=16, help="global, in sequences")
-    train.add_argument("--grad-accum", type=int, default=1)
-    train.add_argument("--seq-len", type=int, default=128)
-    train.add_argument("--max-seq-len", type=int, default=512)
-    train.add_argument("--label-smoothing", type=float, default=0.0)
-    train.add_argument("--z-loss", type=float, default=0.0)
-    train.add_argument("--eval-every", type=int, default=0, help="steps (default: 10 evals)")
-    train.add_argument("--eval-batches", type=int, default=8)
-    train.add_argument("--checkpoint-every", type=int, default=0)
-    train.add_argument("--keep-checkpoints", type=int, default=3)
-    train.add_argument("--workers", type=int, default=1, help="Ray Train DDP workers")
+    train.add_argument("--weight-decay", type=argtypes.non_negative_float, default=0.1)
+    train.add_argument("--beta2", type=argtypes.positive_float, default=0.95)
+    train.add_argument("--batch-size", type=argtypes.positive_int, default=16, help="global, in sequences")
+    train.add_argument("--grad-accum", type=argtypes.positive_int, default=1)
+    train.add_argument("--seq-len", type=argtypes.positive_int, default=128)
+    train.add_argument("--max-seq-len", type=argtypes.positive_int, default=512)
+    train.add_argument("--label-smoothing", type=argtypes.non_negative_float, default=0.0)
+    train.add_argument("--z-loss", type=argtypes.non_negative_float, default=0.0)
+    train.add_argument("--eval-every", type=argtypes.non_negative_int, default=0, help="steps (default: 10 evals)")
+    train.add_argument("--eval-batches", type=argtypes.positive_int, default=8)
+    train.add_argument("--checkpoint-every", type=argtypes.non_negative_int, default=0)
+    train.add_argument("--keep-checkpoints", type=argtypes.positive_int, default=3)
+    train.add_argument("--workers", type=argtypes.positive_int, default=1, help="Ray Train DDP workers")
     train.add_argument("--address", default=None, help="a Ray cluster (default: local)")
     train.add_argument("--device", default="cpu")
     train.add_argument("--compile", action="store_true")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=argtypes.seed, default=0)
     train.set_defaults(handler=cmd_train)
 
     sft = commands.add_parser(
@@ -379,14 +375,14 @@ def register(commands, parse_size) -> None:
     sft.add_argument("--out", required=True)
     sft.add_argument("--data", default=None, help="training conversations (JSONL)")
     sft.add_argument("--val", default=None, help="validation conversations (JSONL)")
-    sft.add_argument("--conversations", type=int, default=4000,
+    sft.add_argument("--conversations", type=argtypes.positive_int, default=4000,
                      help="built-in conversations when no --data")
-    sft.add_argument("--steps", type=int, default=250)
-    sft.add_argument("--lr", type=float, default=1e-3)
-    sft.add_argument("--batch-size", type=int, default=16)
-    sft.add_argument("--seq-len", type=int, default=320)
+    sft.add_argument("--steps", type=argtypes.positive_int, default=250)
+    sft.add_argument("--lr", type=argtypes.positive_float, default=1e-3)
+    sft.add_argument("--batch-size", type=argtypes.positive_int, default=16)
+    sft.add_argument("--seq-len", type=argtypes.positive_int, default=320)
     sft.add_argument("--device", default="cpu")
-    sft.add_argument("--seed", type=int, default=0)
+    sft.add_argument("--seed", type=argtypes.seed, default=0)
     sft.set_defaults(handler=cmd_sft)
 
     generate = commands.add_parser("generate", help="generate text from a model directory")
@@ -408,11 +404,16 @@ def register(commands, parse_size) -> None:
         description="Serve one chat page and its API (see README: Web chat). Binds to "
                     "127.0.0.1 unless told otherwise.")
     serve.add_argument("model", metavar="MODEL")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="the address to listen on; requests must name it (or localhost) "
+                            "as their Host")
+    # Checked by argparse, so a bad port is a usage error and not a traceback from bind(), and
+    # a limit of 0 (which would refuse every request) is refused at the start.
+    serve.add_argument("--port", type=argtypes.port, default=8000, help="0 picks a free port")
     serve.add_argument("--quantize", type=int, choices=[8], default=None)
-    serve.add_argument("--max-message-chars", type=int, default=4000)
-    serve.add_argument("--max-messages", type=int, default=64)
-    serve.add_argument("--max-tokens-limit", type=int, default=512,
-                       help="the most tokens one reply may ask for")
+    serve.add_argument("--max-message-chars", type=argtypes.positive_int, default=4000)
+    serve.add_argument("--max-messages", type=argtypes.positive_int, default=64)
+    serve.add_argument("--max-tokens-limit", type=argtypes.positive_int, default=512,
+                       help="the most tokens one reply may ask for (a reply also stops where "
+                            "the model's context ends)")
     serve.set_defaults(handler=cmd_serve)

@@ -5,31 +5,56 @@ Standard library HTTP (a thread per connection), no framework: one page, three e
     GET  /             the chat page (Wyrd)
     GET  /api/info     the model, its context, the limits and the default sampling
     POST /api/chat     {"messages": [{"role", "content"}...], "temperature", "top_p",
-                        "max_tokens", "seed", "stream": true}
+                        "max_tokens", "seed", "stream": true}   (Content-Type: application/json)
                        streaming: Server-Sent Events, one ``data: {"delta": "..."}`` per piece
-                       of text, then ``data: {"done": true, "trimmed": N, "pieces": P}``;
-                       otherwise one JSON object ``{"reply", "trimmed", "pieces"}``.
+                       of text, then ``data: {"done": true, "trimmed": N, "pieces": P,
+                       "finish_reason": R}``; otherwise one JSON object ``{"reply", "trimmed",
+                       "pieces", "finish_reason"}``. R is "stop" (the model ended its turn) or
+                       "length" (it used its budget: max_tokens, or the rest of the context).
 
 The server keeps no conversations: each client sends its whole history, so concurrent users
-never see each other's, and the history is trimmed from the oldest turn to fit the context
-(``trimmed`` says how many messages were left out). Requests over the limits get a 4xx with
-``{"error": "..."}``. A client that disconnects mid-stream stops its generation at the next
-token. The page inserts all text with ``textContent`` (never as HTML) and is served with a
+never see each other's, and the history is trimmed from the oldest turn to leave room for
+``max_tokens`` (``trimmed`` says how many messages were left out). Any ``max_tokens`` up to the
+advertised limit is accepted even when it is as large as the context: the newest message is
+then kept alone and the reply stops where the context ends (see ``chimera.chat.fit_prompt``).
+Message content is data: text that spells a chat marker is encoded as plain characters, so no
+one can forge another role's turn.
+
+Every error is a 4xx (or 503 when busy) with ``{"error": "..."}`` naming the field or header at
+fault. Sampling values are checked by ``SamplingConfig``; the server adds JSON types (a bool is
+not a number, ``stream`` must be a boolean) and its own limits. A client that disconnects stops
+its generation at the next piece, streaming or not (a non-streaming client is watched for a
+closed socket between pieces), so it frees its place among the ``max_concurrent``.
+
+Only the page's own requests are served: a POST must be ``application/json`` (415 otherwise; a
+cross-site HTML form cannot send that, and a cross-site script that tries needs a CORS
+preflight, which is refused); a request whose ``Origin`` is not the server's own is refused
+(403); and the ``Host`` header must name this server (421), which stops DNS rebinding. Accepted
+hosts are 127.0.0.1, localhost and [::1] plus the address it was bound to, each with the port
+(bare on port 80). Bound to every interface (0.0.0.0 or ::) the server cannot know the names it
+is reached by and accepts any Host: the Origin check still stops cross-site use, but not DNS
+rebinding, a risk that choice takes on along with exposing the model to the network.
+
+The page inserts all text with ``textContent`` (never as HTML) and is served with a
 Content-Security-Policy that allows only its own script.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
+import re
+import select
+import socket
+import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
-from chimera.chat import ConversationError, check_messages, prompt_ids, reply_stream
+from chimera.chat import ConversationError, Reply, check_messages
 from chimera.generation import SamplingConfig
 from chimera.model import Chimera, param_counts_analytic
 
@@ -37,21 +62,39 @@ WEB_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
              "/app.js": ("app.js", "text/javascript; charset=utf-8")}
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
        "connect-src 'self'; img-src 'self' data:")
+FIELDS = ("messages", "temperature", "top_p", "max_tokens", "seed", "stream")
+MAX_TEMPERATURE = 2.0  # the page's range; hotter is noise from a small model
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+EVERY_INTERFACE = ("", "0.0.0.0", "::")
+# Seconds a connection may stall while we read its request or write to it: a client that
+# sends half a request (or stops reading a stream) cannot hold a thread forever. Generating a
+# reply is not I/O, so a slow model is not cut short by it.
+IO_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
 class Limits:
     max_message_chars: int = 4000
     max_messages: int = 64
-    max_new_tokens: int = 512
+    max_new_tokens: int = 512  # the most max_tokens a request may ask for
     max_body_bytes: int = 1_000_000
     max_concurrent: int = 8  # generations at once; more get 503
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):  # a limit of 0 would refuse every request
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{field.name}={value!r}: must be a positive integer")
 
 
 class ApiError(Exception):
     def __init__(self, status: HTTPStatus, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class ChatService:
@@ -70,18 +113,26 @@ class ChatService:
         self.pieces_generated = 0  # text pieces (about a token each) over the server's life
 
     def info(self) -> dict:
+        """What the page needs; every value advertised here is one a request may send."""
         return {"model": self.name, "params": param_counts_analytic(self.model.config).total,
                 "context": self.model.config.max_seq_len, "limits": asdict(self.limits),
                 "defaults": {"temperature": self.defaults.temperature,
                              "top_p": self.defaults.top_p,
                              "max_tokens": self.defaults.max_new_tokens}}
 
-    def parse(self, body: dict) -> tuple[list[dict], SamplingConfig, bool]:
+    def parse(self, body) -> tuple[list[dict], SamplingConfig, bool]:
         if not isinstance(body, dict):
             raise ApiError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
+        unknown = sorted(set(body) - set(FIELDS))
+        if unknown:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown field {unknown[0]!r:.60}; the "
+                                                   f"fields are {', '.join(FIELDS)}")
         messages = body.get("messages")
+        if not isinstance(messages, list):
+            raise ApiError(HTTPStatus.BAD_REQUEST,
+                           "messages must be a list of {\"role\", \"content\"} objects")
         try:
-            check_messages(messages or [])
+            check_messages(messages)
         except ConversationError as err:
             raise ApiError(HTTPStatus.BAD_REQUEST, f"messages: {err}") from None
         if len(messages) > self.limits.max_messages:
@@ -96,36 +147,47 @@ class ChatService:
         if messages[-1]["role"] != "user":
             raise ApiError(HTTPStatus.BAD_REQUEST, "the last message must be the user's")
         max_tokens = body.get("max_tokens", self.defaults.max_new_tokens)
-        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= self.limits.max_new_tokens:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) \
+                or not 1 <= max_tokens <= self.limits.max_new_tokens:
             raise ApiError(HTTPStatus.BAD_REQUEST,
                            f"max_tokens must be an integer in [1, {self.limits.max_new_tokens}]")
-        try:
-            temperature = float(body.get("temperature", self.defaults.temperature))
-            top_p = float(body.get("top_p", self.defaults.top_p))
-            if not 0 <= temperature <= 2:
-                raise ValueError(f"temperature={temperature}: must be in [0, 2]")
-            seed = body.get("seed")
+        temperature = body.get("temperature", self.defaults.temperature)
+        if not _number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
+            raise ApiError(HTTPStatus.BAD_REQUEST,
+                           f"temperature must be a number in [0, {MAX_TEMPERATURE:g}]")
+        top_p = body.get("top_p", self.defaults.top_p)
+        if not _number(top_p):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "top_p must be a number in (0, 1]")
+        seed = body.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            # JSON 1e400 parses to inf and 7.0 to a float: a seed is an integer
+            raise ApiError(HTTPStatus.BAD_REQUEST, "seed must be an integer in [0, 2**63 - 1]")
+        streaming = body.get("stream", False)
+        if not isinstance(streaming, bool):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "stream must be true or false")
+        try:  # the ranges themselves (finite, not so cold it overflows...) are SamplingConfig's
             sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=temperature,
-                                      top_p=top_p, seed=None if seed is None else int(seed))
-        except (TypeError, ValueError) as err:
+                                      top_p=top_p, seed=seed)
+        except ValueError as err:
             raise ApiError(HTTPStatus.BAD_REQUEST, str(err)) from None
-        return messages, sampling, bool(body.get("stream", False))
+        return messages, sampling, streaming
 
-    def trimmed(self, messages: list[dict], sampling: SamplingConfig) -> int:
-        room = self.model.config.max_seq_len - sampling.max_new_tokens
+    def prepare(self, messages: list[dict], sampling: SamplingConfig) -> Reply:
+        """The reply, planned (history trimmed, token budget set) but not yet generated."""
         try:
-            return prompt_ids(self.tokenizer, messages, room)[1]
+            return Reply(self.model, self.tokenizer, messages, sampling)
         except ConversationError as err:
             raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(err)) from None
 
-    def pieces(self, messages: list[dict], sampling: SamplingConfig):
-        """The reply's text pieces; counts the generation as active while it runs."""
+    def pieces(self, reply: Reply) -> Iterator[str]:
+        """The reply's text pieces; counts the generation as active while it runs. Closing the
+        generator stops the generation and frees its slot."""
         if not self.slots.acquire(blocking=False):
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "the server is busy; try again")
         with self.lock:
             self.active += 1
         try:
-            for piece in reply_stream(self.model, self.tokenizer, messages, sampling):
+            for piece in reply:
                 with self.lock:
                     self.pieces_generated += 1
                 yield piece
@@ -135,10 +197,26 @@ class ChatService:
             self.slots.release()
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")  # json.loads would accept NaN, Infinity
+
+
+def _decode_json(raw: bytes):
+    try:
+        return json.loads(raw or b"null", parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "the body is not valid JSON: nested too "
+                                               "deeply") from None
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise ApiError(HTTPStatus.BAD_REQUEST,
+                       f"the body is not valid JSON: {str(err):.100}") from None
+
+
 def _handler(service: ChatService):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "Wyrd"
+        timeout = IO_TIMEOUT
 
         def log_message(self, format, *args):  # quiet; the CLI prints the address
             pass
@@ -151,13 +229,79 @@ def _handler(service: ChatService):
             self.send_header("X-Content-Type-Options", "nosniff")
             for key, value in (extra or {}).items():
                 self.send_header(key, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":
+                self.wfile.write(body)
 
-        def _json(self, status: HTTPStatus, data: dict) -> None:
-            self._send(status, json.dumps(data).encode(), "application/json")
+        def _json(self, status: HTTPStatus, data: dict, extra: dict | None = None) -> None:
+            self._send(status, json.dumps(data).encode(), "application/json", extra)
+
+        def send_error(self, code, message=None, explain=None) -> None:
+            """http.server's own errors (malformed request line, headers too long, unknown
+            method...) as JSON like all the others, and the connection closed."""
+            self.close_connection = True
+            try:
+                status = HTTPStatus(code)
+            except ValueError:
+                status = HTTPStatus.BAD_REQUEST
+            self._json(status, {"error": message or status.phrase})
+
+        def _guarded(self, handle) -> None:
+            """Run one request's handler: errors become their JSON answer, a client that left
+            ends the request quietly, and anything unexpected is one line in the log and a 500
+            (never a dropped connection with a traceback)."""
+            self._body_read = self._answered = False
+            try:
+                handle()
+            except ApiError as err:
+                if not self._body_read:  # an unread body would be taken for the next request
+                    self.close_connection = True
+                self._answer_error(err.status, str(err))
+            except (ConnectionError, TimeoutError):
+                self.close_connection = True  # the client left or stalled: nobody to answer
+            except Exception as err:  # noqa: BLE001 - the last line of defence, logged
+                sys.stderr.write(f"wyrd: {self.command} {self.path:.100}: internal error: "
+                                 f"{type(err).__name__}: {err}\n")
+                self.close_connection = True
+                self._answer_error(HTTPStatus.INTERNAL_SERVER_ERROR,
+                                   f"internal error ({type(err).__name__})")
+
+        def _answer_error(self, status: HTTPStatus, message: str) -> None:
+            if self._answered:
+                return  # a stream already began: the closed connection says it ended badly
+            try:
+                self._json(status, {"error": message})
+            except (ConnectionError, TimeoutError):
+                self.close_connection = True
+
+        def _check_origin(self) -> None:
+            """The Host must name this server and an Origin, when sent, must be its own."""
+            hosts = self.headers.get_all("Host") or []
+            if len(hosts) != 1:
+                raise ApiError(HTTPStatus.BAD_REQUEST,
+                               "the Host header is missing" if not hosts else
+                               "more than one Host header")
+            host = hosts[0].strip().lower()
+            if not self.server.allows_host(host):
+                raise ApiError(HTTPStatus.MISDIRECTED_REQUEST,
+                               f"Host {host!r:.80} is not this server; use "
+                               f"{self.server.own_origin()}/")
+            origin = self.headers.get("Origin")
+            if origin is not None and origin.strip().lower() != f"http://{host}":
+                raise ApiError(HTTPStatus.FORBIDDEN,
+                               f"Origin {origin!r:.80} is not this server's; requests from "
+                               f"other sites are refused")
 
         def do_GET(self) -> None:
+            self._guarded(self._get)
+
+        def do_HEAD(self) -> None:
+            self._guarded(self._get)
+
+        def _get(self) -> None:
+            self._check_origin()
             if self.path == "/api/info":
                 return self._json(HTTPStatus.OK, service.info())
             if self.path in WEB_FILES:
@@ -165,50 +309,119 @@ def _handler(service: ChatService):
                 body = resources.files("cluster").joinpath("web", name).read_bytes()
                 return self._send(HTTPStatus.OK, body, content_type,
                                   {"Content-Security-Policy": CSP, "Cache-Control": "no-store"})
-            self._json(HTTPStatus.NOT_FOUND, {"error": f"no such page: {self.path}"})
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no such page: {self.path:.100}")
+
+        def _not_allowed(self) -> None:
+            self.close_connection = True
+            self._json(HTTPStatus.METHOD_NOT_ALLOWED,
+                       {"error": f"method {self.command} is not allowed; use GET or POST"},
+                       {"Allow": "GET, HEAD, POST"})
+
+        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
         def do_POST(self) -> None:
-            if self.path != "/api/chat":
-                return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: "
-                                                                  f"{self.path}"})
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > service.limits.max_body_bytes:
-                    self.close_connection = True
-                    raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                   f"body of {length} bytes: at most "
-                                   f"{service.limits.max_body_bytes}")
-                try:
-                    body = json.loads(self.rfile.read(length) or b"null")
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise ApiError(HTTPStatus.BAD_REQUEST, "the body is not valid JSON") from None
-                messages, sampling, streaming = service.parse(body)
-                trimmed = service.trimmed(messages, sampling)
-                pieces = service.pieces(messages, sampling)
-                if streaming:
-                    return self._stream(pieces, trimmed)
-                text = list(pieces)
-                self._json(HTTPStatus.OK, {"reply": "".join(text), "trimmed": trimmed,
-                                           "pieces": len(text)})
-            except ApiError as err:
-                self._json(err.status, {"error": str(err)})
+            self._guarded(self._post)
 
-        def _stream(self, pieces, trimmed: int) -> None:
-            first = next(pieces, None)  # a busy server answers 503 before any byte is sent
-            self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Accel-Buffering", "no")
-            self.close_connection = True  # the stream ends with the connection
-            self.end_headers()
-            sent = 0
+        def _read_body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding") is not None:
+                raise ApiError(HTTPStatus.LENGTH_REQUIRED, "Transfer-Encoding is not "
+                               "supported; send the body with a Content-Length header")
+            lengths = self.headers.get_all("Content-Length") or []
+            if not lengths:
+                raise ApiError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required")
+            if len(set(lengths)) > 1:
+                raise ApiError(HTTPStatus.BAD_REQUEST, "conflicting Content-Length headers")
+            text = lengths[0].strip()
+            if not re.fullmatch(r"[0-9]+", text):  # not -1 (read to EOF), not "abc"
+                raise ApiError(HTTPStatus.BAD_REQUEST,
+                               f"Content-Length {text!r:.40} is not a number of bytes")
+            if len(text) > 15 or int(text) > service.limits.max_body_bytes:
+                raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                               f"body of {text:.20} bytes (Content-Length): at most "
+                               f"{service.limits.max_body_bytes}")
+            length = int(text)
             try:
-                for piece in itertools.chain([] if first is None else [first], pieces):
+                raw = self.rfile.read(length)
+            except TimeoutError:
+                raise ApiError(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within "
+                                                           f"{IO_TIMEOUT:g} s") from None
+            self._body_read = True
+            if len(raw) < length:
+                self.close_connection = True
+                raise ApiError(HTTPStatus.BAD_REQUEST, f"the body ended after {len(raw)} of "
+                                                       f"its {length} bytes (Content-Length)")
+            return raw
+
+        def _post(self) -> None:
+            self._check_origin()
+            if self.path != "/api/chat":
+                raise ApiError(HTTPStatus.NOT_FOUND, f"no such endpoint: {self.path:.100}")
+            content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+            if content_type.lower() != "application/json":
+                raise ApiError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                               f"Content-Type must be application/json, not "
+                               f"{content_type or 'missing'!r:.60}")
+            body = _decode_json(self._read_body())
+            messages, sampling, streaming = service.parse(body)
+            reply = service.prepare(messages, sampling)
+            pieces = service.pieces(reply)
+            if streaming:
+                return self._stream(pieces, reply)
+            text = []
+            try:
+                for piece in pieces:
+                    text.append(piece)
+                    if self._client_gone():  # nobody would read the reply: stop generating
+                        self.close_connection = True
+                        return
+            finally:
+                pieces.close()
+            self._json(HTTPStatus.OK, {"reply": "".join(text), "trimmed": reply.trimmed,
+                                       "pieces": len(text),
+                                       "finish_reason": reply.finish_reason})
+
+        def _client_gone(self) -> bool:
+            """Whether the client has closed its end: its socket reads as at end of file. (A
+            client that only half-closes, shutting down its sending side while it waits, looks
+            the same; HTTP clients do not do that.) Pipelined bytes of a next request are data,
+            so they do not count."""
+            sock = self.connection
+            try:
+                if hasattr(select, "poll"):  # no FD_SETSIZE limit, unlike select()
+                    poller = select.poll()
+                    poller.register(sock, select.POLLIN)
+                    if not poller.poll(0):
+                        return False
+                elif not select.select([sock], [], [], 0)[0]:
+                    return False
+                return sock.recv(1, socket.MSG_PEEK) == b""
+            except (OSError, ValueError):  # reset by the peer, or already closed
+                return True
+
+        def _stream(self, pieces, reply: Reply) -> None:
+            try:
+                first = next(pieces, None)  # a busy server answers 503 before any byte is sent
+                self.send_response(HTTPStatus.OK)
+                self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+                self.send_header("Cache-Control", "no-store")
+                self.send_header("X-Accel-Buffering", "no")
+                self.send_header("Connection", "close")
+                self.close_connection = True  # the stream ends with the connection
+                self.end_headers()
+                self._answered = True
+                sent = 0
+                if first is not None:
+                    self._event({"delta": first})
+                    sent += 1
+                for piece in pieces:
+                    if self._client_gone():
+                        return
                     self._event({"delta": piece})
                     sent += 1
-                self._event({"done": True, "trimmed": trimmed, "pieces": sent})
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client left: stop generating
+                self._event({"done": True, "trimmed": reply.trimmed, "pieces": sent,
+                             "finish_reason": reply.finish_reason})
+            except (ConnectionError, TimeoutError):
+                pass  # the client left (or stopped reading): stop generating
             finally:
                 pieces.close()
 
@@ -219,9 +432,43 @@ def _handler(service: ChatService):
     return Handler
 
 
+class WyrdServer(ThreadingHTTPServer):
+    """The HTTP server, knowing the Host names it answers to."""
+
+    daemon_threads = True
+
+    def __init__(self, host: str, port: int, handler) -> None:
+        # An IPv6 literal needs an IPv6 socket (http.server's default is IPv4 only).
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, port), handler)
+        self.bound_host = host
+        port = self.server_address[1]
+        if host in EVERY_INTERFACE:
+            self.allowed_hosts = None  # any: see the module docstring
+        else:
+            names = {*LOOPBACK_HOSTS, f"[{host}]" if ":" in host else host.lower()}
+            self.allowed_hosts = frozenset({f"{name}:{port}" for name in names}
+                                           | (names if port == 80 else set()))
+
+    def allows_host(self, host: str) -> bool:
+        return self.allowed_hosts is None or host in self.allowed_hosts
+
+    def own_origin(self) -> str:
+        host = self.bound_host if self.bound_host not in EVERY_INTERFACE else "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.server_address[1]}"
+
+    def handle_error(self, request, client_address) -> None:
+        """A connection that failed outside a request's handler (reset while its request line
+        was read, say): one line in the log, not a traceback."""
+        err = sys.exc_info()[1]
+        if isinstance(err, (ConnectionError, TimeoutError)):
+            return  # the client went away: nothing to report
+        sys.stderr.write(f"wyrd: connection from {client_address[0]}: "
+                         f"{type(err).__name__}: {err}\n")
+
+
 def make_server(service: ChatService, host: str = "127.0.0.1", port: int = 8000
-                ) -> ThreadingHTTPServer:
+                ) -> WyrdServer:
     """The HTTP server (not yet serving); port 0 picks a free port."""
-    server = ThreadingHTTPServer((host, port), _handler(service))
-    server.daemon_threads = True
-    return server
+    return WyrdServer(host, port, _handler(service))

@@ -12,6 +12,7 @@ Inspect with any SQL tool: ``sqlite3 runs/NAME/results.db 'select * from candida
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -34,6 +35,8 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 FINISHED = ("ok", "diverged", "out_of_memory", "failed", "rejected")
 UNFINISHED = ("pending", "running", "cancelled")
@@ -81,47 +84,101 @@ rungs_table = Table(
 )
 
 
+def _describe(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
 def database_url(target: str | Path) -> str:
     """A SQLAlchemy URL as is; a filesystem path as a SQLite URL."""
     text = str(target)
     return text if "://" in text else f"sqlite:///{Path(text).resolve()}"
 
 
+class RunDatabaseError(ValueError):
+    """A run database that cannot be opened or read: not a database, damaged, not a run's, or a
+    URL that does not work (its message names the file or the URL, password hidden)."""
+
+
 class RunDatabase:
     def __init__(self, target: str | Path, readonly: bool = False) -> None:
         self.url = database_url(target)
+        self.name = _describe(self.url)  # for messages: the file, or the URL without password
         sqlite = self.url.startswith("sqlite")
         if sqlite:
             path = Path(self.url.removeprefix("sqlite:///"))
+            self.name = str(path)
             if readonly and not path.is_file():
                 raise FileNotFoundError(f"{path}: no run database")
+            if path.is_dir():
+                raise RunDatabaseError(f"{path}: is a directory, not a run database")
             if readonly:  # never create or modify another process's database
                 self.url = f"sqlite:///file:{path}?mode=ro&uri=true"
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(self.url)
+        try:
+            self.engine = create_engine(self.url)
+        except (ArgumentError, NoSuchModuleError) as err:
+            raise RunDatabaseError(f"{self.name}: not a database URL SQLAlchemy knows "
+                                   f"({err}); use a file path or e.g. "
+                                   f"postgresql://user@host/db") from None
+        except ImportError as err:  # the dialect's driver is not installed
+            raise RunDatabaseError(f"{self.name}: its database driver ({err.name or err}) is "
+                                   f"not installed; pip install it, e.g. psycopg2-binary for "
+                                   f"postgresql://") from None
         if sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas(readonly))
-        if not readonly:
-            metadata.create_all(self.engine)
-            _add_missing_columns(self.engine)
+        with self._translated():
+            if sqlite:
+                self._check_sqlite_file()
+            if not readonly:
+                metadata.create_all(self.engine)
+                _add_missing_columns(self.engine)
+            tables = set(inspect(self.engine).get_table_names())
+        if "candidates" not in tables:
+            raise RunDatabaseError(f"{self.name}: not a Chimera run database (no candidates "
+                                   f"table)")
         # A read-only look at a database from an earlier version (which it may not upgrade)
         # selects the columns it has; the newer ones read as None.
         self._candidate_columns = list(candidates_table.c)
         if readonly:
-            present = {c["name"] for c in inspect(self.engine).get_columns("candidates")}
+            with self._translated():
+                present = {c["name"] for c in inspect(self.engine).get_columns("candidates")}
             self._candidate_columns = [c for c in candidates_table.c if c.name in present] \
                 or self._candidate_columns
+
+    def _check_sqlite_file(self) -> None:
+        """SQLite reports a damaged file only when a query reaches the damage: look at every
+        page once now (results databases are small), so a truncated or overwritten file is
+        refused at open, with its name, rather than midway through a command."""
+        with self.engine.connect() as conn:
+            verdict = conn.execute(text("PRAGMA quick_check")).scalar()
+        if verdict != "ok":
+            raise RunDatabaseError(f"{self.name}: the database is damaged ({verdict}); restore "
+                                   f"it from a copy")
+
+    @contextlib.contextmanager
+    def _translated(self):
+        """Database failures as ``RunDatabaseError`` naming this database."""
+        try:
+            yield
+        except DBAPIError as err:
+            reason = str(err.orig) if err.orig is not None else str(err)
+            if "not a database" in reason or "malformed" in reason:
+                reason += "; it is not a run database, or it is damaged"
+            raise RunDatabaseError(f"{self.name}: {reason}") from None
 
     def close(self) -> None:
         self.engine.dispose()
 
     def _write(self, statement):
-        with self.engine.begin() as conn:  # one transaction per write
+        with self._translated(), self.engine.begin() as conn:  # one transaction per write
             return conn.execute(statement)
 
     def _rows(self, statement) -> list[dict]:
-        with self.engine.connect() as conn:
+        with self._translated(), self.engine.connect() as conn:
             return [dict(row) for row in conn.execute(statement).mappings()]
 
     def _candidate_rows(self, where=None, order_by=(_c.id,), limit=None) -> list[dict]:
@@ -134,7 +191,7 @@ class RunDatabase:
 
     # ------------------------------------------------------------------ run configuration
     def set_config(self, config: dict) -> None:
-        with self.engine.begin() as conn:
+        with self._translated(), self.engine.begin() as conn:
             conn.execute(delete(run_table).where(run_table.c.key == "config"))
             conn.execute(insert(run_table).values(key="config",
                                                   value=json.dumps(config, sort_keys=True)))
@@ -177,7 +234,8 @@ class RunDatabase:
         return candidate_id
 
     def record_rung(self, candidate_id: int, rung: int, result: dict) -> None:
-        with self.engine.begin() as conn:  # a retried rung replaces its earlier row
+        # a retried rung replaces its earlier row
+        with self._translated(), self.engine.begin() as conn:
             conn.execute(delete(rungs_table).where(rungs_table.c.candidate_id == candidate_id,
                                                    rungs_table.c.rung == rung))
             conn.execute(insert(rungs_table).values(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -151,12 +152,15 @@ def fit(model: torch.nn.Module, hparams: TrainHparams, source: BatchSource,
         device: str | torch.device = "cpu", meta: dict | None = None,
         on_step: Callable[[StepReport], None] | None = None,
         sampler: Callable[[torch.nn.Module], str] | None = None,
-        stop_after: int | None = None) -> FitResult:
+        stop_after: int | None = None,
+        on_message: Callable[[str], None] | None = None) -> FitResult:
     """Train ``model`` (already on ``device``) for ``settings.steps`` optimizer steps.
 
-    With ``checkpoint_dir`` holding checkpoints, training resumes from the latest one (whose
-    ``meta`` must equal this run's). ``stop_after``: stop (and checkpoint) once this step is
-    reached, as an interruption would. ``sampler(model) -> text`` makes sample generations."""
+    With ``checkpoint_dir`` holding checkpoints, training resumes from the newest readable one
+    (whose ``meta`` must equal this run's); an unreadable newer one is skipped with a warning.
+    ``stop_after``: stop (and checkpoint) once this step is reached, as an interruption would.
+    ``sampler(model) -> text`` makes sample generations. ``on_message(line)`` receives the
+    resume notices (rank 0 only; default: stderr)."""
     device = torch.device(device)
     rank, world = _distributed()
     meta = meta or {}
@@ -164,9 +168,14 @@ def fit(model: torch.nn.Module, hparams: TrainHparams, source: BatchSource,
         if checkpoint_dir is not None else None
     optimizer = make_optimizer(model, hparams)
     history, step = History(), 0
-    latest = manager.latest() if manager else None
-    if latest is not None:
-        state = CheckpointManager.load(latest)
+
+    def tell(line: str) -> None:
+        if rank == 0:
+            (on_message or _to_stderr)(line)
+
+    found = manager.load_latest(warn=lambda line: tell(f"warning: {line}")) if manager else None
+    if found is not None:
+        latest, state = found
         if state.meta != meta:
             raise CheckpointStateError(
                 f"{latest}: belongs to another run ({_first_difference(state.meta, meta)}); "
@@ -175,6 +184,7 @@ def fit(model: torch.nn.Module, hparams: TrainHparams, source: BatchSource,
         optimizer.load_state_dict(state.optimizer)
         restore_rng(state.rng)
         history, step = History.from_dict(state.history), state.step
+        tell(f"resuming from {latest} (step {step} of {settings.steps})")
 
     micro_rows = _micro_batch_rows(hparams.batch_size, world, settings.grad_accum)
     trained = model
@@ -263,6 +273,10 @@ def fit(model: torch.nn.Module, hparams: TrainHparams, source: BatchSource,
                                    history.train[-1][2], history.tokens, 0.0, val_loss))
         checkpoint = save() or checkpoint
     return FitResult(step, history, interrupted, checkpoint)
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _micro_batch_rows(batch_size: int, world: int, grad_accum: int) -> int:

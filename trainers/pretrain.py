@@ -68,8 +68,10 @@ def pretrain(plan: PretrainPlan, store: TokenStore, checkpoint_dir: str | Path |
              device: str | torch.device = "cpu",
              on_step: Callable[[StepReport], None] | None = None,
              sampler: Callable[[torch.nn.Module], str] | None = None,
-             stop_after: int | None = None) -> tuple[Chimera, FitResult]:
-    """Build the model from the plan's seed and train it; resumes from ``checkpoint_dir``."""
+             stop_after: int | None = None,
+             on_message: Callable[[str], None] | None = None) -> tuple[Chimera, FitResult]:
+    """Build the model from the plan's seed and train it; resumes from ``checkpoint_dir`` (the
+    newest readable checkpoint; ``on_message`` hears which, and of any skipped)."""
     if plan.config.vocab_size < store.vocab_size:
         raise ValueError(f"the model's vocab_size {plan.config.vocab_size} is smaller than the "
                          f"store's {store.vocab_size}")
@@ -80,5 +82,5 @@ def pretrain(plan: PretrainPlan, store: TokenStore, checkpoint_dir: str | Path |
     model = Chimera(plan.config).to(device)
     result = fit(model, plan.hparams, StoreBatches(store, plan.hparams, plan.seed), plan.fit,
                  checkpoint_dir, device, meta=plan.to_dict(), on_step=on_step, sampler=sampler,
-                 stop_after=stop_after)
+                 stop_after=stop_after, on_message=on_message)
     return model, result

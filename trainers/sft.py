@@ -18,7 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chimera.chat import ConversationError, check_messages, prompt_ids, render, reply
+from chimera.chat import (
+    ConversationError,
+    check_messages,
+    encode_chat,
+    prompt_ids,
+    render,
+    reply,
+)
 from chimera.checkpoint import atomic_write
 from chimera.generation import SamplingConfig
 from chimera.model import Chimera, resize_vocabulary
@@ -36,19 +43,29 @@ def load_conversations(path: str | Path) -> list[list[dict]]:
     path = Path(path)
     if not path.is_file():
         raise ChatDataError(f"{path}: no such file")
+    if path.is_dir():
+        raise ChatDataError(f"{path}: is a directory; give a JSONL file of conversations")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ChatDataError(f"{path}: not UTF-8 text (byte {err.start}): a JSONL file of "
+                            f"conversations is expected") from None
     conversations = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                messages = record["messages"]
-                check_messages(messages)
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                raise ChatDataError(f"{path}:{number}: not a conversation record "
-                                    f"({type(err).__name__}: {err})") from None
-            conversations.append(messages)
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            messages = record["messages"]
+            check_messages(messages)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ChatDataError(f"{path}:{number}: not a conversation record "
+                                f"({type(err).__name__}: {err})") from None
+        if not any(message["role"] == "assistant" for message in messages):
+            # fine-tuning learns only the assistant's turns: this one would teach nothing
+            raise ChatDataError(f"{path}:{number}: the conversation has no assistant turn, "
+                                f"so there is nothing to learn from it")
+        conversations.append(messages)
     if not conversations:
         raise ChatDataError(f"{path}: no conversations")
     return conversations
@@ -75,10 +92,11 @@ def encode_conversation(tokenizer, messages: Sequence[dict]) -> tuple[list[int],
             raise ChatDataError("the chat template does not render a conversation's prefix as "
                                 "a prefix of the whole; assistant tokens cannot be located")
         spans.append((start, end))
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    mask = [any(s <= a and b <= e for s, e in spans) and b > a
-            for a, b in encoded["offset_mapping"]]
-    return encoded["input_ids"], mask
+    # The same encoding the chat and the web server use for prompts: text in the messages that
+    # spells a control token stays text, so training and serving see the same ids.
+    _, ids, offsets = encode_chat(tokenizer, messages, add_generation_prompt=False)
+    mask = [any(s <= a and b <= e for s, e in spans) and b > a for a, b in offsets]
+    return ids, mask
 
 
 def ensure_chat_tokens(model: Chimera, tokenizer) -> tuple[Chimera, list[str]]:

@@ -17,11 +17,13 @@ a checksum, and refuses a store made by another tokenizer than the one expected.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -161,6 +163,7 @@ def tokenizer_recipe(tokenizer: str, vocab_size: int) -> str | None:
 def tokenizer_for(spec: CorpusSpec, tokenizer: str, vocab_size: int, out: str | Path):
     """The tokenizer a store at ``out`` should use: a directory is loaded; 'bpe' / 'char' are
     trained on the corpus, unless the store there already holds one made the same way."""
+    check_store_target(out)  # before hours of tokenizer training, not after
     recipe = tokenizer_recipe(tokenizer, vocab_size)
     if recipe is None:
         return load_tokenizer(tokenizer)
@@ -178,7 +181,8 @@ def prepare_store(spec: CorpusSpec, tokenizer, out: str | Path,
     """Tokenize ``spec`` into a store at ``out``. Returns (store, reused): when ``out`` already
     holds a valid store of the same corpus, tokenizer and split, it is opened, not rebuilt.
     ``tokenizer_recipe`` records how a trained tokenizer was made (see ``saved_tokenizer``)."""
-    out = Path(out)
+    out = Path(out).resolve()  # '.' and 'a/..' have no name to build a sibling from
+    check_store_target(out)
     corpus_fp, tokenizer_fp = corpus_fingerprint(spec), fingerprint(tokenizer)
     if (out / META_FILE).is_file():
         try:
@@ -195,7 +199,8 @@ def prepare_store(spec: CorpusSpec, tokenizer, out: str | Path,
     token_is_held = np.repeat(held, lengths)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _remove_abandoned(out)
+    tmp = Path(tempfile.mkdtemp(prefix=_scratch_prefix(out, "tmp"), dir=out.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the store is meant to be shared
     try:
         splits: dict[str, dict] = {}
@@ -224,14 +229,74 @@ def prepare_store(spec: CorpusSpec, tokenizer, out: str | Path,
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    """Move a finished directory into place; an old one is moved aside first, then deleted."""
+    """Move a finished directory into place; an old store is moved aside first, then deleted
+    (``check_store_target`` has made sure that it is one)."""
     if target.exists():
-        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        aside = Path(tempfile.mkdtemp(prefix=_scratch_prefix(target, "old"), dir=target.parent))
         os.replace(target, aside / target.name)
         os.replace(new, target)
         shutil.rmtree(aside, ignore_errors=True)
     else:
         os.replace(new, target)
+
+
+# What a store directory holds; anything else in a directory means it is not (only) a store.
+STORE_ENTRIES = frozenset({META_FILE, TOKENIZER_DIR, *(f"{name}{suffix}.arrow" for name in SPLITS
+                                                       for suffix in ("", "_docs"))})
+
+
+def check_store_target(out: str | Path) -> None:
+    """Refuse to build a store at ``out`` unless that replaces nothing but a store: ``out`` may
+    be missing, an empty directory, or a directory holding a store's files and nothing else.
+    A folder of the user's files, a plain file or the current directory is never replaced."""
+    out = Path(out).resolve()
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise StoreError(f"{out}: exists and is not a directory; choose another output "
+                         f"directory for the store")
+    if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
+        raise StoreError(f"{out}: is the current directory (or holds it); choose a new "
+                         f"directory for the store, e.g. {out / 'store'}")
+    entries = {entry.name for entry in out.iterdir()}
+    if not entries:
+        return
+    if META_FILE not in entries or not entries <= STORE_ENTRIES:
+        others = sorted(entries - STORE_ENTRIES)[:3]
+        raise StoreError(f"{out}: not empty and not a token store (holds "
+                         f"{', '.join(others) or 'no ' + META_FILE}); refusing to replace it: "
+                         f"choose a new or empty directory")
+
+
+def _scratch_prefix(target: Path, kind: str) -> str:
+    """Name of the scratch directories beside ``target`` (``kind``: tmp, a build in progress;
+    old, a replaced store being deleted), with the host and process that own them, so a later
+    build can tell an abandoned one (its process is gone) from one that is still running."""
+    return f".{target.name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _remove_abandoned(target: Path) -> None:
+    """Delete scratch directories beside ``target`` left by builds that were killed: made on
+    this host by a process that no longer exists. Others' (another host's, a live process's)
+    are left alone."""
+    host = socket.gethostname()
+    for kind in ("tmp", "old"):
+        for path in target.parent.glob(f".{glob.escape(target.name)}.{kind}-*"):
+            owner = path.name[len(f".{target.name}.{kind}-"):].rsplit("-", 2)
+            if len(owner) != 3 or owner[0] != host or not owner[1].isdigit():
+                continue
+            if not _process_alive(int(owner[1])):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -276,7 +341,12 @@ class TokenStore:
             meta = json.loads(meta_path.read_text())
             version, dtype = meta["schema_version"], np.dtype(meta["token_dtype"])
             split_infos = {name: SplitInfo(**meta["splits"][name]) for name in SPLITS}
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            vocab_size = meta["vocab_size"]
+            if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) \
+                    or not 2 <= vocab_size <= np.iinfo(dtype).max + 1:
+                raise ValueError(f"vocab_size {vocab_size!r} does not fit token_dtype {dtype}")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
+                ValueError) as err:
             raise StoreError(f"{meta_path}: unreadable store metadata: {err}") from None
         if version != SCHEMA_VERSION:
             raise StoreError(f"{root}: store schema version {version}, this Chimera reads "
@@ -297,7 +367,26 @@ class TokenStore:
             if verify and _checksum(tokens[name]) != info.checksum:
                 raise StoreError(f"{root}: {name} split fails its checksum: the store is "
                                  f"corrupted; prepare it again")
+            if verify and len(tokens[name]) and int(tokens[name].max()) >= vocab_size:
+                raise StoreError(f"{meta_path}: vocab_size {vocab_size}, but the {name} split "
+                                 f"holds token {int(tokens[name].max())}: the metadata was "
+                                 f"edited or the store is damaged; prepare it again")
         return cls(root, meta, tokens, offsets)
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Refuse a tokenizer that is not the one this store's tokens were made with."""
+        if len(tokenizer) != self.vocab_size or fingerprint(tokenizer) != \
+                self.meta["tokenizer_fingerprint"]:
+            raise StoreError(f"{self.root}: the tokenizer ({len(tokenizer)} tokens, fingerprint "
+                             f"{fingerprint(tokenizer)}) is not the one the store was made "
+                             f"with ({self.vocab_size} tokens, fingerprint "
+                             f"{self.meta['tokenizer_fingerprint']}); prepare the store again")
+
+    def load_tokenizer(self):
+        """The store's own tokenizer, checked against the store."""
+        tokenizer = load_tokenizer(self.tokenizer_path)
+        self.check_tokenizer(tokenizer)
+        return tokenizer
 
     # --------------------------------------------------------------------- facts
     def info(self, split: str) -> SplitInfo:

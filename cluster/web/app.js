@@ -84,8 +84,14 @@ async function ask(text) {
           answer += data.delta;
           reply.textContent = answer;
           log.scrollTop = log.scrollHeight;
-        } else if (data.done && data.trimmed > 0) {
-          note("note", `(the oldest ${data.trimmed} messages no longer fit the context)`);
+        } else if (data.done) {
+          if (data.trimmed > 0) {
+            note("note", `(the oldest ${data.trimmed} messages no longer fit the context)`);
+          }
+          if (data.finish_reason === "length") {
+            // max tokens, or the end of the model's context when that came first
+            note("note", "(the reply was cut off at its length limit)");
+          }
         }
       }
     }

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from chimera import chat
 from chimera.chat import reply
 from chimera.checkpoint import save_model
 from chimera.config import ChimeraConfig
@@ -17,7 +18,6 @@ from chimera.generation import SamplingConfig
 from chimera.inference import TOKENIZER_DIR, load_pretrained
 from chimera.model import Chimera
 from chimera.tokenizer import train_char
-from cluster import serve
 from cluster.serve import ChatService, Limits, make_server
 
 TEXT = "Hello there! Who is the story about? Lily and Tom went to the park. <>&\"'/"
@@ -188,16 +188,20 @@ def test_a_client_that_leaves_stops_its_generation(server, monkeypatch):
     httpd, service = server
     produced = []
 
-    def endless(model, tokenizer, messages, sampling):
+    letter = service.tokenizer.convert_tokens_to_ids("l")
+
+    def endless(model, prompt, sampling):
         while True:  # a reply that would never end by itself
             produced.append(1)
             time.sleep(0.01)
-            yield "la "
+            yield letter
 
-    monkeypatch.setattr(serve, "reply_stream", endless)
+    monkeypatch.setattr(chat, "stream", endless)
     sock = socket.create_connection(httpd.server_address[:2], timeout=30)
     body = json.dumps(_ask("Hello there!", stream=True)).encode()
-    sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    host = "127.0.0.1:%d" % httpd.server_address[1]
+    sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: " + host.encode() + b"\r\n"
+                 b"Content-Type: application/json\r\n"
                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     received = b""
     while b"data: " not in received:  # headers and events may come in separate reads

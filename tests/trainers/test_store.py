@@ -2,6 +2,10 @@
 
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -190,3 +194,45 @@ def test_empty_corpus_and_bad_fraction(tmp_path, tokenizer):
 def test_token_dtype_is_the_smallest_that_fits():
     assert token_dtype(256) == np.uint8 and token_dtype(257) == np.uint16
     assert token_dtype(70_000) == np.uint32
+
+
+@pytest.mark.parametrize("make", ["user-folder", "file", "store-with-extra-file"])
+def test_only_a_store_is_ever_replaced(tmp_path, tokenizer, make):
+    out = tmp_path / "out"
+    if make == "file":
+        out.write_text("the user's file\n")
+    else:
+        if make == "store-with-extra-file":
+            prepare_store(STORIES, tokenizer, out)
+        else:
+            out.mkdir()
+        (out / "notes.txt").write_text("the user's notes\n")
+    with pytest.raises(StoreError, match="not a token store|not a directory"):
+        prepare_store(STORIES, train_char(["other text"]), out)
+    assert (out.read_text() if make == "file" else (out / "notes.txt").read_text()) \
+        .startswith("the user's")
+    assert _leftovers(tmp_path) == []
+
+
+def test_the_current_directory_is_never_the_store(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StoreError, match="current directory"):
+        prepare_store(STORIES, tokenizer, ".")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_scratch_directories_of_killed_builds_are_removed(tmp_path, tokenizer):
+    """A build killed midway leaves its temporary directory; the next build beside it removes
+    those whose process is gone, and leaves a live process's and another host's alone."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    host = socket.gethostname()
+    names = {"dead": f".store.tmp-{host}-{gone.stdout.strip()}-abc",
+             "dead-old": f".store.old-{host}-{gone.stdout.strip()}-def",
+             "live": f".store.tmp-{host}-{os.getpid()}-ghi",
+             "other-host": ".store.tmp-elsewhere-1-jkl"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.arrow").write_bytes(b"partial")
+    prepare_store(STORIES, tokenizer, tmp_path / "store")
+    assert _leftovers(tmp_path) == sorted([names["live"], names["other-host"]])
