@@ -199,13 +199,15 @@ def fit_prompt(tokenizer, messages: Sequence[dict], max_new_tokens: int, context
     refused."""
     if context < 2:
         raise ConversationError(f"a context of {context} tokens has no room for a reply")
-    try:
+    messages = list(messages)
+    keep = 2 if len(messages) > 1 and messages[0].get("role") == "system" else 1
+    # The shortest prompt first (one encoding): it must fit with room for one token, and when it
+    # leaves less than max_new_tokens there is no point trying to keep any more history.
+    newest, _ = prompt_ids(tokenizer, messages[:keep - 1] + messages[-1:], context - 1)
+    if len(newest) > context - max_new_tokens:
+        ids, dropped = newest, len(messages) - keep
+    else:
         ids, dropped = prompt_ids(tokenizer, messages, context - max_new_tokens)
-    except ConversationError:
-        messages = list(messages)
-        keep = 2 if len(messages) > 1 and messages[0].get("role") == "system" else 1
-        ids, _ = prompt_ids(tokenizer, messages[:keep - 1] + messages[-1:], context - 1)
-        dropped = len(messages) - keep
     return ids, dropped, min(max_new_tokens, context - len(ids))
 
 

@@ -19,8 +19,8 @@ from rich.table import Table
 
 from chimera.config import PRESETS, ChimeraConfig, get_preset
 from cluster import argtypes
-from cluster.argtypes import parse_duration, parse_flops, parse_size  # noqa: F401 - re-exported
 from cluster import model_commands as model_cli
+from cluster.argtypes import parse_duration, parse_flops, parse_size  # noqa: F401 - re-exported
 from cluster.errors import CommandError, user_errors
 
 EXIT_USAGE = 2
@@ -161,6 +161,7 @@ def cmd_data_info(args: argparse.Namespace, console: Console) -> int:
 def cmd_data_stories(args: argparse.Namespace, console: Console) -> int:
     """Write the built-in story corpus, with each story's facts, as JSONL."""
     import json
+
     from chimera.checkpoint import atomic_write
     from trainers.stories import stories_of_size
 
@@ -395,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--tokenizer", required=True,
                          help="a tokenizer directory, or 'bpe' / 'char' to train one")
     prepare.add_argument("--out", required=True, help="the store directory")
-    prepare.add_argument("--vocab-size", type=argtypes.positive_int, default=4096, help="for --tokenizer bpe")
+    prepare.add_argument("--vocab-size", type=argtypes.positive_int, default=4096,
+                         help="for --tokenizer bpe")
     prepare.add_argument("--val-fraction", type=argtypes.finite_float, default=0.05,
                          help="share of documents held out for validation")
     prepare.add_argument("--seed", type=argtypes.seed, default=0,
@@ -465,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "Optuna TPE, Optuna NSGA-II")
     search.add_argument("--population", type=argtypes.positive_int, default=16)
     search.add_argument("--tournament", type=argtypes.positive_int, default=4)
-    search.add_argument("--gene-pool", type=argtypes.non_negative_float, default=0.0, metavar="FRACTION",
+    search.add_argument("--gene-pool", type=argtypes.non_negative_float, default=0.0,
+                        metavar="FRACTION",
                         help="evolution: each child draws every gene from one of the best "
                              "FRACTION of the population, then mutates (gene-pool "
                              "recombination) instead of mutating a tournament winner "
@@ -481,8 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--objective", default="bpb",
                         help="what to minimise: bpb, or several for a Pareto search, e.g. "
                              "bpb,params or bpb,params,throughput")
-    search.add_argument("--max-params", type=argtypes.positive_int, help="parameter budget (candidates are "
-                                                       "shrunk to fit)")
+    search.add_argument("--max-params", type=argtypes.positive_int,
+                        help="parameter budget (candidates are shrunk to fit)")
     search.add_argument("--hurdle-keep", type=argtypes.positive_float, default=1 / 3,
                         help="share of a rung's results that continue (default 1/3)")
     search.add_argument("--hurdle-window", type=argtypes.positive_int, metavar="N",
@@ -498,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     candidates.add_argument("--seq-len", type=argtypes.positive_int, default=128)
     cluster = evolve.add_argument_group("execution")
     cluster.add_argument("--address", help="join a Ray cluster (e.g. auto); default: embedded")
-    cluster.add_argument("--workers", type=argtypes.positive_int, help="candidates at once (default: all CPUs)")
+    cluster.add_argument("--workers", type=argtypes.positive_int,
+                         help="candidates at once (default: all CPUs)")
     cluster.add_argument("--cpus-per-candidate", type=argtypes.positive_float, default=1.0)
     cluster.add_argument("--gpus-per-candidate", type=argtypes.non_negative_float, default=0.0)
     cluster.add_argument("--in-process", action="store_true",
@@ -538,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("run", help="a run directory, its results.db, or a database URL")
     board.add_argument("--top", type=argtypes.positive_int, default=10)
     board.add_argument("--watch", action="store_true", help="refresh until Ctrl+C")
-    board.add_argument("--interval", type=argtypes.positive_float, default=2.0, help="seconds between refreshes")
+    board.add_argument("--interval", type=argtypes.positive_float, default=2.0,
+                       help="seconds between refreshes")
     board.add_argument("--json", action="store_true", help="machine-readable output")
     board.set_defaults(handler=cmd_leaderboard)
     model_cli.register(commands, parse_size)

@@ -13,8 +13,11 @@ cancelled, and never trains a finished genome again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import os
 import random
 import shutil
 import time
@@ -363,17 +366,42 @@ def training_flops(settings: EvolveSettings, vocab_size: int) -> Callable[[Genom
     return flops
 
 
+@contextlib.contextmanager
+def exclusive_run(run_dir: Path):
+    """Hold the run directory for this process (an advisory lock on the directory itself, so
+    no file is added): a second ``chimera evolve`` on the same run, a resume started twice,
+    would train candidates twice and interleave its results with the first's."""
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirError(f"{run_dir}: another chimera evolve is running this run; let it "
+                              f"finish (or stop it) first") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock, also when this process is killed
+
+
 def run_evolve(settings: EvolveSettings, console: Console | None = None,
                live: bool = True) -> EvolveOutcome:
-    console = console or Console()
     run_dir = Path(settings.run_dir)
-    created = not run_dir.exists()
+    # The outermost folder this call creates (runs/ too, for a first runs/<timestamp>).
+    created = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_run(run_dir):
+        return _evolve(settings, console or Console(), live, created)
+
+
+def _evolve(settings: EvolveSettings, console: Console, live: bool, created: Path | None
+            ) -> EvolveOutcome:
+    run_dir = Path(settings.run_dir)
     try:  # what can fail on bad input fails here, before the run is recorded
         db = RunDatabase(settings.database_target)  # a bad URL, a damaged database
         store = prepare_data(settings, console)  # bad data
     except BaseException:
-        if created:  # leave nothing behind: all of it is this call's
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if created is not None:  # leave nothing behind: all of it is this call's
+            shutil.rmtree(created, ignore_errors=True)
         raise
     if settings.gpus_per_candidate == 0:
         # Compile the fused CPU kernels here, once per machine (~30 s the first time, a cache

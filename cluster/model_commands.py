@@ -346,21 +346,25 @@ def register(commands, parse_size) -> None:
     train.add_argument("--tokens", type=parse_size, default=2_000_000,
                        help="training tokens (e.g. 2M)")
     train.add_argument("--lr", type=argtypes.positive_float, default=3e-3)
-    train.add_argument("--warmup", type=argtypes.non_negative_float, default=0.1, help="warmup fraction")
+    train.add_argument("--warmup", type=argtypes.non_negative_float, default=0.1,
+                       help="warmup fraction")
     train.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
     train.add_argument("--weight-decay", type=argtypes.non_negative_float, default=0.1)
     train.add_argument("--beta2", type=argtypes.positive_float, default=0.95)
-    train.add_argument("--batch-size", type=argtypes.positive_int, default=16, help="global, in sequences")
+    train.add_argument("--batch-size", type=argtypes.positive_int, default=16,
+                       help="global, in sequences")
     train.add_argument("--grad-accum", type=argtypes.positive_int, default=1)
     train.add_argument("--seq-len", type=argtypes.positive_int, default=128)
     train.add_argument("--max-seq-len", type=argtypes.positive_int, default=512)
     train.add_argument("--label-smoothing", type=argtypes.non_negative_float, default=0.0)
     train.add_argument("--z-loss", type=argtypes.non_negative_float, default=0.0)
-    train.add_argument("--eval-every", type=argtypes.non_negative_int, default=0, help="steps (default: 10 evals)")
+    train.add_argument("--eval-every", type=argtypes.non_negative_int, default=0,
+                       help="steps (default: 10 evals)")
     train.add_argument("--eval-batches", type=argtypes.positive_int, default=8)
     train.add_argument("--checkpoint-every", type=argtypes.non_negative_int, default=0)
     train.add_argument("--keep-checkpoints", type=argtypes.positive_int, default=3)
-    train.add_argument("--workers", type=argtypes.positive_int, default=1, help="Ray Train DDP workers")
+    train.add_argument("--workers", type=argtypes.positive_int, default=1,
+                       help="Ray Train DDP workers")
     train.add_argument("--address", default=None, help="a Ray cluster (default: local)")
     train.add_argument("--device", default="cpu")
     train.add_argument("--compile", action="store_true")

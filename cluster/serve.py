@@ -20,20 +20,24 @@ then kept alone and the reply stops where the context ends (see ``chimera.chat.f
 Message content is data: text that spells a chat marker is encoded as plain characters, so no
 one can forge another role's turn.
 
-Every error is a 4xx (or 503 when busy) with ``{"error": "..."}`` naming the field or header at
-fault. Sampling values are checked by ``SamplingConfig``; the server adds JSON types (a bool is
-not a number, ``stream`` must be a boolean) and its own limits. A client that disconnects stops
-its generation at the next piece, streaming or not (a non-streaming client is watched for a
-closed socket between pieces), so it frees its place among the ``max_concurrent``.
+Every error is a 4xx (503 when busy) with ``{"error": "..."}`` naming the field or header at
+fault, and so are http.server's own (a malformed request line, say); a bug would be a 500 and
+one line in the log, never a dropped connection or a traceback. Sampling values are checked by
+``SamplingConfig``; the server adds JSON types (a bool is not a number, ``stream`` must be a
+boolean, unknown fields are named rather than ignored) and its own limits. A client that
+disconnects stops its generation at the next piece, streaming or not (a non-streaming client is
+watched for a closed socket between pieces), so it frees its place among the
+``max_concurrent``. A connection that stalls for 30 s is answered 408 or dropped.
 
 Only the page's own requests are served: a POST must be ``application/json`` (415 otherwise; a
 cross-site HTML form cannot send that, and a cross-site script that tries needs a CORS
 preflight, which is refused); a request whose ``Origin`` is not the server's own is refused
-(403); and the ``Host`` header must name this server (421), which stops DNS rebinding. Accepted
-hosts are 127.0.0.1, localhost and [::1] plus the address it was bound to, each with the port
-(bare on port 80). Bound to every interface (0.0.0.0 or ::) the server cannot know the names it
-is reached by and accepts any Host: the Origin check still stops cross-site use, but not DNS
-rebinding, a risk that choice takes on along with exposing the model to the network.
+(403: it must be ``http://`` and the Host asked for); and the ``Host`` header must name this
+server (421), which stops DNS rebinding. Accepted hosts are 127.0.0.1, localhost and [::1] plus
+the address it was bound to, each with the port (bare on port 80). Bound to every interface
+(0.0.0.0 or ::) the server cannot know the names it is reached by and accepts any Host: the
+Origin check still stops cross-site use, but not DNS rebinding, a risk that choice takes on
+along with exposing the model to the network.
 
 The page inserts all text with ``textContent`` (never as HTML) and is served with a
 Content-Security-Policy that allows only its own script.

@@ -181,6 +181,11 @@ CASES = [
     ("evolve-resume-garbage-db", lambda r: garbage(r / "run" / "results.db"),
      ["evolve", "--resume", "run", "--in-process", "--no-live", "--max-candidates", "3"],
      "results.db"),
+    ("evolve-missing-corpus", nothing,  # the default runs/<timestamp> is not left behind
+     ["evolve", "--corpus", "nope.txt", "--in-process", "--no-live"], "nope.txt"),
+    ("evolve-binary-corpus", lambda r: garbage(r / "blob.txt"),
+     ["evolve", "--run-dir", "deep/er/r2", "--corpus", "blob.txt", "--in-process", "--no-live"],
+     "blob.txt"),
     ("evolve-bad-budget", nothing, ["evolve", "--budget", "soon"], "--budget"),
     ("evolve-zero-budget", nothing, ["evolve", "--budget", "0s"], "--budget"),
     ("evolve-bad-flops", nothing, ["evolve", "--flops", "1e400"], "--flops"),
@@ -271,3 +276,17 @@ def test_the_sweep_covers_every_subcommand():
     commands = {case[2][0] for case in CASES}
     assert commands >= {"data", "train", "evolve", "leaderboard", "export", "plot", "generate",
                         "sft", "serve", "promote"}
+
+
+def test_a_run_is_resumed_by_one_process_at_a_time(world, tmp_path, monkeypatch, capsys):
+    from cluster.evolve import exclusive_run
+
+    root = tmp_path / "user"
+    shutil.copytree(world, root)
+    monkeypatch.chdir(root)
+    before = checksum(root)
+    with exclusive_run(root / "run"):  # as a `chimera evolve --resume run` still running
+        status, err = run_cli(["evolve", "--resume", "run", "--in-process", "--no-live"],
+                              capsys)
+    assert status == 2 and "another chimera evolve is running this run" in err
+    assert checksum(root) == before
