@@ -17,7 +17,6 @@ from torch import Tensor
 
 from chimera.model import Chimera
 
-
 # Temperatures in (0, MIN_TEMPERATURE) are refused: logits are divided by the temperature in
 # float32, and 1e-300 turns every logit into +-inf (softmax then gives NaN and sampling fails).
 # At 1e-2 a logit of even 1e30 stays finite, and sampling that cold is already greedy in all

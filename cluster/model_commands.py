@@ -300,7 +300,9 @@ def register(commands, parse_size) -> None:
         "promote", help="turn a run's best genome into a trained chat model",
         description="Refine the winner's training hyperparameters with Optuna (TPE + "
                     "Hyperband), pretrain it, fine-tune it for chat, evaluate it and write a "
-                    "model directory with report.md. Run again to resume.")
+                    "model directory with report.md. Run the same command again to resume: "
+                    "the stages recorded as done in OUT/promote-state.json are skipped, the "
+                    "running one continues from its checkpoint.")
     promote.add_argument("run", metavar="RUN", help="a run directory of chimera evolve")
     promote.add_argument("--genome", type=int, default=None, metavar="ID",
                          help="candidate id to promote (default: the best)")

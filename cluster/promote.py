@@ -89,6 +89,7 @@ SAMPLE_NEW_TOKENS = 80  # the samples in report.md
 # times the number asked for, and at most 400 more (a char tokenizer needs a token per
 # character of the story, and the shortest stories are the ones that fit).
 QA_DRAW_FACTOR = 20
+SFT_SCAN = 500  # fine-tuning conversations the preflight looks at (see _check_sft_data)
 
 
 class PromoteError(ValueError):
@@ -129,7 +130,7 @@ class PromoteSettings:
 # ----------------------------------------------------------------------------- the winner
 def winner(run_dir: str, candidate_id: int | None):
     """The candidate to promote: (id, genome, the run's ``EvolveSettings``)."""
-    from cluster.evolve import CONFIG_FILE, load_settings
+    from cluster.evolve import CONFIG_FILE, RunDirError, load_settings
 
     path = Path(run_dir) / CONFIG_FILE
     try:
@@ -137,6 +138,8 @@ def winner(run_dir: str, candidate_id: int | None):
     except FileNotFoundError:
         raise PromoteError(f"{run_dir}: not a run directory (no {CONFIG_FILE}); run `chimera "
                            f"evolve` first") from None
+    except RunDirError as err:  # already one line naming the file
+        raise PromoteError(str(err)) from None
     except OSError as err:
         raise PromoteError(f"{path}: cannot read it ({err.strerror or err})") from None
     except (ValueError, KeyError, TypeError, AttributeError) as err:
@@ -414,11 +417,13 @@ def plan_evaluation(settings: PromoteSettings, tokenizer) -> EvaluationPlan:
 
 def _check_sft_data(settings: PromoteSettings, tokenizer) -> None:
     """At least one training and one validation conversation must fit --sft-seq-len (+1
-    tokens: the inputs and the shifted targets), with assistant tokens to learn from."""
+    tokens: the inputs and the shifted targets), with assistant tokens to learn from. Only the
+    first ``SFT_SCAN`` are looked at: a tenth of them are greetings, the shortest kind, so when
+    none of those fit, fine-tuning would have next to nothing to learn from anyway."""
     width = settings.sft_hparams.seq_len + 1
     for heldout, n in ((False, settings.sft_conversations),
                        (True, max(64, settings.sft_conversations // 20))):
-        shortest = None
+        shortest, n = None, min(n, SFT_SCAN)
         for record in conversations(n, settings.seed, heldout=heldout):
             try:
                 ids, mask = encode_conversation(tokenizer, record["messages"])
@@ -431,10 +436,10 @@ def _check_sft_data(settings: PromoteSettings, tokenizer) -> None:
         else:
             kind = "validation" if heldout else "training"
             raise PromoteError(
-                f"no {kind} conversation fits --sft-seq-len {settings.sft_hparams.seq_len} "
-                f"(the shortest of {n} needs {shortest} tokens with this tokenizer); raise "
-                f"--sft-seq-len to {shortest - 1} or more (and --max-seq-len with it)"
-                + ("" if heldout else " or --sft-conversations"))
+                f"none of the first {n} {kind} conversations fits --sft-seq-len "
+                f"{settings.sft_hparams.seq_len} (the shortest needs {shortest} tokens with "
+                f"this tokenizer); raise --sft-seq-len to {shortest - 1} or more (and "
+                f"--max-seq-len with it)")
 
 
 def _check_writable(out: Path) -> None:
@@ -659,8 +664,9 @@ def _promote(settings: PromoteSettings, console: Console) -> dict:
     records = StageRecords(out)
     evaluation, redo = preflight(settings, run, tokenizer, records, candidate_id, genome)
     wanted = stage_settings(settings, candidate_id)
+    # Saved with the first stage it begins: a failure before that leaves the directory as
+    # empty as the preflight found it (and removable, if this call created it).
     attempt = records.start_attempt(settings.run_dir, candidate_id, genome)
-    records.save()
     console.print(f"[bold]promoting[/bold] candidate #{candidate_id} {genome.summary()} "
                   f"({param_counts_analytic(config).total / 1e6:.2f}M parameters) -> {out}"
                   + (f" (attempt {attempt}; done earlier: "
@@ -733,7 +739,6 @@ def _promote(settings: PromoteSettings, console: Console) -> dict:
 
     # 3. Chat fine-tuning on story instructions. The chat model is saved as soon as it is
     # trained, so a failure in the evaluation never costs the fine-tuning.
-    train_size = settings.sft_conversations
     if records.done("sft") is None:
         t0 = time.perf_counter()
         console.rule("chat fine-tune")
@@ -751,17 +756,16 @@ def _promote(settings: PromoteSettings, console: Console) -> dict:
             raise KeyboardInterrupt
         save_model(chat_model, out)
         tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
-        train_size = len(train)
         records.finish("sft", {
             "model": ".", "step": sft.step, "history": sft.history.to_dict(),
-            "dropped_too_long": dropped, "conversations": train_size,
+            "dropped_too_long": dropped, "conversations": len(train),
             "seconds": max(time.perf_counter() - t0, sft.history.seconds)})
     else:
         skipped("sft", f"the chat model is in {out}")
         chat_model = load_model(out, device=settings.device)
         tokenizer = load_tokenizer(out / TOKENIZER_DIR)  # with the chat tokens SFT added
-    tuned_sft = records.done("sft")
-    sft = FitResult(tuned_sft["step"], History.from_dict(tuned_sft["history"]))
+    fine_tuned = records.done("sft")
+    sft = FitResult(fine_tuned["step"], History.from_dict(fine_tuned["history"]))
 
     # 4. Evaluation: held-out question answering before and after fine-tuning, samples.
     finished = records.done("evaluate")
@@ -802,14 +806,14 @@ def _promote(settings: PromoteSettings, console: Console) -> dict:
                      "val_loss": pre.val_loss,
                      "val_bpb": store.bits_per_byte(pre.val_loss, "val"),
                      "samples": [list(sample) for sample in pre.history.samples]},
-        "sft": {"steps": sft.step, "conversations": tuned_sft.get("conversations", train_size),
-                "dropped_too_long": tuned_sft["dropped_too_long"],
+        "sft": {"steps": sft.step, "conversations": fine_tuned["conversations"],
+                "dropped_too_long": fine_tuned["dropped_too_long"],
                 "val_loss_assistant_tokens": sft.val_loss,
                 "hparams": dataclasses.asdict(settings.sft_hparams)},
         "qa_accuracy": {"base": qa_base, "chat": qa_chat, "questions": len(items)},
         "samples": samples, "notes": evaluation.notes, "seconds": timings,
-        # The stages' own times, summed over the attempts that finished them: a resumed
-        # promote reports the work, not just its last run.
+        # The stages' own times as recorded (for training, summed over resumed segments): a
+        # resumed promote reports the work, not just the time of its last run.
         "total_seconds": sum(timings.values()),
         "attempts": attempt,
         "hardware": hardware(settings.device),

@@ -124,8 +124,8 @@ class CheckpointManager:
                     warn(f"{err}; trying the one before")
         if errors:
             raise CheckpointStateError(
-                f"{self.directory}: no readable checkpoint ({'; '.join(errors)}); remove the "
-                f"directory to train from the start")
+                f"{self.directory}: no readable checkpoint ({'; '.join(errors)}); move it aside "
+                f"to train from the start")
         return None
 
     @staticmethod

@@ -16,9 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from chimera.checkpoint import save_model
-from chimera.config import ChimeraConfig
-from chimera.model import Chimera
 from chimera.tokenizer import load_tokenizer, train_char
 from cluster.cli import main
 
@@ -30,7 +27,7 @@ TINY_EVOLVE = ["--corpus", "book.txt", "--separator", "blank", "--tokenizer", "c
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, make_model_dir):
     """The user's folder: book.txt, store/, run/ (a finished search), model/."""
     root = tmp_path_factory.mktemp("world")
     (root / "book.txt").write_text(BOOK)
@@ -42,12 +39,7 @@ def world(tmp_path_factory):
         assert main(["evolve", "--run-dir", "run", *TINY_EVOLVE]) == 0
     finally:
         os.chdir(cwd)
-    tokenizer = load_tokenizer(root / "store" / "tokenizer")
-    config = ChimeraConfig(vocab_size=len(tokenizer), d_model=32, n_layers=2, n_heads=2,
-                           n_kv_heads=1, ffn_multiplier=2.0, recurrence_ratio=1, window_size=16,
-                           max_seq_len=64)
-    save_model(Chimera(config), root / "model")
-    tokenizer.save_pretrained(str(root / "model" / "tokenizer"))
+    make_model_dir(root / "model", load_tokenizer(root / "store" / "tokenizer"))
     return root
 
 

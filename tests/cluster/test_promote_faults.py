@@ -273,6 +273,8 @@ def test_preflight_refuses_before_any_work_and_removes_only_what_it_created(run,
     nested = tmp_path / "a" / "b" / "model"
     _refused(["promote", str(run), "--out", str(nested), "--sft-seq-len", "600"], capsys,
              "--sft-seq-len 600 exceeds --max-seq-len 512")
+    _refused(["promote", str(run), "--out", str(nested), "--sft-seq-len", "16"], capsys,
+             "fits --sft-seq-len 16", "raise --sft-seq-len to")
     # Too small a context for any held-out question (one token per character): refused by
     # the preflight, after it made the folders, which it then removes, all three.
     _refused(["promote", str(run), "--out", str(nested), "--max-seq-len", "64",

@@ -8,15 +8,11 @@ import threading
 import time
 
 import pytest
-import torch
 
 from chimera import chat
 from chimera.chat import reply
-from chimera.checkpoint import save_model
-from chimera.config import ChimeraConfig
 from chimera.generation import SamplingConfig
-from chimera.inference import TOKENIZER_DIR, load_pretrained
-from chimera.model import Chimera
+from chimera.inference import load_pretrained
 from chimera.tokenizer import train_char
 from cluster.serve import ChatService, Limits, make_server
 
@@ -24,15 +20,8 @@ TEXT = "Hello there! Who is the story about? Lily and Tom went to the park. <>&\
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("model")
-    tokenizer = train_char([TEXT])
-    torch.manual_seed(0)
-    config = ChimeraConfig(vocab_size=len(tokenizer), d_model=32, n_layers=2, n_heads=2,
-                           n_kv_heads=1, window_size=32, max_seq_len=160)
-    save_model(Chimera(config), directory)
-    tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
-    return directory
+def model_dir(tmp_path_factory, make_model_dir):
+    return make_model_dir(tmp_path_factory.mktemp("model"), train_char([TEXT]), 160)
 
 
 @pytest.fixture
