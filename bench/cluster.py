@@ -38,9 +38,9 @@ from rich.table import Table  # noqa: E402
 from bench.evolve import sample_genomes, story_store, train_all  # noqa: E402
 from chimera.config import ChimeraConfig  # noqa: E402
 from chimera.tokenizer import train_char  # noqa: E402
-from cluster.evaluator import RayEvaluator  # noqa: E402
-from cluster.node_store import StoreTransfer, ship_store  # noqa: E402
-from cluster.worker import CandidateSettings  # noqa: E402
+from cluster.ray.evaluator import RayEvaluator  # noqa: E402
+from cluster.ray.node_store import StoreTransfer, ship_store  # noqa: E402
+from cluster.ray.worker import CandidateSettings  # noqa: E402
 from trainers.candidate import (  # noqa: E402
     BudgetKind,
     TrainBudget,

@@ -27,8 +27,8 @@ from rich.console import Console
 from rich.table import Table
 
 from chimera.tokenizer import train_bpe
-from cluster.evaluator import RayEvaluator
-from cluster.worker import CandidateSettings
+from cluster.ray.evaluator import RayEvaluator
+from cluster.ray.worker import CandidateSettings
 from search.genome import CPU
 from trainers.candidate import BudgetKind, TrainBudget, TrainHparams
 from trainers.corpus import CorpusSpec, iter_documents

@@ -32,7 +32,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from bench.search import DEFAULT_CORPUS, bench_corpus, bench_hparams, ranks  # noqa: E402
-from cluster.evolve import EvolveSettings, run_evolve  # noqa: E402
+from cluster.app.evolve import EvolveSettings, run_evolve  # noqa: E402
 from results.db import RunDatabase  # noqa: E402
 from search.hurdles import Hurdles  # noqa: E402
 from search.loop import SearchLimits  # noqa: E402

@@ -30,9 +30,9 @@ sys.path[0] = str(REPO)  # import the packages, not a sibling script named like 
 
 from rich.console import Console  # noqa: E402
 
-from cluster.evolve import STORE_DIR  # noqa: E402
-from cluster.promote import PromoteSettings, promote  # noqa: E402
-from cluster.refine import tuned  # noqa: E402
+from cluster.app.evolve import STORE_DIR  # noqa: E402
+from cluster.app.promote import PromoteSettings, promote  # noqa: E402
+from cluster.ray.trials import tuned  # noqa: E402
 from search.refine import RefineSettings  # noqa: E402
 from trainers.fit import FitSettings  # noqa: E402
 from trainers.pretrain import PretrainPlan, pretrain, steps_for_tokens  # noqa: E402
@@ -70,7 +70,7 @@ def main() -> None:
     store = TokenStore.open(run_dir / STORE_DIR)
     run = json.loads((run_dir / "run.json").read_text())
     config = _genome_config(metrics, store.vocab_size, settings.max_seq_len)
-    # Scored on the same validation windows as the refined run (see cluster.refine.tuned).
+    # Scored on the same validation windows as the refined run (see cluster.ray.trials.tuned).
     config, defaults = tuned(config, TrainHparams.from_dict(run["hparams"]), {})
     steps = steps_for_tokens(settings.pretrain_tokens, defaults)
     plan = PretrainPlan(config, defaults, FitSettings(steps=steps), settings.seed)

@@ -54,8 +54,8 @@ import ray  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from cluster.cli import parse_flops  # noqa: E402
-from cluster.evolve import EvolveSettings, run_evolve  # noqa: E402
+from cluster.app.evolve import EvolveSettings, run_evolve  # noqa: E402
+from cluster.cli.argtypes import parse_flops  # noqa: E402
 from results.db import RunDatabase  # noqa: E402
 from results.plots import compute_and_scores  # noqa: E402
 from search.evolution import EvolutionConfig  # noqa: E402

@@ -44,6 +44,7 @@ from chimera.tokenizer import (
 from trainers.corpus import CorpusSpec, corpus_fingerprint, iter_documents
 
 SCHEMA_VERSION = 1
+DEFAULT_VOCAB_SIZE = 1024  # of a BPE trained on the corpus (CPU-sized models)
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "val")

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from cluster.cli import main, parse_size
+from cluster.cli import main
+from cluster.cli.argtypes import parse_size
 from trainers.store import TokenStore
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import main, parse_duration
+from cluster.cli import main
+from cluster.cli.argtypes import parse_duration
 
 TINY = ["--corpus-size", "60KB", "--tokenizer", "char", "--batch-size", "4", "--seq-len", "32",
         "--population", "4", "--tournament", "2", "--no-live"]
@@ -174,7 +175,7 @@ def test_hurdles_continue_promoted_candidates_from_their_checkpoints(tmp_path, c
     """Real training in process: rung 0 = 3 steps, rung 1 = 6 steps. A promoted candidate's
     final result equals training its genome for 6 steps in one go (same schedule, data, seed),
     so the continuation really resumed from the rung-0 checkpoint."""
-    from cluster.evolve import load_settings
+    from cluster.app.evolve import load_settings
     from search.genome import Genome
     from trainers.candidate import BudgetKind, TrainBudget, train_candidate
     from trainers.store import TokenStore
@@ -205,7 +206,7 @@ def test_hurdles_continue_promoted_candidates_from_their_checkpoints(tmp_path, c
 
     # A resume rebuilds what the hurdles and the population knew: every rung's results set the
     # bars again, and each member keeps the rung it reached.
-    from cluster.evolve import _rung_history, build_strategy
+    from cluster.app.evolve import _rung_history, build_strategy
     from results.db import RunDatabase
 
     db = RunDatabase(run / "results.db", readonly=True)
@@ -236,7 +237,7 @@ def test_the_validation_split_follows_the_data_seed_not_the_search_seed(tmp_path
     """Runs with different search seeds are scored on the same documents, so they compare."""
     from rich.console import Console
 
-    from cluster.evolve import EvolveSettings, prepare_data
+    from cluster.app.evolve import EvolveSettings, prepare_data
     from trainers.corpus import CorpusSpec
 
     def validation(name, **seeds):
@@ -258,7 +259,7 @@ def test_a_flops_budget_holds_across_sessions(tmp_path, capsys):
     """Real training in process: every candidate records the FLOPs of its training, and a
     FLOPs budget counts every session of the run."""
     from chimera.model import training_flops_per_token
-    from cluster.evolve import load_settings
+    from cluster.app.evolve import load_settings
     from results.db import RunDatabase
     from search.genome import Genome
     from trainers.store import TokenStore
@@ -292,7 +293,7 @@ def test_a_flops_budget_holds_across_sessions(tmp_path, capsys):
 
 
 def test_flops_parse():
-    from cluster.cli import parse_flops
+    from cluster.cli.argtypes import parse_flops
 
     assert parse_flops("2e13") == 2e13 and parse_flops("20T") == 2e13
     assert parse_flops("1.5P") == 1.5e15 and parse_flops("3.2e+12") == 3.2e12

@@ -16,9 +16,9 @@ from ray.cluster_utils import Cluster
 
 from chimera.kernels import fused_ops
 from chimera.tokenizer import train_char
-from cluster.evaluator import RayEvaluator
-from cluster.node_store import StoreTransfer, ship_store
-from cluster.worker import CandidateSettings, FaultPolicy
+from cluster.ray.evaluator import RayEvaluator
+from cluster.ray.node_store import StoreTransfer, ship_store
+from cluster.ray.worker import CandidateSettings, FaultPolicy
 from results.db import RunDatabase
 from search.evolution import Proposal
 from search.genome import Genome

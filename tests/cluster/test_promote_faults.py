@@ -20,8 +20,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from cluster.app.promote import STATE_FILE
 from cluster.cli import main
-from cluster.promote import STATE_FILE
 from trainers.checkpoints import CheckpointManager
 
 CHAR_RUN = ["--corpus-size", "60KB", "--tokenizer", "char", "--batch-size", "4", "--seq-len",

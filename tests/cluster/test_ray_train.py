@@ -6,7 +6,7 @@ import ray
 from chimera.checkpoint import load_model
 from chimera.config import ChimeraConfig
 from chimera.tokenizer import train_char
-from cluster.distributed import pretrain_on_ray
+from cluster.ray.train import pretrain_on_ray
 from trainers.corpus import CorpusSpec, iter_documents
 from trainers.fit import FitSettings
 from trainers.pretrain import PretrainPlan, pretrain

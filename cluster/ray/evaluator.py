@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import ray
 
-from cluster.node_store import StoreSource
-from cluster.worker import CandidateSettings, CandidateTrainer, FaultPolicy, memory_rejection
+from cluster.ray.node_store import StoreSource
+from cluster.ray.worker import CandidateSettings, CandidateTrainer, FaultPolicy, memory_rejection
 from search.genome import Genome
 
 log = logging.getLogger(__name__)

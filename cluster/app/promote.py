@@ -59,7 +59,7 @@ from chimera.generation import SamplingConfig, generate
 from chimera.inference import TOKENIZER_DIR
 from chimera.model import Chimera, param_counts_analytic
 from chimera.tokenizer import CHAT_TEMPLATE, CHAT_TOKENS, load_tokenizer
-from cluster.refine import RayTrials, TrialSpec, train_trial_rung, tuned
+from cluster.ray.trials import RayTrials, TrialSpec, train_trial_rung, tuned
 from results.db import RunDatabase, database_url
 from results.plots import curves_figure
 from search.genome import Genome
@@ -130,7 +130,7 @@ class PromoteSettings:
 # ----------------------------------------------------------------------------- the winner
 def winner(run_dir: str, candidate_id: int | None):
     """The candidate to promote: (id, genome, the run's ``EvolveSettings``)."""
-    from cluster.evolve import CONFIG_FILE, RunDirError, load_settings
+    from cluster.app.evolve import CONFIG_FILE, RunDirError, load_settings
 
     path = Path(run_dir) / CONFIG_FILE
     try:
@@ -575,7 +575,7 @@ def run_pretrain(plan: PretrainPlan, store: TokenStore, out: Path, console: Cons
     process only; Ray Train workers do not sample)."""
     checkpoints = checkpoints or out / "checkpoints" / "pretrain"
     if train_workers > 1:
-        from cluster.distributed import pretrain_on_ray
+        from cluster.ray.train import pretrain_on_ray
 
         console.print(f"  data-parallel on {train_workers} Ray Train workers")
         step, history = pretrain_on_ray(plan, store.root, out, checkpoints, train_workers,
@@ -652,8 +652,8 @@ def _remove_if_empty(directories: list[Path]) -> None:
 
 
 def _promote(settings: PromoteSettings, console: Console) -> dict:
-    from cluster.evolve import STORE_DIR
-    from cluster.runtime import start_ray
+    from cluster.app.evolve import STORE_DIR
+    from cluster.ray.runtime import start_ray
 
     out = settings.out_dir
     candidate_id, genome, run = winner(settings.run_dir, settings.candidate_id)

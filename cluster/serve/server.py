@@ -310,7 +310,7 @@ def _handler(service: ChatService):
                 return self._json(HTTPStatus.OK, service.info())
             if self.path in WEB_FILES:
                 name, content_type = WEB_FILES[self.path]
-                body = resources.files("cluster").joinpath("web", name).read_bytes()
+                body = resources.files("cluster.serve").joinpath("web", name).read_bytes()
                 return self._send(HTTPStatus.OK, body, content_type,
                                   {"Content-Security-Policy": CSP, "Cache-Control": "no-store"})
             raise ApiError(HTTPStatus.NOT_FOUND, f"no such page: {self.path:.100}")

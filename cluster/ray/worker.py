@@ -1,7 +1,7 @@
 """What a worker does with a genome: build its config, train it, return plain data.
 
 ``CandidateTrainer`` is used as is by the in-process evaluator, and wrapped in a Ray actor by
-``cluster.evaluator``; either way one trainer opens the token store once (memory-mapped) and is
+``cluster.ray.evaluator``; either way one trainer opens the token store once (memory-mapped) and is
 reused for every candidate it trains. As a Ray actor it runs two threads: one trains, the other
 answers heartbeats with the time since training last made progress.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from chimera.checkpoint import atomic_write
-from cluster.node_store import Origin, StoreSource, open_on_node
+from cluster.ray.node_store import Origin, StoreSource, open_on_node
 from search.genome import Genome
 from trainers.candidate import (
     BudgetKind,
@@ -53,7 +53,7 @@ class CandidateSettings:
 
 @dataclass(frozen=True)
 class FaultPolicy:
-    """How the Ray evaluator treats lost and hung workers (see ``cluster.evaluator``)."""
+    """How the Ray evaluator treats lost and hung workers (see ``cluster.ray.evaluator``)."""
 
     max_attempts: int = 3  # runs of one candidate: the first and up to two retries
     heartbeat_seconds: float = 10.0  # how often a busy worker is asked for a heartbeat

@@ -1,7 +1,6 @@
-"""The ``chimera`` subcommands that make and use models: promote, train, sft, generate, chat,
-serve.
+"""The ``chimera`` subcommands that make and use models: promote, train, sft, generate, chat.
 
-Registered on the main parser by ``cluster.cli``; like the rest of the CLI, each turns its
+Registered on the main parser by ``cluster.cli.main``; like the rest of the CLI, each turns its
 arguments into settings at once, calls library functions and reports bad input as one line.
 """
 
@@ -14,23 +13,36 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cluster import argtypes
-from cluster.errors import CommandError, user_errors
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """What these commands report as bad input: the library's user errors, a promote that
-    cannot go ahead, and the configs' own validation (ValueError)."""
-    from cluster.promote import PromoteError
-
-    return (*user_errors(), PromoteError, ValueError, FileNotFoundError)
+from chimera.chat import ConversationError, decode_stream, reply_stream
+from chimera.checkpoint import load_config, save_model
+from chimera.config import get_preset
+from chimera.generation import SamplingConfig, stream
+from chimera.inference import TOKENIZER_DIR, load_pretrained
+from chimera.model import param_counts_analytic
+from cluster.app.evolve import STORE_DIR
+from cluster.app.promote import (
+    PromoteSettings,
+    promote,
+    run_pretrain,
+    run_sft,
+    story_sampler,
+    winner,
+)
+from cluster.cli import argtypes
+from cluster.cli.argtypes import parse_size
+from cluster.cli.errors import CommandError, settings_errors
+from cluster.ray.runtime import start_ray
+from search.refine import RefineSettings
+from trainers.fit import FitSettings
+from trainers.instructions import conversations
+from trainers.pretrain import PretrainPlan, steps_for_tokens
+from trainers.recipe import TrainHparams
+from trainers.sft import load_conversations
+from trainers.store import TokenStore
 
 
 # ----------------------------------------------------------------------------- promote
 def cmd_promote(args: argparse.Namespace, console: Console) -> int:
-    from cluster.promote import PromoteSettings, promote
-    from search.refine import RefineSettings
-
     try:
         settings = PromoteSettings(
             run_dir=args.run, candidate_id=args.genome, out=args.out,
@@ -45,7 +57,7 @@ def cmd_promote(args: argparse.Namespace, console: Console) -> int:
             train_workers=args.train_workers, in_process=args.in_process,
             address=args.address, device=args.device, compile=args.compile, seed=args.seed)
         metrics = promote(settings, console)
-    except _user_errors() as err:
+    except settings_errors() as err:
         raise CommandError(str(err)) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: progress is saved; run the same command "
@@ -62,10 +74,6 @@ def cmd_promote(args: argparse.Namespace, console: Console) -> int:
 
 # ----------------------------------------------------------------------------- train
 def _train_config(args: argparse.Namespace, vocab_size: int):
-    from chimera.checkpoint import load_config
-    from chimera.config import get_preset
-    from cluster.promote import winner
-
     if args.preset:
         config = get_preset(args.preset)
     elif args.config:
@@ -78,16 +86,6 @@ def _train_config(args: argparse.Namespace, vocab_size: int):
 
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
-    from chimera.inference import TOKENIZER_DIR
-    from chimera.model import param_counts_analytic
-    from cluster.evolve import STORE_DIR
-    from cluster.promote import run_pretrain, story_sampler
-    from cluster.runtime import start_ray
-    from trainers.fit import FitSettings
-    from trainers.pretrain import PretrainPlan, steps_for_tokens
-    from trainers.recipe import TrainHparams
-    from trainers.store import TokenStore
-
     out = Path(args.out)
     try:
         if args.store is None and args.run is None:
@@ -115,11 +113,11 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
                                          sampler=sampler)
         finally:
             if started:
-                import ray
+                import ray  # only when this command started it
 
                 ray.shutdown()
         tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
-    except _user_errors() as err:
+    except settings_errors() as err:
         raise CommandError(str(err)) from None
     if result.interrupted:
         console.print(f"[yellow]interrupted[/yellow] at step {result.step}: checkpoint saved; "
@@ -133,13 +131,6 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
 
 # ----------------------------------------------------------------------------- sft
 def cmd_sft(args: argparse.Namespace, console: Console) -> int:
-    from chimera.checkpoint import save_model
-    from chimera.inference import TOKENIZER_DIR, load_pretrained
-    from cluster.promote import run_sft
-    from trainers.instructions import conversations
-    from trainers.recipe import TrainHparams
-    from trainers.sft import load_conversations
-
     out = Path(args.out)
     try:
         model, tokenizer = load_pretrained(args.model, device=args.device)
@@ -161,7 +152,7 @@ def cmd_sft(args: argparse.Namespace, console: Console) -> int:
             return 130
         save_model(model, out)
         tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
-    except _user_errors() as err:
+    except settings_errors() as err:
         raise CommandError(str(err)) from None
     console.print(f"[bold green]done[/bold green]: {result.step} steps on {len(train)} "
                   f"conversations ({dropped} too long for --seq-len, left out); validation "
@@ -171,18 +162,12 @@ def cmd_sft(args: argparse.Namespace, console: Console) -> int:
 
 # ----------------------------------------------------------------------------- generate, chat
 def _sampling(args: argparse.Namespace):
-    from chimera.generation import SamplingConfig
-
     return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p,
                           repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
 def cmd_generate(args: argparse.Namespace, console: Console) -> int:
-    from chimera.chat import decode_stream, reply_stream
-    from chimera.generation import stream
-    from chimera.inference import load_pretrained
-
     try:
         sampling = _sampling(args)
         model, tokenizer = load_pretrained(args.model, args.quantize)
@@ -199,19 +184,16 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
-    except _user_errors() as err:
+    except settings_errors() as err:
         raise CommandError(str(err)) from None
     return 0
 
 
 def cmd_chat(args: argparse.Namespace, console: Console) -> int:
-    from chimera.chat import ConversationError, reply_stream
-    from chimera.inference import load_pretrained
-
     try:
         sampling = _sampling(args)
         model, tokenizer = load_pretrained(args.model, args.quantize)
-    except _user_errors() as err:
+    except settings_errors() as err:
         raise CommandError(str(err)) from None
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
@@ -246,41 +228,6 @@ def cmd_chat(args: argparse.Namespace, console: Console) -> int:
         history.append({"role": "assistant", "content": answer})
 
 
-# ----------------------------------------------------------------------------- serve
-def cmd_serve(args: argparse.Namespace, console: Console) -> int:
-    from chimera.generation import SamplingConfig
-    from chimera.inference import load_pretrained
-    from cluster.serve import ChatService, Limits, make_server
-
-    try:
-        model, tokenizer = load_pretrained(args.model, args.quantize)
-        limits = Limits(max_message_chars=args.max_message_chars,
-                        max_messages=args.max_messages, max_new_tokens=args.max_tokens_limit)
-        defaults = SamplingConfig(max_new_tokens=min(200, args.max_tokens_limit),
-                                  temperature=0.8, top_p=0.95)
-        service = ChatService(model, tokenizer, Path(args.model).resolve().name, limits,
-                              defaults)
-    except _user_errors() as err:
-        raise CommandError(str(err)) from None
-    try:  # apart from loading: a missing model directory is an OSError too, but not this one
-        server = make_server(service, args.host, args.port)
-    except OSError as err:
-        raise CommandError(f"cannot listen on {args.host}:{args.port}: "
-                           f"{err.strerror or err}") from None
-    console.print(f"[bold]Wyrd[/bold] serving {args.model} on {server.own_origin()}/ "
-                  f"(Ctrl+C stops)")
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        console.print("[yellow]listening beyond this machine: anyone who can reach it can use "
-                      "the model[/yellow]")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        console.print("stopped")
-    finally:
-        server.server_close()
-    return 0
-
-
 # ----------------------------------------------------------------------------- parser
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling")
@@ -294,7 +241,7 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
                        help="dynamic int8 linear layers (faster CPU inference)")
 
 
-def register(commands, parse_size) -> None:
+def register(commands) -> None:
     """Add the model subcommands to the main parser's subcommands."""
     promote = commands.add_parser(
         "promote", help="turn a run's best genome into a trained chat model",
@@ -404,22 +351,3 @@ def register(commands, parse_size) -> None:
     chat.add_argument("--system", default=None, help="a system message")
     _add_sampling(chat)
     chat.set_defaults(handler=cmd_chat)
-
-    serve = commands.add_parser(
-        "serve", help="a web chat page (Wyrd) and a streaming JSON API for a model",
-        description="Serve one chat page and its API (see README: Web chat). Binds to "
-                    "127.0.0.1 unless told otherwise.")
-    serve.add_argument("model", metavar="MODEL")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="the address to listen on; requests must name it (or localhost) "
-                            "as their Host")
-    # Checked by argparse, so a bad port is a usage error and not a traceback from bind(), and
-    # a limit of 0 (which would refuse every request) is refused at the start.
-    serve.add_argument("--port", type=argtypes.port, default=8000, help="0 picks a free port")
-    serve.add_argument("--quantize", type=int, choices=[8], default=None)
-    serve.add_argument("--max-message-chars", type=argtypes.positive_int, default=4000)
-    serve.add_argument("--max-messages", type=argtypes.positive_int, default=64)
-    serve.add_argument("--max-tokens-limit", type=argtypes.positive_int, default=512,
-                       help="the most tokens one reply may ask for (a reply also stops where "
-                            "the model's context ends)")
-    serve.set_defaults(handler=cmd_serve)

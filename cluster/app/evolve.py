@@ -31,9 +31,9 @@ from rich.live import Live
 from chimera.checkpoint import atomic_write
 from chimera.kernels import fused_ops
 from chimera.model import training_flops_per_token
-from cluster.node_store import DEFAULT_CACHE_ROOT, StoreTransfer
-from cluster.runtime import start_ray
-from cluster.worker import (
+from cluster.ray.node_store import DEFAULT_CACHE_ROOT, StoreTransfer
+from cluster.ray.runtime import start_ray
+from cluster.ray.worker import (
     CandidateSettings,
     CandidateTrainer,
     FaultPolicy,
@@ -51,6 +51,7 @@ from search.objectives import Objectives
 from trainers.candidate import BudgetKind, TrainBudget, TrainHparams, budget_steps
 from trainers.corpus import CorpusFormat, CorpusSpec, DecodeErrors, Separator
 from trainers.store import (
+    DEFAULT_VOCAB_SIZE,
     META_FILE,
     SplitConfig,
     StoreError,
@@ -72,7 +73,7 @@ class EvolveSettings:
     run_dir: str
     corpus: CorpusSpec = CorpusSpec("stories", stories_bytes=2_000_000)
     tokenizer: str = "bpe"  # bpe | char | a tokenizer directory
-    vocab_size: int = 1024
+    vocab_size: int = DEFAULT_VOCAB_SIZE
     space: str = "cpu"
     evolution: EvolutionConfig = EvolutionConfig()
     limits: SearchLimits = SearchLimits(wall_seconds=180)
@@ -277,8 +278,8 @@ def _make_evaluator(settings: EvolveSettings, candidate: CandidateSettings):
                 missing_ok=True)), False
     import ray
 
-    from cluster.evaluator import RayEvaluator
-    from cluster.node_store import ship_store
+    from cluster.ray.evaluator import RayEvaluator
+    from cluster.ray.node_store import ship_store
 
     started = start_ray(settings.address)
     workers = settings.workers or max(
