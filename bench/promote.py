@@ -30,8 +30,8 @@ sys.path[0] = str(REPO)  # import the packages, not a sibling script named like 
 
 from rich.console import Console  # noqa: E402
 
-from cluster.app.evolve import STORE_DIR  # noqa: E402
 from cluster.app.promote import PromoteSettings, promote  # noqa: E402
+from cluster.app.rundir import STORE_DIR  # noqa: E402
 from cluster.ray.trials import tuned  # noqa: E402
 from search.refine import RefineSettings  # noqa: E402
 from trainers.fit import FitSettings  # noqa: E402

@@ -108,11 +108,11 @@ def curve(db_path: Path, flops: bool = False) -> tuple[list[tuple[float, float]]
     compute, and only full-budget results count as bests."""
     db = RunDatabase(db_path, readonly=True)
     try:
-        rows = db.candidates()
-        if flops and not any(row.get("train_flops") for row in rows):
+        rows = db.candidate_records()
+        if flops and not any(row.train_flops for row in rows):
             raise SystemExit(f"{db_path}: no training FLOPs recorded (a run made before they "
                              f"were); report it without --flops")
-        scored = compute_and_scores(rows, db.rungs(), flops=flops)
+        scored = compute_and_scores(rows, db.rung_records(), flops=flops)
     finally:
         db.close()
     best, points = float("inf"), []

@@ -5,7 +5,9 @@ By default one SQLite file per run (``runs/NAME/results.db``); any SQLAlchemy UR
 ``postgresql://user@host/chimera``) puts it on a database server instead. Every write is its own
 transaction; SQLite runs with a write-ahead journal, so a process killed at any moment loses no
 completed result and other processes (``chimera leaderboard``) can read while a search writes.
-It deals in plain data only; it knows nothing of genomes or Ray.
+It deals in plain data only; it knows nothing of genomes or Ray. The query methods return
+rows (dicts of the columns, JSON as text), or ``*_records`` the same rows decoded into
+``results.records`` types.
 
 Inspect with any SQL tool: ``sqlite3 runs/NAME/results.db 'select * from candidates'``.
 """
@@ -38,8 +40,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
-FINISHED = ("ok", "diverged", "out_of_memory", "failed", "rejected")
-UNFINISHED = ("pending", "running", "cancelled")
+from results.records import CandidateRecord, RungRecord
+from trainers.candidate import FINISHED, UNFINISHED, Status
+
 METRIC_COLUMNS = ("val_loss", "val_bpb", "params", "non_embedding_params", "tokens",
                   "tokens_per_second", "train_flops", "wall_seconds", "peak_memory_mb")
 
@@ -56,7 +59,8 @@ candidates_table = Table(
     Column("parents", Text, nullable=False),  # JSON list of candidate ids
     Column("operator", String(32), nullable=False),  # seed | random | mutation | crossover
     Column("generation", Integer, nullable=False),
-    # pending | running | ok | diverged | out_of_memory | failed | rejected | cancelled
+    # a trainers.candidate.Status value: pending | running | ok | diverged | out_of_memory |
+    # failed | rejected | cancelled
     Column("status", String(32), nullable=False),
     Column("attempts", Integer),  # runs it took: more than 1 when a worker was lost
     Column("reused_from", Integer),  # set when the genome's earlier result was reused
@@ -71,6 +75,12 @@ candidates_table = Table(
     Column("finished_at", Float),
 )
 _c = candidates_table.c
+# The queries' filters (of rows and of records alike); statuses bound as plain strings.
+_IS_FINISHED = _c.status.in_([status.value for status in FINISHED])
+_IS_UNFINISHED = _c.status.in_([status.value for status in UNFINISHED])
+_IS_RUNNING = _c.status == Status.RUNNING.value
+_IS_TRAINED_OK = (_c.status == Status.OK.value, _c.reused_from.is_(None))
+_BEST_FIRST = (_c.val_bpb, _c.id)
 # With hurdles: one row per budget rung a candidate finished (its final rung is also the
 # candidate's own result).
 rungs_table = Table(
@@ -203,7 +213,7 @@ class RunDatabase:
     # ------------------------------------------------------------------ the Recorder protocol
     def lookup(self, genome_key: str) -> tuple[int, dict] | None:
         rows = self._rows(select(_c.id, _c.result).where(
-            _c.genome_key == genome_key, _c.reused_from.is_(None), _c.status.in_(FINISHED))
+            _c.genome_key == genome_key, _c.reused_from.is_(None), _IS_FINISHED)
             .order_by(_c.id).limit(1))
         return (rows[0]["id"], json.loads(rows[0]["result"])) if rows else None
 
@@ -212,18 +222,19 @@ class RunDatabase:
             genome_key=proposal["genome_key"],
             genome=json.dumps(proposal["genome"], sort_keys=True), summary=proposal["summary"],
             parents=json.dumps(proposal["parents"]), operator=proposal["operator"],
-            generation=proposal["generation"], status="pending", created_at=time.time()))
+            generation=proposal["generation"], status=Status.PENDING.value,
+            created_at=time.time()))
         return result.inserted_primary_key[0]
 
     def record_start(self, candidate_id: int, worker: str) -> None:
         self._write(update(candidates_table).where(_c.id == candidate_id).values(
-            status="running", worker=worker, started_at=time.time(), error=None))
+            status=Status.RUNNING.value, worker=worker, started_at=time.time(), error=None))
 
     def record_result(self, candidate_id: int, result: dict) -> None:
         where = {"worker": result["worker"]} if result.get("worker") else {}  # the last attempt's
         self._write(update(candidates_table).where(_c.id == candidate_id).values(**where,
             status=result["status"], result=json.dumps(result), error=result.get("error"),
-            attempts=result.get("attempts", 0 if result["status"] == "rejected" else 1),
+            attempts=result.get("attempts", 0 if result["status"] == Status.REJECTED else 1),
             finished_at=time.time(), **{c: result.get(c) for c in METRIC_COLUMNS}))
 
     def record_reused(self, proposal: dict, source_id: int, result: dict) -> int:
@@ -252,7 +263,7 @@ class RunDatabase:
 
     def record_cancelled(self, candidate_id: int, reason: str) -> None:
         self._write(update(candidates_table).where(_c.id == candidate_id).values(
-            status="cancelled", error=reason, finished_at=time.time()))
+            status=Status.CANCELLED.value, error=reason, finished_at=time.time()))
 
     # ------------------------------------------------------------------ queries
     def candidates(self) -> list[dict]:
@@ -260,33 +271,32 @@ class RunDatabase:
 
     def finished_in_order(self) -> list[dict]:
         """Finished candidates (trained or reused) in birth order: a search's history."""
-        return self._candidate_rows((_c.status.in_(FINISHED),))
+        return self._candidate_rows((_IS_FINISHED,))
 
     def unfinished(self) -> list[dict]:
         """Candidates an interrupted search still owes: pending, running or cancelled."""
-        return self._candidate_rows((_c.status.in_(UNFINISHED),))
+        return self._candidate_rows((_IS_UNFINISHED,))
 
     def running(self) -> list[dict]:
-        return self._candidate_rows((_c.status == "running",))
+        return self._candidate_rows((_IS_RUNNING,))
 
     def train_flops_spent(self) -> float:
         """Training FLOPs of the run so far: every candidate trained (a hurdled one's last rung
         counts its earlier ones), and the rungs of candidates an interrupted session cut off,
         which a resumed run trains again. Rows of versions that did not record FLOPs count 0."""
         trained = self._rows(select(func.coalesce(func.sum(_c.train_flops), 0.0).label("n"))
-                             .where(_c.status.in_(FINISHED), _c.reused_from.is_(None)))[0]["n"]
+                             .where(_IS_FINISHED, _c.reused_from.is_(None)))[0]["n"]
         owed = {row["id"] for row in self.unfinished()}
         furthest: dict[int, float] = {}
-        for row in self.rungs():
-            if row["candidate_id"] in owed:
-                flops = json.loads(row["result"] or "{}").get("train_flops") or 0.0
-                furthest[row["candidate_id"]] = max(furthest.get(row["candidate_id"], 0.0), flops)
+        for rung in self.rung_records():
+            if rung.candidate_id in owed:
+                furthest[rung.candidate_id] = max(furthest.get(rung.candidate_id, 0.0),
+                                                  rung.train_flops)
         return float(trained) + sum(furthest.values())
 
     def leaderboard(self, top: int | None = None) -> list[dict]:
         """Trained candidates that finished ok, best validation bits per byte first."""
-        return self._candidate_rows((_c.status == "ok", _c.reused_from.is_(None)),
-                                    order_by=(_c.val_bpb, _c.id), limit=top)
+        return self._candidate_rows(_IS_TRAINED_OK, order_by=_BEST_FIRST, limit=top)
 
     def counts(self) -> dict[str, int]:
         rows = self._rows(select(_c.status, func.count().label("n"))
@@ -295,6 +305,42 @@ class RunDatabase:
         counts["reused"] = self._rows(select(func.count().label("n"))
                                       .where(_c.reused_from.is_not(None)))[0]["n"]
         return counts
+
+    # ------------------------------------------------------------------ queries, decoded
+    def candidate_records(self) -> list[CandidateRecord]:
+        """``candidates()`` decoded."""
+        return self._decoded(self.candidates(), CandidateRecord)
+
+    def finished_records(self) -> list[CandidateRecord]:
+        """``finished_in_order()`` decoded: a search's history."""
+        return self._decoded(self.finished_in_order(), CandidateRecord)
+
+    def unfinished_records(self) -> list[CandidateRecord]:
+        """``unfinished()`` decoded."""
+        return self._decoded(self.unfinished(), CandidateRecord)
+
+    def running_records(self) -> list[CandidateRecord]:
+        """``running()`` decoded."""
+        return self._decoded(self.running(), CandidateRecord)
+
+    def leaderboard_records(self, top: int | None = None) -> list[CandidateRecord]:
+        """``leaderboard(top)`` decoded."""
+        return self._decoded(self.leaderboard(top), CandidateRecord)
+
+    def rung_records(self, candidate_id: int | None = None) -> list[RungRecord]:
+        """``rungs(candidate_id)`` decoded."""
+        return self._decoded(self.rungs(candidate_id), RungRecord)
+
+    def _decoded(self, rows: list[dict], kind):
+        records = []
+        for row in rows:
+            try:
+                records.append(kind.from_row(row))
+            except (ValueError, TypeError) as err:  # bad JSON, an unknown status
+                which = row.get("id", row.get("candidate_id"))
+                raise RunDatabaseError(f"{self.name}: candidate {which} cannot be read "
+                                       f"({type(err).__name__}: {err})") from None
+        return records
 
 
 def _add_missing_columns(engine) -> None:

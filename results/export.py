@@ -8,10 +8,13 @@ or polars::
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from results.records import CandidateRecord
 
 GENE_TYPES = {"d_model": pa.int64(), "n_layers": pa.int64(), "n_heads": pa.int64(),
               "n_kv_heads": pa.int64(), "ffn_multiplier": pa.float64(),
@@ -34,25 +37,27 @@ SCHEMA = pa.schema([
 ])
 
 
-def _record(row: dict) -> dict:
-    genome = json.loads(row["genome"])
-    record = {name: row.get(name) for name in SCHEMA.names if name not in GENE_TYPES}
-    record.update({gene: genome.get(gene) for gene in GENE_TYPES})
-    record["parents"] = json.loads(row["parents"])
+def _record(candidate: CandidateRecord) -> dict:
+    data = candidate.to_dict()
+    record = {name: data[name] for name in SCHEMA.names if name not in GENE_TYPES}
+    record.update({gene: candidate.genome.get(gene) for gene in GENE_TYPES})
+    # the full result as the JSON text the database holds
+    record["result"] = None if candidate.result is None else json.dumps(candidate.result)
     for stamp in ("created_at", "started_at", "finished_at"):  # unix seconds -> milliseconds
-        record[stamp] = None if row.get(stamp) is None else int(row[stamp] * 1000)
+        record[stamp] = None if data[stamp] is None else int(data[stamp] * 1000)
     return record
 
 
-def candidates_table(rows: list[dict]) -> pa.Table:
-    """Rows of the run database's ``candidates`` table as an Arrow table with a fixed schema
-    (stable column types even when a column is all null)."""
+def candidates_table(rows: Sequence[CandidateRecord]) -> pa.Table:
+    """The run database's candidates (``RunDatabase.candidate_records()``) as an Arrow table
+    with a fixed schema (stable column types even when a column is all null)."""
     return pa.Table.from_pylist([_record(row) for row in rows], schema=SCHEMA)
 
 
-def write_parquet(rows: list[dict], path: str | Path) -> int:
-    """Write ``rows`` as Parquet to ``path``; the number of rows. (Callers that replace a file
-    others may read write to a temporary path and rename it, see ``chimera export``.)"""
+def write_parquet(rows: Sequence[CandidateRecord], path: str | Path) -> int:
+    """Write the candidates ``rows`` as Parquet to ``path``; the number of rows. (Callers that
+    replace a file others may read write to a temporary path and rename it, see
+    ``chimera export``.)"""
     table = candidates_table(rows)
     pq.write_table(table, str(path))
     return table.num_rows

@@ -1,21 +1,27 @@
 """Rich rendering of a run: the leaderboard, the workers, the counts and the live view.
 
-Everything here takes plain rows (dicts from the run database) and returns rich renderables, so
-the same code serves the live display of ``chimera evolve`` and ``chimera leaderboard``.
+Everything here takes candidates of the run database (``CandidateRecord`` objects, or the raw
+rows they decode from) and returns rich renderables, so the same code serves the live display of
+``chimera evolve`` and ``chimera leaderboard``.
 """
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Mapping, Sequence
 
 from rich.console import Group
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-STATUS_STYLE = {"ok": "green", "diverged": "yellow", "out_of_memory": "magenta",
-                "failed": "red", "running": "cyan", "pending": "dim", "cancelled": "dim"}
+from results.records import CandidateRecord, as_records
+from trainers.candidate import Status
+
+Candidates = Sequence[CandidateRecord | Mapping]  # records, or raw rows of the database
+STATUS_STYLE = {Status.OK: "green", Status.DIVERGED: "yellow", Status.OUT_OF_MEMORY: "magenta",
+                Status.FAILED: "red", Status.RUNNING: "cyan", Status.PENDING: "dim",
+                Status.CANCELLED: "dim"}
 
 
 def format_params(n: int | None) -> str:
@@ -24,30 +30,23 @@ def format_params(n: int | None) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
-def leaderboard_table(rows: list[dict], title: str = "leaderboard") -> Table:
+def leaderboard_table(rows: Candidates, title: str = "leaderboard") -> Table:
     table = Table(title=title, title_justify="left", expand=False)
     for column, justify in (("rank", "right"), ("id", "right"), ("genome", "left"),
                             ("params", "right"), ("tokens", "right"), ("val bpb", "right"),
                             ("tok/s", "right"),
                             ("status", "left"), ("origin", "left")):
         table.add_column(column, justify=justify)
-    for rank, row in enumerate(rows, start=1):
-        origin = row["operator"] + (f" of {','.join(map(str, _parents(row)))}"
-                                    if _parents(row) else "")
-        bpb = row.get("val_bpb")
-        table.add_row(str(rank), str(row["id"]), row["summary"], format_params(row.get("params")),
+    for rank, row in enumerate(as_records(rows), start=1):
+        origin = row.operator + (f" of {','.join(map(str, row.parents))}" if row.parents else "")
+        bpb = row.val_bpb
+        table.add_row(str(rank), str(row.id), row.summary, format_params(row.params),
                       # Tokens trained: with hurdles, a candidate stopped at an early rung shows
                       # fewer (and its bits per byte are not comparable with a full one's).
-                      format_params(row.get("tokens")), "-" if bpb is None else f"{bpb:.4f}",
-                      "-" if row.get("tokens_per_second") is None
-                      else f"{row['tokens_per_second']:,.0f}",
-                      Text(row["status"], style=STATUS_STYLE.get(row["status"], "")), origin)
+                      format_params(row.tokens), "-" if bpb is None else f"{bpb:.4f}",
+                      "-" if row.tokens_per_second is None else f"{row.tokens_per_second:,.0f}",
+                      Text(row.status.value, style=STATUS_STYLE.get(row.status, "")), origin)
     return table
-
-
-def _parents(row: dict) -> list[int]:
-    parents = row.get("parents") or "[]"
-    return json.loads(parents) if isinstance(parents, str) else list(parents)
 
 
 def counts_line(counts: dict[str, int]) -> Text:
@@ -61,15 +60,15 @@ def counts_line(counts: dict[str, int]) -> Text:
     return Text("  ".join(parts))
 
 
-def workers_table(running: list[dict], now: float | None = None) -> Table:
+def workers_table(running: Candidates, now: float | None = None) -> Table:
     """What each worker trains now: rows of candidates with status 'running'."""
     now = time.time() if now is None else now
     table = Table(title="workers", title_justify="left")
     for column in ("worker", "candidate", "genome", "for"):
         table.add_column(column)
-    for row in running:
-        elapsed = now - (row.get("started_at") or now)
-        table.add_row(row.get("worker") or "-", str(row["id"]), row["summary"], f"{elapsed:.0f}s")
+    for row in as_records(running):
+        elapsed = now - (row.started_at or now)
+        table.add_row(row.worker or "-", str(row.id), row.summary, f"{elapsed:.0f}s")
     if not running:
         table.add_row("-", "-", "idle", "")
     return table
@@ -94,7 +93,7 @@ def budget_bar(elapsed: float, total: float | None, launched: int,
     return Group(Text(label), ProgressBar(total=1.0, completed=fraction, width=60), Text(""))
 
 
-def live_view(leaders: list[dict], running: list[dict], counts: dict[str, int], elapsed: float,
+def live_view(leaders: Candidates, running: Candidates, counts: dict[str, int], elapsed: float,
               wall_seconds: float | None, max_candidates: int | None,
               flops: tuple[float, float] | None = None) -> Group:
     """Budget, workers, the best ``leaders`` and the counts: what ``chimera evolve`` shows.

@@ -54,6 +54,15 @@ class RandomSearch:
     def tell(self, candidate_id: int, proposal: Proposal, fitness: float, rung: int = 0) -> None:
         self.seen.add(proposal.genome.key)
 
+    def reseed(self, seed_text: str) -> None:
+        """Draw fresh randomness from ``seed_text`` (a resumed search; see
+        ``search.loop.Strategy``)."""
+        self.rng = random.Random(seed_text)
+
+    def mark_seen(self, genome_key: str) -> None:
+        """Do not sample this genome again (in flight elsewhere, e.g. relaunched on resume)."""
+        self.seen.add(genome_key)
+
 
 SAMPLERS = {"tpe": "TPE", "nsga2": "NSGA-II"}
 
@@ -82,8 +91,7 @@ class OptunaSearch:
             self.study.enqueue_trial(self._params(space.repair(genome)))
         self.pending_seeds = len(seeds)
         self.trials: dict[int, optuna.trial.Trial] = {}  # id(proposal) -> its open trial
-        self.seen: set[str] = set()
-        self.rng = random.Random(seed)  # for interface parity; Optuna keeps its own RNG
+        self.seen: set[str] = set()  # genome keys proposed or told (Optuna does not dedupe)
 
     def _params(self, genome: Genome) -> dict[str, int]:
         return {gene: self.space.values(gene).index(getattr(genome, gene)) for gene in GENES}
@@ -98,6 +106,13 @@ class OptunaSearch:
         self.trials[id(proposal)] = trial
         self.seen.add(genome.key)
         return proposal
+
+    def reseed(self, seed_text: str) -> None:
+        """Nothing to reseed: Optuna's sampler keeps its own RNG, seeded at construction."""
+
+    def mark_seen(self, genome_key: str) -> None:
+        """Recorded among the genomes seen (Optuna's sampler does not avoid repeats)."""
+        self.seen.add(genome_key)
 
     def tell(self, candidate_id: int, proposal: Proposal,
              fitness: float | tuple[float, ...], rung: int = 0) -> None:

@@ -126,6 +126,15 @@ class AgingEvolution:
         self.seen.add(proposal.genome.key)
         return proposal
 
+    def reseed(self, seed_text: str) -> None:
+        """Draw fresh randomness from ``seed_text`` (a resumed search; see
+        ``search.loop.Strategy``)."""
+        self.rng = random.Random(seed_text)
+
+    def mark_seen(self, genome_key: str) -> None:
+        """Do not propose this genome (in flight elsewhere, e.g. relaunched on resume)."""
+        self.seen.add(genome_key)
+
     def _propose(self) -> Proposal:
         while self.pending_seeds:
             genome = self.space.repair(self.pending_seeds.pop(0))

@@ -9,7 +9,7 @@ al.'s hurdle (the population's mean) does. The first ``min_results`` results at 
 bar (as in So et al.'s progressive dynamic hurdles, where the hurdle is computed from earlier
 candidates): those candidates wait, checkpoint kept, until the bar exists and are then judged by
 it like every later one, so only the best of them go on (as asynchronous successive halving
-promotes only from a rung's top fraction). Letting them all through would spend the longer
+continues only a rung's top fraction). Letting them all through would spend the longer
 rungs on whatever finished first, early random samples mostly.
 The rungs' budgets grow by ``factor``: with 3 rungs and factor 2, 1x, 2x and 4x the base budget,
 all on one learning-rate schedule spanning the last rung, so continuing equals training that

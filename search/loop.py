@@ -11,24 +11,28 @@ is cancelled and recorded), training FLOPs (predicted before launch from the gen
 budget: no candidate is launched whose full budget would overrun; a machine-independent budget,
 so searches on different machines or days spend the same compute), a number of candidates, and a
 number of generations.
+
+The loop itself only dispatches: ``search.budget.ComputeBudget`` keeps the time and FLOPs
+accounts, ``search.scheduler.HurdleScheduler`` decides what becomes of a candidate that finished
+a hurdle rung.
 """
 
 from __future__ import annotations
 
-import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from search.budget import Affordable, ComputeBudget
 from search.evolution import Proposal
 from search.genome import Genome
 from search.hurdles import Hurdles
-from search.objectives import Objectives
+from search.objectives import Objectives, fitness_of
+from search.scheduler import Decision, HurdleScheduler, Judgement
+from trainers.candidate import Status
 
-FAILED_FITNESS = math.inf
-REJECTED = "rejected"  # the status of a candidate no worker could train
+REJECTED = Status.REJECTED.value  # the status of a candidate no worker could train
 
 
 class Strategy(Protocol):
@@ -39,6 +43,14 @@ class Strategy(Protocol):
              rung: int = 0) -> None:
         """``fitness`` of a finished candidate; ``rung``: the furthest hurdle rung it reached
         (strategies that ignore hurdles may ignore it)."""
+
+    def reseed(self, seed_text: str) -> None:
+        """Draw fresh randomness from ``seed_text`` from now on (a resumed search, after its
+        history was told, so it does not repeat the proposals of the session before)."""
+
+    def mark_seen(self, genome_key: str) -> None:
+        """The genome is taken (in flight elsewhere, e.g. relaunched on resume): do not
+        propose it again."""
 
 
 class Evaluator(Protocol):
@@ -62,6 +74,9 @@ class Evaluator(Protocol):
 
     def release(self, candidate_id: int) -> None:
         """The candidate will not be continued: drop what was kept for it (a checkpoint)."""
+
+    def close(self) -> None:
+        """The search is over: free the workers and whatever else the evaluator holds."""
 
 
 class Recorder(Protocol):
@@ -103,16 +118,11 @@ class SearchReport:
     completed: int = 0
     reused: int = 0
     rejected: int = 0
-    promoted: int = 0  # continuations to a higher hurdle rung
+    continued: int = 0  # continuations to a higher hurdle rung
     cancelled: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     stop_reason: str = ""
     seconds: float = 0.0
-
-
-def fitness_of(result: dict) -> float:
-    value = result.get("val_bpb")
-    return value if result.get("status") == "ok" and value is not None else FAILED_FITNESS
 
 
 def proposal_record(proposal: Proposal) -> dict:
@@ -136,147 +146,161 @@ class SearchLoop:
         ``objectives``: what the strategy is told (default: bits per byte alone).
         ``train_flops(genome, rung)``: the FLOPs of training ``genome`` from scratch to the end
         of ``rung`` (needed by a ``limits.train_flops`` budget)."""
-        if limits.train_flops is not None and train_flops is None:
-            raise ValueError("a FLOPs budget needs the FLOPs of training a genome (train_flops)")
         self.strategy, self.evaluator, self.recorder = strategy, evaluator, recorder
-        self.objectives = objectives
-        self.hurdles = hurdles
-        self.rung_values: list[list[float]] = [[] for _ in range(hurdles.rungs if hurdles
-                                                                 else 1)]
-        for rung, value in rung_history:
-            if rung < len(self.rung_values) and math.isfinite(value):
-                self.rung_values[rung].append(value)
-        self.cleared: dict[int, dict] = {}  # promoted and continuing: the rung result so far
-        # Finished a rung before it had a bar: (candidate id, result), judged once it has one.
-        self.waiting: list[list[tuple[int, dict]]] = [[] for _ in self.rung_values]
-        self.limits, self.clock, self.on_tick, self.poll = limits, clock, on_tick, poll_seconds
+        self.limits, self.objectives = limits, objectives
+        self.on_tick, self.poll = on_tick, poll_seconds
+        self.budget = ComputeBudget(limits.wall_seconds, limits.train_flops, train_flops,
+                                    hurdles, clock)
+        self.scheduler = HurdleScheduler(hurdles, rung_history) if hurdles else None
         self.report = SearchReport()
-        self.proposals: dict[int, Proposal] = {}
-        self.durations: dict[int, list[float]] = {}  # rung -> seconds each finished one took
-        self.start = self.deadline = 0.0
-        # The FLOPs budget. A candidate in flight holds its full budget's FLOPs, so a hurdled
-        # one can continue; once it stops, what it trained is what it holds. One waiting for a
-        # rung's bar holds what it trained (the first few of a rung would otherwise hold the
-        # budget idle), and continues only if its full budget fits again.
-        self.flops_of = train_flops
-        self.flops_spent = 0.0  # finished: earlier sessions' and this one's
-        self.flops_held: dict[int, float] = {}  # candidate id -> its full budget's FLOPs
-        self.waiting_proposal: Proposal | None = None  # asked, but the FLOPs were held
+        self.proposals: dict[int, Proposal] = {}  # candidate id -> its proposal, until final
+        self.launched_total = 0  # candidates launched, earlier sessions' included
+        self.owed: list[tuple[int, Proposal]] = []  # in flight when an earlier session stopped
+        self.deferred: Proposal | None = None  # asked, but waiting for FLOPs to be given back
+        self.stopping = False  # a limit was reached: nothing more is launched
 
     @property
-    def flops_committed(self) -> float:
-        return self.flops_spent + sum(self.flops_held.values())
-
-    # ------------------------------------------------------------------ limits
-    def _expected_seconds(self, rung: int) -> float:
-        """How long training ``rung`` will take: the median of that rung so far, else the first
-        rung's median scaled by the steps the rung adds (a rung-2 continuation is 6x rung 0)."""
-        if self.durations.get(rung):
-            return statistics.median(self.durations[rung])
-        if rung and self.durations.get(0):
-            return statistics.median(self.durations[0]) * self.hurdles.relative_cost(rung)
-        return 0.0
-
-    def _time_reason(self, rung: int = 0) -> str | None:
-        """Why training from ``rung`` on must not start: it would not reach the full budget (the
-        last rung) before the deadline. A candidate cut short at an early rung is ranked below
-        every one that went further and cannot be the search's winner, so a rung that cannot be
-        followed through is compute spent on nothing (up to a tenth of a bench run's)."""
-        if self.limits.wall_seconds is not None:
-            last = self.hurdles.rungs if self.hurdles else 1
-            needed = sum(self._expected_seconds(r) for r in range(rung, last))
-            if self.clock() + needed > self.deadline:
-                return "the time budget would be overrun before another candidate's full budget"
-        return None
-
-    def _stop_reason(self, launched_total: int) -> str | None:
-        limits = self.limits
-        if limits.max_candidates is not None and launched_total >= limits.max_candidates:
-            return f"reached {limits.max_candidates} candidates"
-        return self._time_reason()
-
-    def _full_flops(self, genome: Genome) -> float:
-        return self.flops_of(genome, self.hurdles.rungs - 1 if self.hurdles else 0)
-
-    def _flops_reason(self) -> str:
-        return (f"the compute budget ({self.limits.train_flops:.3g} training FLOPs) has no room "
-                f"for another candidate's full budget")
-
-    def _affordable(self, proposal: Proposal) -> bool | None:
-        """Whether ``proposal``'s full budget fits in the FLOPs left (True without a FLOPs budget,
-        or when its genome has a result already and costs nothing); None: not now, but it may
-        once a hurdled candidate in flight stops early and gives back what it held."""
-        if self.limits.train_flops is None or self.recorder.lookup(proposal.genome.key):
-            return True
-        if self.flops_committed + self._full_flops(proposal.genome) <= self.limits.train_flops:
-            return True
-        return None if self.hurdles and self.evaluator.in_flight() else False
+    def flops_spent(self) -> float:
+        """The training FLOPs of finished candidates, earlier sessions' included."""
+        return self.budget.spent
 
     def run(self, already_launched: int = 0, relaunch: list[tuple[int, Proposal]] = (),
             already_flops: float = 0.0) -> SearchReport:
         """Run until a limit. ``already_launched``: candidates of earlier sessions (resume);
         ``relaunch``: candidates that were in flight when an earlier session stopped;
         ``already_flops``: the training FLOPs earlier sessions spent."""
-        self.start = self.clock()
-        self.flops_spent = already_flops
-        self.deadline = self.start + (self.limits.wall_seconds or math.inf)
-        launched_total = already_launched
-        queue = list(relaunch)
-        stopping = False
+        self.budget.start(already_flops)
+        self.launched_total = already_launched
+        self.owed = list(relaunch)
+        self.stopping = False
         while True:
-            while not stopping and self.evaluator.in_flight() < self.evaluator.slots:
-                # Candidates owed by an earlier session come first; they are already counted.
-                reason = self._time_reason() if queue else self._stop_reason(launched_total)
-                if reason is None and queue:
-                    affordable = self._affordable(queue[0][1])
-                    if affordable:
-                        self._launch(*queue.pop(0))
-                        continue
-                    if affordable is None:  # wait for a result to give FLOPs back
-                        break
-                    reason = self._flops_reason()
-                proposal, self.waiting_proposal = (
-                    None if reason else self.waiting_proposal or self.strategy.ask()), None
-                if proposal is not None and self.limits.max_generations is not None \
-                        and proposal.generation > self.limits.max_generations:
-                    reason = f"reached generation {self.limits.max_generations}"
-                if proposal is not None and not reason:
-                    affordable = self._affordable(proposal)
-                    if affordable is None:  # wait for a result to give FLOPs back
-                        self.waiting_proposal = proposal
-                        break
-                    if not affordable:
-                        reason = self._flops_reason()
-                if reason:
-                    stopping, self.report.stop_reason = True, reason
-                    break
-                launched_total += 1
-                self._launch_or_reuse(proposal)
+            self._fill_free_slots()
             if self.evaluator.in_flight() == 0:
-                if not stopping and self.evaluator.slots == 0:
-                    self.report.stop_reason = "no worker is left to train candidates"
+                self._note_idle()
                 break
-            if self.clock() >= self.deadline:
-                for candidate_id in self.evaluator.cancel_all():
-                    if candidate_id in self.cleared:  # it has a result: its last rung's
-                        self._final(candidate_id, self.cleared.pop(candidate_id))
-                        continue
-                    self.recorder.record_cancelled(candidate_id, "time budget reached")
-                    self.report.cancelled += 1
-                self.report.stop_reason = "time budget reached"
+            if self.budget.expired():
+                self._cancel_at_deadline()
                 break
-            timeout = min(self.poll, max(0.0, self.deadline - self.clock()))
-            finished = self.evaluator.next_result(timeout)
-            if finished is not None:
-                self._finish(*finished)
+            self._wait_for_a_result()
             if self.on_tick:
                 self.on_tick()
-        for waiting in self.waiting:  # rungs that never got their bar: no continuation
-            for candidate_id, result in waiting:
-                self._stop(candidate_id, result)
-            waiting.clear()
-        self.report.seconds = self.clock() - self.start
+        self._stop_the_waiting()
+        self.report.seconds = self.budget.elapsed()
         return self.report
+
+    # ------------------------------------------------------------------ the main loop's steps
+    def _fill_free_slots(self) -> None:
+        """Launch candidates while a worker is free: first those an earlier session owes, then
+        new proposals, until a limit stops the search or the FLOPs must be waited for."""
+        while not self.stopping and self.evaluator.in_flight() < self.evaluator.slots:
+            launched = self._relaunch_owed() if self.owed else self._launch_a_proposal()
+            if not launched:
+                break
+
+    def _relaunch_owed(self) -> bool:
+        """Relaunch the first candidate an earlier session left unfinished (counted already
+        among the launched); whether it was launched."""
+        reason = self.budget.time_reason()
+        if reason is None:
+            candidate_id, proposal = self.owed[0]
+            affordable = self._affordable(proposal)
+            if affordable is Affordable.YES:
+                self.owed.pop(0)
+                self._launch(candidate_id, proposal)
+                return True
+            if affordable is Affordable.LATER:  # wait for a result to give FLOPs back
+                return False
+            reason = self.budget.flops_reason
+        self._stop_launching(reason)
+        return False
+
+    def _launch_a_proposal(self) -> bool:
+        """Launch (or reuse the result of) the strategy's next proposal, unless a limit stops
+        the search or its FLOPs must be waited for; whether it was launched."""
+        reason = self._limit_reason()
+        if reason is not None:
+            self._stop_launching(reason)
+            return False
+        proposal = self._next_proposal()
+        if proposal is None:  # nothing to propose now
+            return False
+        reason = self._generation_reason(proposal)
+        if reason is None:
+            affordable = self._affordable(proposal)
+            if affordable is Affordable.LATER:  # wait for a result to give FLOPs back
+                self.deferred = proposal
+                return False
+            if affordable is Affordable.NEVER:
+                reason = self.budget.flops_reason
+        if reason is not None:
+            self._stop_launching(reason)
+            return False
+        self.launched_total += 1
+        self._launch_or_reuse(proposal)
+        return True
+
+    def _next_proposal(self) -> Proposal | None:
+        """The proposal deferred for want of FLOPs, if any; else the strategy's next."""
+        proposal = self.deferred
+        self.deferred = None
+        if proposal is None:
+            proposal = self.strategy.ask()
+        return proposal
+
+    def _stop_launching(self, reason: str) -> None:
+        self.stopping = True
+        self.report.stop_reason = reason
+
+    def _note_idle(self) -> None:
+        """Nothing is in flight, and nothing more was launched: say why, unless a limit did."""
+        if self.stopping:
+            return
+        self.report.stop_reason = ("no worker is left to train candidates"
+                                   if self.evaluator.slots == 0
+                                   else "the strategy has nothing more to propose")
+
+    def _cancel_at_deadline(self) -> None:
+        """Cancel what is still training; a continuing candidate keeps its last rung's result."""
+        for candidate_id in self.evaluator.cancel_all():
+            cleared = self.scheduler.drop(candidate_id) if self.scheduler else None
+            if cleared is not None:
+                self._final(candidate_id, cleared)
+                continue
+            self.recorder.record_cancelled(candidate_id, "time budget reached")
+            self.report.cancelled += 1
+        self.report.stop_reason = "time budget reached"
+
+    def _wait_for_a_result(self) -> None:
+        finished = self.evaluator.next_result(min(self.poll, self.budget.seconds_left()))
+        if finished is not None:
+            self._finish(*finished)
+
+    def _stop_the_waiting(self) -> None:
+        """Rungs that never got their bar: their waiting candidates do not continue."""
+        if self.scheduler:
+            for candidate_id, result in self.scheduler.drain_waiting():
+                self._stop(candidate_id, result)
+
+    # ------------------------------------------------------------------ limits
+    def _limit_reason(self) -> str | None:
+        """Why no new candidate may start (a number of candidates, the time), or None."""
+        limits = self.limits
+        if limits.max_candidates is not None and self.launched_total >= limits.max_candidates:
+            return f"reached {limits.max_candidates} candidates"
+        return self.budget.time_reason()
+
+    def _generation_reason(self, proposal: Proposal) -> str | None:
+        limit = self.limits.max_generations
+        if limit is not None and proposal.generation > limit:
+            return f"reached generation {limit}"
+        return None
+
+    def _affordable(self, proposal: Proposal) -> Affordable:
+        """Whether ``proposal``'s full budget fits in the FLOPs left; one whose genome has a
+        result already costs nothing (it is reused, not trained)."""
+        if self.budget.counts_flops and self.recorder.lookup(proposal.genome.key) is None:
+            return self.budget.affordable(proposal.genome, self.evaluator.in_flight())
+        return Affordable.YES
 
     # ------------------------------------------------------------------ steps
     def _launch_or_reuse(self, proposal: Proposal) -> None:
@@ -301,75 +325,55 @@ class SearchLoop:
 
     def _launch(self, candidate_id: int, proposal: Proposal) -> None:
         self.proposals[candidate_id] = proposal
-        if self.limits.train_flops is not None:
-            self.flops_held[candidate_id] = self._full_flops(proposal.genome)
+        self.budget.hold(candidate_id, proposal.genome)
         self.evaluator.submit(candidate_id, proposal.genome)
         self.recorder.record_start(candidate_id, self.evaluator.running().get(candidate_id, ""))
         self.report.launched += 1
 
     def _finish(self, candidate_id: int, result: dict) -> None:
         rung = result.get("rung", 0)
-        self.durations.setdefault(rung, []).append(result.get("wall_seconds", 0.0))
-        if self.hurdles is None:
+        self.budget.record_duration(rung, result.get("wall_seconds", 0.0))
+        if self.scheduler is None:
             self._final(candidate_id, result)
             return
         self.recorder.record_rung(candidate_id, rung, result)
-        fitness = fitness_of(result)
-        if not math.isfinite(fitness) or rung + 1 == self.hurdles.rungs:
-            self._stop(candidate_id, result)
-            return
-        values = self.rung_values[rung]
-        values.append(fitness)
-        if not self.hurdles.has_bar(values):
-            # No bar yet. Letting the first few through would spend the next rungs on whatever
-            # came first (early random samples, mostly); they wait for the bar instead, as
-            # asynchronous successive halving promotes only from a rung's top fraction.
-            self.waiting[rung].append((candidate_id, result))
-            if candidate_id in self.flops_held:  # idle until judged: hold only what it trained
-                self.flops_held[candidate_id] = result.get("train_flops") or 0.0
-            return
-        self._judge(candidate_id, result, values)
-        if self.waiting[rung]:  # the bar has just been set: judge those that waited for it
-            for waiting_id, waiting_result in self.waiting[rung]:
-                self._judge(waiting_id, waiting_result, values)
-            self.waiting[rung].clear()
+        for judgement in self.scheduler.judge(candidate_id, result):
+            self._carry_out(judgement)
 
-    def _judge(self, candidate_id: int, result: dict, rung_values: list[float]) -> None:
-        """Continue the candidate to the next rung if it clears this one's hurdle and the
-        continuation can finish in time and within the FLOPs budget; otherwise its result so far
-        is final."""
-        rung = result.get("rung", 0)
-        # The FLOPs room check last: it re-holds the full budget for a candidate that goes on.
-        if self._time_reason(rung + 1) is None and \
-                self.hurdles.clears(rung_values, fitness_of(result)) and \
-                self._flops_room(candidate_id):
-            self.evaluator.submit(candidate_id, self.proposals[candidate_id].genome, rung + 1)
-            self.cleared[candidate_id] = result
-            self.report.promoted += 1
+    def _carry_out(self, judgement: Judgement) -> None:
+        """Act on the scheduler's decision for a finished rung. A candidate that cleared its
+        hurdle continues only if the continuation can finish in time and within the FLOPs
+        budget; a stopped one's result so far is final."""
+        candidate_id, result = judgement.candidate_id, judgement.result
+        if judgement.decision is Decision.WAIT:  # idle until judged: hold only what it trained
+            self.budget.hold_trained(candidate_id, result.get("train_flops") or 0.0)
+        elif judgement.decision is Decision.CONTINUE and self._can_continue(judgement):
+            self._continue(judgement)
         else:
             self._stop(candidate_id, result)
 
-    def _flops_room(self, candidate_id: int) -> bool:
-        """Whether the candidate can hold its full budget's FLOPs again (it holds them already
-        unless it waited for a rung's bar), and holds them if so."""
-        if self.limits.train_flops is None:
-            return True
-        full = self._full_flops(self.proposals[candidate_id].genome)
-        if self.flops_committed - self.flops_held[candidate_id] + full > self.limits.train_flops:
-            return False
-        self.flops_held[candidate_id] = full
-        return True
+    def _can_continue(self, judgement: Judgement) -> bool:
+        # The FLOPs check last: it holds the full budget again for a candidate that goes on.
+        genome = self.proposals[judgement.candidate_id].genome
+        return self.budget.time_reason(judgement.rung + 1) is None and \
+            self.budget.hold_full_again(judgement.candidate_id, genome)
+
+    def _continue(self, judgement: Judgement) -> None:
+        candidate_id = judgement.candidate_id
+        self.evaluator.submit(candidate_id, self.proposals[candidate_id].genome,
+                              judgement.rung + 1)
+        self.scheduler.mark_continued(candidate_id, judgement.result)
+        self.report.continued += 1
 
     def _stop(self, candidate_id: int, result: dict) -> None:
         """A hurdled candidate goes no further: drop its checkpoint; its last result is final."""
-        self.cleared.pop(candidate_id, None)
+        self.scheduler.drop(candidate_id)
         self.evaluator.release(candidate_id)
         self._final(candidate_id, result)
 
     def _final(self, candidate_id: int, result: dict) -> None:
         proposal = self.proposals.pop(candidate_id)
-        if self.flops_held.pop(candidate_id, None) is not None:
-            self.flops_spent += result.get("train_flops") or 0.0
+        self.budget.settle(candidate_id, result.get("train_flops") or 0.0)
         self.recorder.record_result(candidate_id, result)
         self.strategy.tell(candidate_id, proposal, self._fitness(result),
                            rung=result.get("rung", 0))
@@ -421,3 +425,6 @@ class InProcessEvaluator:
         cancelled = [candidate_id for candidate_id, _, _ in self.queue]
         self.queue.clear()
         return cancelled
+
+    def close(self) -> None:
+        """Nothing to free: training happens in this process, one call at a time."""

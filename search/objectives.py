@@ -7,12 +7,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+FAILED_FITNESS = math.inf
+
 # name: (result field, sign): the sign makes every objective one to minimise
 OBJECTIVES = {
     "bpb": ("val_bpb", 1.0),  # validation bits per byte
     "params": ("params", 1.0),  # total parameters
     "throughput": ("tokens_per_second", -1.0),  # measured training tokens/s, higher is better
 }
+
+
+def fitness_of(result: dict) -> float:
+    """A result's validation bits per byte; infinite unless it finished ok."""
+    value = result.get("val_bpb")
+    return value if result.get("status") == "ok" and value is not None else FAILED_FITNESS
 
 
 @dataclass(frozen=True)

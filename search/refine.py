@@ -7,8 +7,8 @@ defaults, so the study's best is never worse than what the search used, and the 
 one knob at a time (``first_trials``) before TPE takes over.
 
 The driver speaks Optuna's ask-and-tell interface and hands the training to a ``TrialRunner``
-(in-process here; a pool of Ray actors in ``cluster.ray.trials``), so several trials run at once. The
-study lives in an Optuna RDB storage (the run's database), so a crashed refinement resumes: its
+(in-process here; a pool of Ray actors in ``cluster.ray.trials``), so several trials run at once.
+The study lives in an Optuna RDB storage (the run's database), so a crashed refinement resumes: its
 finished and pruned trials stay, and the trials that were running are failed and asked again.
 ``optuna-dashboard sqlite:///RUN/results.db`` opens it.
 """

@@ -24,12 +24,11 @@ from chimera.config import BlockType, ChimeraConfig
 from chimera.model import Chimera, param_counts_analytic, training_flops_per_token
 from trainers.recipe import (
     TrainHparams,
-    autocast_for,
     evaluate,
-    learning_rate_at,
-    lm_loss,
+    learning_rate_at,  # noqa: F401 (importable from here, as before)
     make_optimizer,
 )
+from trainers.steps import NonFiniteLoss, Throughput, train_step
 from trainers.store import TokenStore
 
 
@@ -53,10 +52,27 @@ class TrainBudget:
 
 
 class Status(str, enum.Enum):
+    """A candidate's status, as the trainer, the search loop and the run database spell it (the
+    values are the database's strings). ``train_candidate`` returns the first four."""
+
     OK = "ok"
     DIVERGED = "diverged"
     OUT_OF_MEMORY = "out_of_memory"
     FAILED = "failed"
+    PENDING = "pending"  # proposed, not started
+    RUNNING = "running"
+    CANCELLED = "cancelled"  # cut off (a deadline, an interrupt): an interrupted run owes it
+    REJECTED = "rejected"  # no worker could train it (e.g. it would not fit in memory)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the candidate has its result (trained, failed or rejected)."""
+        return self in FINISHED
+
+
+# The run database's groupings: candidates with a result, and those an interrupted run owes.
+FINISHED = (Status.OK, Status.DIVERGED, Status.OUT_OF_MEMORY, Status.FAILED, Status.REJECTED)
+UNFINISHED = (Status.PENDING, Status.RUNNING, Status.CANCELLED)
 
 
 @dataclass
@@ -164,7 +180,7 @@ class TrainingState:
 
 
 def train_candidate(config: ChimeraConfig, store: TokenStore, budget: TrainBudget,
-                    hparams: TrainHparams = TrainHparams(), seed: int = 0,
+                    hparams: TrainHparams = TrainHparams(), *, seed: int = 0,
                     device: str | torch.device = "cpu",
                     on_progress: Callable[[], None] | None = None,
                     resume: TrainingState | None = None, schedule_steps: int | None = None,
@@ -184,76 +200,16 @@ def train_candidate(config: ChimeraConfig, store: TokenStore, budget: TrainBudge
     start = time.perf_counter()
     result = CandidateResult(status=Status.FAILED)
     try:
-        if config.vocab_size < store.vocab_size:
-            raise ValueError(f"config vocab_size {config.vocab_size} is smaller than the store's "
-                             f"{store.vocab_size}")
-        torch.manual_seed(seed)
-        model = Chimera(config).to(device)
-        counts = model.param_counts()
-        result.params, result.non_embedding_params = counts.total, counts.non_embedding
-        optimizer = make_optimizer(model, hparams)
-        total_steps = budget_steps(budget, hparams)
-        if resume is not None and total_steps is None:
-            raise ValueError("continuing a candidate needs a step or token budget")
-        step = 0
-        if resume is not None:
-            model.load_state_dict(resume.model)
-            optimizer.load_state_dict(resume.optimizer)
-            torch.set_rng_state(resume.rng)
-            step = resume.step
-        schedule = schedule_steps or total_steps
-        tokens_per_step = hparams.batch_size * hparams.seq_len
-        train_start = time.perf_counter()
-        first_step = step
-        while True:
-            elapsed = time.perf_counter() - train_start
-            if total_steps is not None:
-                if step >= total_steps:
-                    break
-                progress = min(1.0, step / schedule)
-            else:
-                if elapsed >= budget.amount:
-                    break
-                progress = elapsed / budget.amount
-            if on_progress:
-                on_progress()
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate_at(progress, hparams)
-            batch = store.sample("train", hparams.batch_size, hparams.seq_len, seed, step)
-            batch = batch.to(device)
-            with autocast_for(device):
-                logits, _ = model(batch[:, :-1])
-            loss = lm_loss(logits, batch[:, 1:], label_smoothing=hparams.label_smoothing,
-                           z_loss=hparams.z_loss)
-            if not torch.isfinite(loss):
-                result.status, result.error = Status.DIVERGED, f"loss {loss.item()} at step {step}"
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), hparams.grad_clip)
-            optimizer.step()
-            step += 1
-            if step == 1 or step % 10 == 0:
-                result.loss_curve.append((step, loss.item()))
-        train_seconds = time.perf_counter() - train_start
-        result.steps, result.tokens = step, step * tokens_per_step
-        result.tokens_per_second = (step - first_step) * tokens_per_step / max(train_seconds,
-                                                                               1e-9)
-        result.train_flops = float(result.tokens * training_flops_per_token(config,
-                                                                            hparams.seq_len))
+        model, optimizer, step = _start(config, store, budget, hparams, seed, device, resume,
+                                        result)
+        _train(model, optimizer, store, budget, hparams, seed=seed, device=device, step=step,
+               schedule_steps=schedule_steps, on_progress=on_progress, result=result)
         if keep_state:  # before evaluation, which draws no randomness but switches modes
             result.state = TrainingState(
                 {k: v.detach().clone() for k, v in model.state_dict().items()},
-                copy.deepcopy(optimizer.state_dict()), step, torch.get_rng_state())
+                copy.deepcopy(optimizer.state_dict()), result.steps, torch.get_rng_state())
         if result.status is not Status.DIVERGED:
-            val_batches = store.validation_batches(hparams.batch_size, hparams.seq_len,
-                                                   hparams.eval_batches)
-            result.val_loss = evaluate(model, val_batches, device, on_progress)
-            if math.isfinite(result.val_loss):
-                result.val_bpb = store.bits_per_byte(result.val_loss, "val")
-                result.status = Status.OK
-            else:
-                result.status, result.error = Status.DIVERGED, "non-finite validation loss"
+            _score(model, store, hparams, device, on_progress, result)
     except torch.OutOfMemoryError as err:
         result.status, result.error = Status.OUT_OF_MEMORY, str(err).splitlines()[0]
     except MemoryError:
@@ -264,3 +220,82 @@ def train_candidate(config: ChimeraConfig, store: TokenStore, budget: TrainBudge
     result.wall_seconds = time.perf_counter() - start
     result.peak_memory_mb = _peak_memory_mb(device)
     return result
+
+
+def _start(config: ChimeraConfig, store: TokenStore, budget: TrainBudget, hparams: TrainHparams,
+           seed: int, device: torch.device, resume: TrainingState | None,
+           result: CandidateResult) -> tuple[Chimera, torch.optim.Optimizer, int]:
+    """The model (from ``seed``), its optimizer and the step training starts at: 0, or where
+    ``resume`` left off (weights, optimizer moments and RNG restored). Counts the parameters
+    into ``result``."""
+    if config.vocab_size < store.vocab_size:
+        raise ValueError(f"config vocab_size {config.vocab_size} is smaller than the store's "
+                         f"{store.vocab_size}")
+    torch.manual_seed(seed)
+    model = Chimera(config).to(device)
+    counts = model.param_counts()
+    result.params, result.non_embedding_params = counts.total, counts.non_embedding
+    optimizer = make_optimizer(model, hparams)
+    if resume is None:
+        return model, optimizer, 0
+    if budget_steps(budget, hparams) is None:
+        raise ValueError("continuing a candidate needs a step or token budget")
+    model.load_state_dict(resume.model)
+    optimizer.load_state_dict(resume.optimizer)
+    torch.set_rng_state(resume.rng)
+    return model, optimizer, resume.step
+
+
+def _train(model: Chimera, optimizer: torch.optim.Optimizer, store: TokenStore,
+           budget: TrainBudget, hparams: TrainHparams, *, seed: int, device: torch.device,
+           step: int, schedule_steps: int | None, on_progress: Callable[[], None] | None,
+           result: CandidateResult) -> None:
+    """Optimizer steps from ``step`` until the budget is spent or the loss diverges; the
+    steps, tokens, throughput, FLOPs and loss curve (step 1 and every 10th) go into ``result``,
+    and a divergence sets its status."""
+    total_steps = budget_steps(budget, hparams)
+    schedule = schedule_steps or total_steps
+    tokens_per_step = hparams.batch_size * hparams.seq_len
+    throughput = Throughput()
+    while (progress := _schedule_progress(budget, total_steps, schedule, step,
+                                          throughput.seconds)) is not None:
+        if on_progress:
+            on_progress()
+        batch = store.sample("train", hparams.batch_size, hparams.seq_len, seed, step)
+        try:
+            loss = train_step(model, optimizer, (batch, None), hparams, progress=progress,
+                              step=step, device=device).loss
+        except NonFiniteLoss as err:
+            result.status, result.error = Status.DIVERGED, f"loss {err.loss} at step {step}"
+            break
+        step += 1
+        throughput.add(tokens_per_step)
+        if step == 1 or step % 10 == 0:
+            result.loss_curve.append((step, loss))
+    result.tokens_per_second = throughput.per_second()
+    result.steps, result.tokens = step, step * tokens_per_step
+    result.train_flops = float(result.tokens * training_flops_per_token(model.config,
+                                                                        hparams.seq_len))
+
+
+def _schedule_progress(budget: TrainBudget, total_steps: int | None, schedule: int | None,
+                       step: int, elapsed: float) -> float | None:
+    """Where the learning-rate schedule stands before step ``step`` (``elapsed`` seconds into
+    training); None once the budget is spent. A seconds budget's schedule follows the clock."""
+    if total_steps is not None:
+        return None if step >= total_steps else min(1.0, step / schedule)
+    return None if elapsed >= budget.amount else elapsed / budget.amount
+
+
+def _score(model: Chimera, store: TokenStore, hparams: TrainHparams, device: torch.device,
+           on_progress: Callable[[], None] | None, result: CandidateResult) -> None:
+    """The validation loss and bits per byte on the store's fixed validation batches; a
+    non-finite loss is a divergence."""
+    val_batches = store.validation_batches(hparams.batch_size, hparams.seq_len,
+                                           hparams.eval_batches)
+    result.val_loss = evaluate(model, val_batches, device, on_progress)
+    if math.isfinite(result.val_loss):
+        result.val_bpb = store.bits_per_byte(result.val_loss, "val")
+        result.status = Status.OK
+    else:
+        result.status, result.error = Status.DIVERGED, "non-finite validation loss"

@@ -1,9 +1,9 @@
 """The long training loop shared by pretraining and chat fine-tuning.
 
 ``fit`` trains a model for a number of optimizer steps on batches from a ``BatchSource``:
-gradient accumulation, the recipe's schedule, clipping, bf16 autocast on CUDA, optional
-``torch.compile``, periodic evaluation and samples, full-state checkpoints that resume exactly,
-and a Ctrl+C that saves before it stops.
+the optimizer step of ``trainers.steps`` (gradient accumulation, the recipe's schedule,
+clipping, bf16 autocast on CUDA), optional ``torch.compile``, periodic evaluation and samples,
+full-state checkpoints that resume exactly, and a Ctrl+C that saves before it stops.
 
 Data-parallel: when ``torch.distributed`` is initialised (Ray Train's ``TorchTrainer`` does it on
 every worker), each rank takes its slice of the same global batch and DDP averages the gradients,
@@ -13,11 +13,9 @@ so N workers follow the trajectory of one worker with the same global batch.
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,16 +31,8 @@ from trainers.checkpoints import (
     capture_rng,
     restore_rng,
 )
-from trainers.recipe import (
-    TrainHparams,
-    autocast_for,
-    evaluate,
-    learning_rate_at,
-    lm_loss,
-    make_optimizer,
-)
-
-Batch = tuple[torch.Tensor, torch.Tensor | None]  # tokens (B, T + 1), loss mask (B, T) or None
+from trainers.recipe import TrainHparams, evaluate, make_optimizer
+from trainers.steps import Batch, StepResult, Throughput, train_step
 
 
 class BatchSource(Protocol):
@@ -148,7 +138,7 @@ def _distributed() -> tuple[int, int]:
 
 
 def fit(model: torch.nn.Module, hparams: TrainHparams, source: BatchSource,
-        settings: FitSettings, checkpoint_dir: str | Path | None = None,
+        settings: FitSettings, checkpoint_dir: str | Path | None = None, *,
         device: str | torch.device = "cpu", meta: dict | None = None,
         on_step: Callable[[StepReport], None] | None = None,
         sampler: Callable[[torch.nn.Module], str] | None = None,
@@ -161,118 +151,132 @@ def fit(model: torch.nn.Module, hparams: TrainHparams, source: BatchSource,
     ``stop_after``: stop (and checkpoint) once this step is reached, as an interruption would.
     ``sampler(model) -> text`` makes sample generations. ``on_message(line)`` receives the
     resume notices (rank 0 only; default: stderr)."""
-    device = torch.device(device)
-    rank, world = _distributed()
-    meta = meta or {}
-    manager = CheckpointManager(checkpoint_dir, settings.keep_checkpoints) \
-        if checkpoint_dir is not None else None
-    optimizer = make_optimizer(model, hparams)
-    history, step = History(), 0
+    run = _Run(model, hparams, settings, torch.device(device), meta or {}, checkpoint_dir)
+    run.resume(on_message or _to_stderr)
+    run.prepare(source, on_step, sampler)
+    return run.train(source, stop_after)
 
-    def tell(line: str) -> None:
-        if rank == 0:
-            (on_message or _to_stderr)(line)
 
-    found = manager.load_latest(warn=lambda line: tell(f"warning: {line}")) if manager else None
-    if found is not None:
+class _Run:
+    """One call of ``fit``: the model and its optimizer, where training stands (step and
+    history), and what the loop reports to and saves into."""
+
+    def __init__(self, model: torch.nn.Module, hparams: TrainHparams, settings: FitSettings,
+                 device: torch.device, meta: dict, checkpoint_dir: str | Path | None) -> None:
+        self.model, self.hparams, self.settings, self.device = model, hparams, settings, device
+        self.rank, self.world = _distributed()
+        self.meta = meta
+        self.manager = CheckpointManager(checkpoint_dir, settings.keep_checkpoints) \
+            if checkpoint_dir is not None else None
+        self.optimizer = make_optimizer(model, hparams)
+        self.history, self.step = History(), 0
+        self.trained = model  # what runs forward: the model, compiled and/or DDP-wrapped
+        self.share_rows = 0  # this worker's rows of each global batch
+        self.validation: list[Batch] = []
+        self.on_step: Callable[[StepReport], None] | None = None
+        self.sampler: Callable[[torch.nn.Module], str] | None = None
+
+    def resume(self, on_message: Callable[[str], None]) -> None:
+        """Continue from the newest readable checkpoint, if there is one (of this run only)."""
+        def tell(line: str) -> None:
+            if self.rank == 0:
+                on_message(line)
+
+        manager, settings = self.manager, self.settings
+        found = manager.load_latest(warn=lambda line: tell(f"warning: {line}")) \
+            if manager else None
+        if found is None:
+            return
         latest, state = found
-        if state.meta != meta:
+        if state.meta != self.meta:
             raise CheckpointStateError(
-                f"{latest}: belongs to another run ({_first_difference(state.meta, meta)}); "
+                f"{latest}: belongs to another run ({_first_difference(state.meta, self.meta)}); "
                 f"use another output directory or remove its checkpoints")
-        model.load_state_dict(state.model)
-        optimizer.load_state_dict(state.optimizer)
+        self.model.load_state_dict(state.model)
+        self.optimizer.load_state_dict(state.optimizer)
         restore_rng(state.rng)
-        history, step = History.from_dict(state.history), state.step
-        tell(f"resuming from {latest} (step {step} of {settings.steps})")
+        self.history, self.step = History.from_dict(state.history), state.step
+        tell(f"resuming from {latest} (step {self.step} of {settings.steps})")
 
-    micro_rows = _micro_batch_rows(hparams.batch_size, world, settings.grad_accum)
-    trained = model
-    if settings.compile:
-        trained = torch.compile(model)
-    if world > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(trained)
-    validation = source.validation()
-    stop = _StopRequest()
+    def prepare(self, source: BatchSource, on_step: Callable[[StepReport], None] | None,
+                sampler: Callable[[torch.nn.Module], str] | None) -> None:
+        """Check the batch splits over the workers and micro-batches, wrap the model (compile,
+        DDP) and fetch the validation batches."""
+        settings = self.settings
+        micro_rows = _micro_batch_rows(self.hparams.batch_size, self.world, settings.grad_accum)
+        self.share_rows = micro_rows * settings.grad_accum
+        if settings.compile:
+            self.trained = torch.compile(self.model)
+        if self.world > 1:
+            self.trained = torch.nn.parallel.DistributedDataParallel(self.trained)
+        self.validation = source.validation()
+        self.on_step, self.sampler = on_step, sampler
 
-    def save() -> Path | None:
-        if manager is None or rank != 0:
-            return None
-        return manager.save(RunState(
-            model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-            optimizer=optimizer.state_dict(), step=step, rng=capture_rng(),
-            history=history.to_dict(), meta=meta))
+    def train(self, source: BatchSource, stop_after: int | None) -> FitResult:
+        """Steps until the end, a Ctrl+C or ``stop_after``; evaluations and checkpoints at their
+        cadence, and at the end (a final evaluation only where the last step had none)."""
+        settings, history = self.settings, self.history
+        interrupted, checkpoint = False, None
+        with _StopRequest().installed() as stop:
+            throughput = Throughput()
+            while self.step < settings.steps:
+                taken = self._take_step(source)
+                throughput.add(self.hparams.batch_size * self.hparams.seq_len)
+                val_loss = None
+                if settings.eval_every and self.step % settings.eval_every == 0 \
+                        and self.step < settings.steps:
+                    val_loss = self.evaluate()
+                self._report(taken.loss, taken.learning_rate, throughput.per_second(), val_loss)
+                stopping = stop.requested or (stop_after is not None and self.step >= stop_after)
+                if settings.checkpoint_every and self.step % settings.checkpoint_every == 0 \
+                        and self.step < settings.steps and not stopping:
+                    history.seconds += throughput.seconds
+                    checkpoint = self.save()
+                    throughput.restart()
+                if stopping:
+                    interrupted = True
+                    break
+            history.seconds += throughput.seconds
+            if not interrupted and (not history.val or history.val[-1][0] != self.step):
+                val_loss = self.evaluate()
+                self._report(history.train[-1][1], history.train[-1][2], 0.0, val_loss)
+            checkpoint = self.save() or checkpoint
+        return FitResult(self.step, history, interrupted, checkpoint)
 
-    def run_evaluation() -> float:
-        val_loss = evaluate(model, validation, device)
-        history.val.append((step, val_loss))
-        if sampler is not None and rank == 0:
-            history.samples.append((step, sampler(model)))
+    def _take_step(self, source: BatchSource) -> StepResult:
+        """The optimizer step on this worker's share of the step's global batch."""
+        tokens, mask = source.batch(self.step)
+        mine = slice(self.rank * self.share_rows, (self.rank + 1) * self.share_rows)
+        batch = tokens[mine], None if mask is None else mask[mine]
+        taken = train_step(self.model, self.optimizer, batch, self.hparams,
+                           progress=self.step / self.settings.steps, step=self.step,
+                           device=self.device, grad_accum=self.settings.grad_accum,
+                           trained=self.trained, world=self.world)
+        self.step += 1
+        self.history.tokens += self.hparams.batch_size * self.hparams.seq_len
+        self.history.train.append((self.step, taken.loss, taken.learning_rate))
+        return taken
+
+    def _report(self, loss: float, lr: float, tokens_per_second: float,
+                val_loss: float | None) -> None:
+        if self.on_step is not None and self.rank == 0:
+            self.on_step(StepReport(self.step, self.settings.steps, loss, lr,
+                                    self.history.tokens, tokens_per_second, val_loss))
+
+    def evaluate(self) -> float:
+        val_loss = evaluate(self.model, self.validation, self.device)
+        self.history.val.append((self.step, val_loss))
+        if self.sampler is not None and self.rank == 0:
+            self.history.samples.append((self.step, self.sampler(self.model)))
         return val_loss
 
-    interrupted, checkpoint = False, None
-    with stop.installed():
-        segment_start, segment_tokens = time.perf_counter(), 0
-        while step < settings.steps:
-            lr = learning_rate_at(step / settings.steps, hparams)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            tokens, mask = source.batch(step)
-            mine = slice(rank * micro_rows * settings.grad_accum,
-                         (rank + 1) * micro_rows * settings.grad_accum)
-            tokens, mask = tokens[mine], None if mask is None else mask[mine]
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = torch.zeros((), device=device)
-            for micro in range(settings.grad_accum):
-                rows = slice(micro * micro_rows, (micro + 1) * micro_rows)
-                batch = tokens[rows].to(device)
-                sync = world == 1 or micro == settings.grad_accum - 1
-                with (contextlib.nullcontext() if sync else trained.no_sync()):
-                    with autocast_for(device):
-                        logits, _ = trained(batch[:, :-1])
-                    loss = lm_loss(logits, batch[:, 1:],
-                                   None if mask is None else mask[rows].to(device),
-                                   hparams.label_smoothing, hparams.z_loss)
-                    (loss / settings.grad_accum).backward()
-                step_loss += loss.detach() / settings.grad_accum
-            if world > 1:
-                dist.all_reduce(step_loss)
-                step_loss /= world
-            loss_value = step_loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"training diverged: loss {loss_value} at step {step}")
-            torch.nn.utils.clip_grad_norm_(model.parameters(), hparams.grad_clip)
-            optimizer.step()
-            step += 1
-            step_tokens = hparams.batch_size * hparams.seq_len
-            history.tokens += step_tokens
-            segment_tokens += step_tokens
-            history.train.append((step, loss_value, lr))
-            val_loss = None
-            if settings.eval_every and step % settings.eval_every == 0 \
-                    and step < settings.steps:
-                val_loss = run_evaluation()
-            elapsed = time.perf_counter() - segment_start
-            if on_step is not None and rank == 0:
-                on_step(StepReport(step, settings.steps, loss_value, lr, history.tokens,
-                                   segment_tokens / max(elapsed, 1e-9), val_loss))
-            stopping = stop.requested or (stop_after is not None and step >= stop_after)
-            if settings.checkpoint_every and step % settings.checkpoint_every == 0 \
-                    and step < settings.steps and not stopping:
-                history.seconds += time.perf_counter() - segment_start
-                checkpoint = save()
-                segment_start, segment_tokens = time.perf_counter(), 0
-            if stopping:
-                interrupted = True
-                break
-        history.seconds += time.perf_counter() - segment_start
-        if not interrupted and (not history.val or history.val[-1][0] != step):
-            val_loss = run_evaluation()
-            if on_step is not None and rank == 0:
-                on_step(StepReport(step, settings.steps, history.train[-1][1],
-                                   history.train[-1][2], history.tokens, 0.0, val_loss))
-        checkpoint = save() or checkpoint
-    return FitResult(step, history, interrupted, checkpoint)
+    def save(self) -> Path | None:
+        if self.manager is None or self.rank != 0:
+            return None
+        return self.manager.save(RunState(
+            model={k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            optimizer=self.optimizer.state_dict(), step=self.step, rng=capture_rng(),
+            history=self.history.to_dict(), meta=self.meta))
 
 
 def _to_stderr(line: str) -> None:

@@ -65,7 +65,7 @@ def steps_for_tokens(tokens: int, hparams: TrainHparams) -> int:
 
 
 def pretrain(plan: PretrainPlan, store: TokenStore, checkpoint_dir: str | Path | None = None,
-             device: str | torch.device = "cpu",
+             *, device: str | torch.device = "cpu",
              on_step: Callable[[StepReport], None] | None = None,
              sampler: Callable[[torch.nn.Module], str] | None = None,
              stop_after: int | None = None,
@@ -81,6 +81,6 @@ def pretrain(plan: PretrainPlan, store: TokenStore, checkpoint_dir: str | Path |
     torch.manual_seed(plan.seed)
     model = Chimera(plan.config).to(device)
     result = fit(model, plan.hparams, StoreBatches(store, plan.hparams, plan.seed), plan.fit,
-                 checkpoint_dir, device, meta=plan.to_dict(), on_step=on_step, sampler=sampler,
-                 stop_after=stop_after, on_message=on_message)
+                 checkpoint_dir, device=device, meta=plan.to_dict(), on_step=on_step,
+                 sampler=sampler, stop_after=stop_after, on_message=on_message)
     return model, result

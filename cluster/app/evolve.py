@@ -1,24 +1,15 @@
 """``chimera evolve``: wire data, strategy, evaluator, database and display into one run.
 
-A run lives in a directory::
-
-    run.json      the run's full configuration (written atomically)
-    results.db    every candidate (SQLite, or a server database named by a SQLAlchemy URL)
-    store/        the Arrow token store and its tokenizer
-
-Resuming (``--resume RUN``) reads the configuration back, replays the finished candidates into
-the strategy (so the population is what it was), relaunches what was pending, running or
-cancelled, and never trains a finished genome again.
+A run lives in a directory (``cluster.app.rundir``). Resuming (``--resume RUN``) reads the
+configuration back, replays the finished candidates into the strategy (so the population is what
+it was), relaunches what was pending, running or cancelled, and never trains a finished genome
+again.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
-import os
-import random
 import shutil
 import time
 from collections.abc import Callable
@@ -31,6 +22,14 @@ from rich.live import Live
 from chimera.checkpoint import atomic_write
 from chimera.kernels import fused_ops
 from chimera.model import training_flops_per_token
+from cluster.app.rundir import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    DATABASE_FILE,
+    STORE_DIR,
+    RunDirError,
+    exclusive_run,
+)
 from cluster.ray.node_store import DEFAULT_CACHE_ROOT, StoreTransfer
 from cluster.ray.runtime import start_ray
 from cluster.ray.worker import (
@@ -42,13 +41,14 @@ from cluster.ray.worker import (
 )
 from results.db import RunDatabase
 from results.leaderboard import leaderboard_table, live_view
+from results.records import CandidateRecord
 from search.baselines import SAMPLERS, OptunaSearch, RandomSearch
 from search.evolution import AgingEvolution, EvolutionConfig, Proposal
 from search.genome import Genome, get_space, preset_seeds
 from search.hurdles import Hurdles
 from search.loop import InProcessEvaluator, SearchLimits, SearchLoop, SearchReport
 from search.objectives import Objectives
-from trainers.candidate import BudgetKind, TrainBudget, TrainHparams, budget_steps
+from trainers.candidate import BudgetKind, Status, TrainBudget, TrainHparams, budget_steps
 from trainers.corpus import CorpusFormat, CorpusSpec, DecodeErrors, Separator
 from trainers.store import (
     DEFAULT_VOCAB_SIZE,
@@ -61,10 +61,6 @@ from trainers.store import (
     tokenizer_recipe,
 )
 
-CONFIG_FILE = "run.json"
-DATABASE_FILE = "results.db"
-STORE_DIR = "store"
-CHECKPOINT_DIR = "checkpoints"  # candidates' training state between hurdle rungs
 LIVE_TOP = 10  # leaderboard rows in the live view and the final report
 
 
@@ -153,10 +149,6 @@ class EvolveOutcome:
     worst_bpb: float | None = None  # of every candidate that finished ok
 
 
-class RunDirError(ValueError):
-    """A directory that is not a run where one is needed, or a run where a new one would go."""
-
-
 def load_settings(run_dir: str | Path) -> EvolveSettings:
     """The settings of the run in ``run_dir``, wherever that directory now is: a run is
     relocatable, so the ``run_dir`` it recorded when it was made is replaced by this one (and
@@ -172,21 +164,6 @@ def load_settings(run_dir: str | Path) -> EvolveSettings:
         raise RunDirError(f"{path}: not a readable run configuration ({type(err).__name__}: "
                           f"{err})") from None
     return dataclasses.replace(settings, run_dir=str(run_dir))
-
-
-def check_new_run_dir(run_dir: str | Path) -> None:
-    """Refuse to start a run where one would overwrite or mix with what is there: ``run_dir``
-    must be missing or an empty directory."""
-    path = Path(run_dir)
-    if not path.exists():
-        return
-    if not path.is_dir():
-        raise RunDirError(f"{run_dir}: exists and is not a directory; choose another --run-dir")
-    if (path / CONFIG_FILE).exists():
-        raise RunDirError(f"{run_dir}: already holds a run; continue it with --resume "
-                          f"{run_dir}, or choose another --run-dir")
-    if any(path.iterdir()):
-        raise RunDirError(f"{run_dir}: not empty; choose a new or empty --run-dir")
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -218,9 +195,9 @@ def prepare_data(settings: EvolveSettings, console: Console):
     return store
 
 
-def _proposal_of(row: dict) -> Proposal:
-    return Proposal(Genome.from_dict(json.loads(row["genome"])), tuple(json.loads(row["parents"])),
-                    row["operator"], row["generation"])
+def _proposal_of(record: CandidateRecord) -> Proposal:
+    return Proposal(Genome.from_dict(record.genome), record.parents, record.operator,
+                    record.generation)
 
 
 STRATEGIES = ("evolution", "random", "tpe", "nsga2")
@@ -247,20 +224,19 @@ def build_strategy(settings: EvolveSettings, vocab_size: int, db: RunDatabase):
         space = dataclasses.replace(space, max_params=min(settings.max_params,
                                                           space.max_params or settings.max_params))
     objectives = Objectives(settings.objectives)
-    history = db.finished_in_order()
-    done = {row["genome_key"] for row in history}
+    history = db.finished_records()
+    done = {record.genome_key for record in history}
     seeds = [g for g in preset_seeds(space) if space.repair(g).key not in done] \
         if settings.warm_start else []
     strategy = make_strategy(settings.strategy, space, settings, seeds)
-    for row in history:
-        result = json.loads(row["result"])
-        strategy.tell(row["id"], _proposal_of(row), objectives.of(result),
-                      rung=result.get("rung", 0))
+    for record in history:
+        strategy.tell(record.id, _proposal_of(record), objectives.of(record.result),
+                      rung=record.rung)
     if history:  # a resumed search draws fresh randomness, deterministically
-        strategy.rng = random.Random(f"{settings.seed}:{len(history)}")
-    relaunch = [(row["id"], _proposal_of(row)) for row in db.unfinished()]
+        strategy.reseed(f"{settings.seed}:{len(history)}")
+    relaunch = [(record.id, _proposal_of(record)) for record in db.unfinished_records()]
     for _, proposal in relaunch:
-        strategy.seen.add(proposal.genome.key)
+        strategy.mark_seen(proposal.genome.key)
     return strategy, len(history), relaunch
 
 
@@ -339,11 +315,11 @@ class EventLog:
 def _rung_history(db: RunDatabase) -> list[tuple[int, float]]:
     """The hurdle results of finished candidates (a resumed run's bars start from them; the
     rungs of candidates still owed are trained again)."""
-    finished = {row["id"] for row in db.finished_in_order()}
-    arrived = sorted(db.rungs(), key=lambda row: row["finished_at"])  # a window needs the order
-    return [(row["rung"], row["val_bpb"]) for row in arrived
-            if row["candidate_id"] in finished and row["status"] == "ok"
-            and row["val_bpb"] is not None]
+    finished = {record.id for record in db.finished_records()}
+    arrived = sorted(db.rung_records(), key=lambda rung: rung.finished_at)  # a window needs order
+    return [(rung.rung, rung.val_bpb) for rung in arrived
+            if rung.candidate_id in finished and rung.status is Status.OK
+            and rung.val_bpb is not None]
 
 
 def _rung_steps(settings: EvolveSettings) -> tuple[int, ...]:
@@ -365,23 +341,6 @@ def training_flops(settings: EvolveSettings, vocab_size: int) -> Callable[[Genom
         return float(steps[rung] * tokens_per_step * training_flops_per_token(config, seq_len))
 
     return flops
-
-
-@contextlib.contextmanager
-def exclusive_run(run_dir: Path):
-    """Hold the run directory for this process (an advisory lock on the directory itself, so
-    no file is added): a second ``chimera evolve`` on the same run, a resume started twice,
-    would train candidates twice and interleave its results with the first's."""
-    fd = os.open(run_dir, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunDirError(f"{run_dir}: another chimera evolve is running this run; let it "
-                              f"finish (or stop it) first") from None
-        yield
-    finally:
-        os.close(fd)  # releases the lock, also when this process is killed
 
 
 def run_evolve(settings: EvolveSettings, console: Console | None = None,
@@ -457,8 +416,7 @@ def _evolve(settings: EvolveSettings, console: Console, live: bool, created: Pat
     finally:
         if display:
             display.stop()
-        if hasattr(evaluator, "close"):
-            evaluator.close()
+        evaluator.close()
         if started_ray:
             import ray
 

@@ -4,8 +4,8 @@ and exits with status 2 (``cluster.cli.main``)."""
 from chimera.chat import ConversationError
 from chimera.checkpoint import CheckpointError
 from chimera.tokenizer import TokenizerError
-from cluster.app.evolve import RunDirError
 from cluster.app.promote import PromoteError
+from cluster.app.rundir import RunDirError
 from results.db import RunDatabaseError
 from trainers.checkpoints import CheckpointStateError
 from trainers.corpus import CorpusError

@@ -19,7 +19,6 @@ from chimera.config import get_preset
 from chimera.generation import SamplingConfig, stream
 from chimera.inference import TOKENIZER_DIR, load_pretrained
 from chimera.model import param_counts_analytic
-from cluster.app.evolve import STORE_DIR
 from cluster.app.promote import (
     PromoteSettings,
     promote,
@@ -28,6 +27,7 @@ from cluster.app.promote import (
     story_sampler,
     winner,
 )
+from cluster.app.rundir import STORE_DIR
 from cluster.cli import argtypes
 from cluster.cli.argtypes import parse_size
 from cluster.cli.errors import CommandError, settings_errors
@@ -36,26 +36,28 @@ from search.refine import RefineSettings
 from trainers.fit import FitSettings
 from trainers.instructions import conversations
 from trainers.pretrain import PretrainPlan, steps_for_tokens
-from trainers.recipe import TrainHparams
+from trainers.recipe import SCHEDULES, TrainHparams
 from trainers.sft import load_conversations
 from trainers.store import TokenStore
 
 
 # ----------------------------------------------------------------------------- promote
+def promote_settings(args: argparse.Namespace) -> PromoteSettings:
+    return PromoteSettings(
+        run_dir=args.run, candidate_id=args.genome, out=args.out,
+        refine=RefineSettings(trials=args.trials, rungs=args.rungs, parallel=args.parallel),
+        refine_tokens=args.refine_tokens, pretrain_tokens=args.pretrain_tokens,
+        max_seq_len=args.max_seq_len, sft_steps=args.sft_steps,
+        sft_conversations=args.sft_conversations, qa_questions=args.qa_questions,
+        sft_hparams=dataclasses.replace(PromoteSettings.sft_hparams, seq_len=args.sft_seq_len,
+                                        batch_size=args.sft_batch_size),
+        train_workers=args.train_workers, in_process=args.in_process,
+        address=args.address, device=args.device, compile=args.compile, seed=args.seed)
+
+
 def cmd_promote(args: argparse.Namespace, console: Console) -> int:
     try:
-        settings = PromoteSettings(
-            run_dir=args.run, candidate_id=args.genome, out=args.out,
-            refine=RefineSettings(trials=args.trials, rungs=args.rungs,
-                                  parallel=args.parallel),
-            refine_tokens=args.refine_tokens, pretrain_tokens=args.pretrain_tokens,
-            max_seq_len=args.max_seq_len, sft_steps=args.sft_steps,
-            sft_conversations=args.sft_conversations, qa_questions=args.qa_questions,
-            sft_hparams=dataclasses.replace(PromoteSettings.sft_hparams,
-                                            seq_len=args.sft_seq_len,
-                                            batch_size=args.sft_batch_size),
-            train_workers=args.train_workers, in_process=args.in_process,
-            address=args.address, device=args.device, compile=args.compile, seed=args.seed)
+        settings = promote_settings(args)
         metrics = promote(settings, console)
     except settings_errors() as err:
         raise CommandError(str(err)) from None
@@ -85,6 +87,14 @@ def _train_config(args: argparse.Namespace, vocab_size: int):
                                max_seq_len=max(args.max_seq_len, args.seq_len))
 
 
+def train_hparams(args: argparse.Namespace) -> TrainHparams:
+    return TrainHparams(
+        learning_rate=args.lr, warmup_fraction=args.warmup, schedule=args.schedule,
+        weight_decay=args.weight_decay, beta2=args.beta2, batch_size=args.batch_size,
+        seq_len=args.seq_len, label_smoothing=args.label_smoothing, z_loss=args.z_loss,
+        eval_batches=args.eval_batches)
+
+
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
     out = Path(args.out)
     try:
@@ -92,11 +102,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
             raise CommandError("--store is needed unless --run names a run (whose store is used)")
         store = TokenStore.open(args.store or Path(args.run) / STORE_DIR)
         config = _train_config(args, store.vocab_size)
-        hparams = TrainHparams(
-            learning_rate=args.lr, warmup_fraction=args.warmup, schedule=args.schedule,
-            weight_decay=args.weight_decay, beta2=args.beta2, batch_size=args.batch_size,
-            seq_len=args.seq_len, label_smoothing=args.label_smoothing, z_loss=args.z_loss,
-            eval_batches=args.eval_batches)
+        hparams = train_hparams(args)
         steps = steps_for_tokens(args.tokens, hparams)
         plan = PretrainPlan(config, hparams, FitSettings(
             steps=steps, grad_accum=args.grad_accum, eval_every=args.eval_every or
@@ -141,9 +147,8 @@ def cmd_sft(args: argparse.Namespace, console: Console) -> int:
         else:  # the built-in story instructions
             train = conversations(args.conversations, args.seed)
             val = conversations(max(64, args.conversations // 20), args.seed, heldout=True)
-        hparams = TrainHparams(learning_rate=args.lr, warmup_fraction=0.05, weight_decay=0.0,
-                               batch_size=args.batch_size, seq_len=args.seq_len,
-                               eval_batches=4)
+        hparams = dataclasses.replace(PromoteSettings.sft_hparams, learning_rate=args.lr,
+                                      batch_size=args.batch_size, seq_len=args.seq_len)
         model, result, dropped = run_sft(model.train(), tokenizer, train, val, hparams,
                                          args.steps, out, console, args.seed, args.device)
         if result.interrupted:
@@ -243,6 +248,14 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
 
 def register(commands) -> None:
     """Add the model subcommands to the main parser's subcommands."""
+    _register_promote(commands)
+    _register_train(commands)
+    _register_sft(commands)
+    _register_generation(commands)
+
+
+def _register_promote(commands) -> None:
+    """``chimera promote``."""
     promote = commands.add_parser(
         "promote", help="turn a run's best genome into a trained chat model",
         description="Refine the winner's training hyperparameters with Optuna (TPE + "
@@ -251,35 +264,49 @@ def register(commands) -> None:
                     "the stages recorded as done in OUT/promote-state.json are skipped, the "
                     "running one continues from its checkpoint.")
     promote.add_argument("run", metavar="RUN", help="a run directory of chimera evolve")
-    promote.add_argument("--genome", type=int, default=None, metavar="ID",
+    promote.add_argument("--genome", type=argtypes.positive_int, default=None, metavar="ID",
                          help="candidate id to promote (default: the best)")
     promote.add_argument("--out", default=None, help="model directory (default RUN/promoted)")
-    promote.add_argument("--trials", type=int, default=8, help="Optuna trials")
-    promote.add_argument("--rungs", type=int, default=4,
+    promote.add_argument("--trials", type=argtypes.positive_int,
+                         default=PromoteSettings.refine.trials, help="Optuna trials")
+    promote.add_argument("--rungs", type=argtypes.positive_int,
+                         default=PromoteSettings.refine.rungs,
                          help="validation reports per trial (Hyperband's resource)")
-    promote.add_argument("--parallel", type=int, default=2, help="trials at once on Ray")
+    promote.add_argument("--parallel", type=argtypes.positive_int,
+                         default=PromoteSettings.refine.parallel, help="trials at once on Ray")
     promote.add_argument("--refine-tokens", type=parse_size, default=None,
                          help="training tokens per trial (default: --pretrain-tokens)")
-    promote.add_argument("--pretrain-tokens", type=parse_size, default=1_200_000)
-    promote.add_argument("--max-seq-len", type=int, default=512,
+    promote.add_argument("--pretrain-tokens", type=parse_size,
+                         default=PromoteSettings.pretrain_tokens)
+    promote.add_argument("--max-seq-len", type=argtypes.positive_int,
+                         default=PromoteSettings.max_seq_len,
                          help="the chat model's context")
-    promote.add_argument("--sft-steps", type=int, default=400)
-    promote.add_argument("--sft-conversations", type=int, default=4000)
-    promote.add_argument("--sft-seq-len", type=int, default=320,
+    promote.add_argument("--sft-steps", type=argtypes.positive_int,
+                         default=PromoteSettings.sft_steps)
+    promote.add_argument("--sft-conversations", type=argtypes.positive_int,
+                         default=PromoteSettings.sft_conversations)
+    promote.add_argument("--sft-seq-len", type=argtypes.positive_int,
+                         default=PromoteSettings.sft_hparams.seq_len,
                          help="longest conversation, in tokens (longer ones are left out)")
-    promote.add_argument("--sft-batch-size", type=int, default=16)
-    promote.add_argument("--qa-questions", type=int, default=100,
+    promote.add_argument("--sft-batch-size", type=argtypes.positive_int,
+                         default=PromoteSettings.sft_hparams.batch_size)
+    promote.add_argument("--qa-questions", type=argtypes.positive_int,
+                         default=PromoteSettings.qa_questions,
                          help="held-out questions for the accuracy in report.md")
-    promote.add_argument("--train-workers", type=int, default=1,
+    promote.add_argument("--train-workers", type=argtypes.positive_int,
+                         default=PromoteSettings.train_workers,
                          help="Ray Train workers for pretraining (DDP); 1: this process")
     promote.add_argument("--in-process", action="store_true",
                          help="run refinement trials here, one at a time, without Ray")
     promote.add_argument("--address", default=None, help="a Ray cluster (default: local)")
-    promote.add_argument("--device", default="cpu", help="cpu or cuda")
+    promote.add_argument("--device", default=PromoteSettings.device, help="cpu or cuda")
     promote.add_argument("--compile", action="store_true", help="torch.compile pretraining")
-    promote.add_argument("--seed", type=int, default=0)
+    promote.add_argument("--seed", type=argtypes.seed, default=PromoteSettings.seed)
     promote.set_defaults(handler=cmd_promote)
 
+
+def _register_train(commands) -> None:
+    """``chimera train``."""
     train = commands.add_parser(
         "train", help="pretrain one genome or preset on a token store",
         description="Full pretraining with checkpoints (resume by running again; Ctrl+C "
@@ -294,24 +321,33 @@ def register(commands) -> None:
     train.add_argument("--out", required=True, help="model directory to write")
     train.add_argument("--tokens", type=parse_size, default=2_000_000,
                        help="training tokens (e.g. 2M)")
-    train.add_argument("--lr", type=argtypes.positive_float, default=3e-3)
-    train.add_argument("--warmup", type=argtypes.non_negative_float, default=0.1,
+    train.add_argument("--lr", type=argtypes.positive_float, default=TrainHparams.learning_rate)
+    train.add_argument("--warmup", type=argtypes.non_negative_float,
+                       default=TrainHparams.warmup_fraction,
                        help="warmup fraction")
-    train.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
-    train.add_argument("--weight-decay", type=argtypes.non_negative_float, default=0.1)
-    train.add_argument("--beta2", type=argtypes.positive_float, default=0.95)
-    train.add_argument("--batch-size", type=argtypes.positive_int, default=16,
+    train.add_argument("--schedule", choices=SCHEDULES, default=TrainHparams.schedule)
+    train.add_argument("--weight-decay", type=argtypes.non_negative_float,
+                       default=TrainHparams.weight_decay)
+    train.add_argument("--beta2", type=argtypes.positive_float, default=TrainHparams.beta2)
+    train.add_argument("--batch-size", type=argtypes.positive_int,
+                       default=TrainHparams.batch_size,
                        help="global, in sequences")
-    train.add_argument("--grad-accum", type=argtypes.positive_int, default=1)
-    train.add_argument("--seq-len", type=argtypes.positive_int, default=128)
-    train.add_argument("--max-seq-len", type=argtypes.positive_int, default=512)
-    train.add_argument("--label-smoothing", type=argtypes.non_negative_float, default=0.0)
-    train.add_argument("--z-loss", type=argtypes.non_negative_float, default=0.0)
+    train.add_argument("--grad-accum", type=argtypes.positive_int,
+                       default=FitSettings.grad_accum)
+    train.add_argument("--seq-len", type=argtypes.positive_int, default=TrainHparams.seq_len)
+    train.add_argument("--max-seq-len", type=argtypes.positive_int,
+                       default=PromoteSettings.max_seq_len)
+    train.add_argument("--label-smoothing", type=argtypes.non_negative_float,
+                       default=TrainHparams.label_smoothing)
+    train.add_argument("--z-loss", type=argtypes.non_negative_float,
+                       default=TrainHparams.z_loss)
     train.add_argument("--eval-every", type=argtypes.non_negative_int, default=0,
                        help="steps (default: 10 evals)")
-    train.add_argument("--eval-batches", type=argtypes.positive_int, default=8)
+    train.add_argument("--eval-batches", type=argtypes.positive_int,
+                       default=TrainHparams.eval_batches)
     train.add_argument("--checkpoint-every", type=argtypes.non_negative_int, default=0)
-    train.add_argument("--keep-checkpoints", type=argtypes.positive_int, default=3)
+    train.add_argument("--keep-checkpoints", type=argtypes.positive_int,
+                       default=FitSettings.keep_checkpoints)
     train.add_argument("--workers", type=argtypes.positive_int, default=1,
                        help="Ray Train DDP workers")
     train.add_argument("--address", default=None, help="a Ray cluster (default: local)")
@@ -320,6 +356,9 @@ def register(commands) -> None:
     train.add_argument("--seed", type=argtypes.seed, default=0)
     train.set_defaults(handler=cmd_train)
 
+
+def _register_sft(commands) -> None:
+    """``chimera sft``."""
     sft = commands.add_parser(
         "sft", help="chat fine-tune a model directory",
         description="Fine-tune on conversations (JSONL of {\"messages\": [...]}, or the "
@@ -328,16 +367,23 @@ def register(commands) -> None:
     sft.add_argument("--out", required=True)
     sft.add_argument("--data", default=None, help="training conversations (JSONL)")
     sft.add_argument("--val", default=None, help="validation conversations (JSONL)")
-    sft.add_argument("--conversations", type=argtypes.positive_int, default=4000,
+    sft.add_argument("--conversations", type=argtypes.positive_int,
+                     default=PromoteSettings.sft_conversations,
                      help="built-in conversations when no --data")
-    sft.add_argument("--steps", type=argtypes.positive_int, default=250)
-    sft.add_argument("--lr", type=argtypes.positive_float, default=1e-3)
-    sft.add_argument("--batch-size", type=argtypes.positive_int, default=16)
-    sft.add_argument("--seq-len", type=argtypes.positive_int, default=320)
+    sft.add_argument("--steps", type=argtypes.positive_int, default=PromoteSettings.sft_steps)
+    sft.add_argument("--lr", type=argtypes.positive_float,
+                     default=PromoteSettings.sft_hparams.learning_rate)
+    sft.add_argument("--batch-size", type=argtypes.positive_int,
+                     default=PromoteSettings.sft_hparams.batch_size)
+    sft.add_argument("--seq-len", type=argtypes.positive_int,
+                     default=PromoteSettings.sft_hparams.seq_len)
     sft.add_argument("--device", default="cpu")
     sft.add_argument("--seed", type=argtypes.seed, default=0)
     sft.set_defaults(handler=cmd_sft)
 
+
+def _register_generation(commands) -> None:
+    """``chimera generate and chimera chat``."""
     generate = commands.add_parser("generate", help="generate text from a model directory")
     generate.add_argument("model", metavar="MODEL")
     generate.add_argument("--prompt", required=True)

@@ -17,14 +17,13 @@ from rich.live import Live
 
 from chimera.checkpoint import atomic_write
 from cluster.app.evolve import (
-    DATABASE_FILE,
     STRATEGIES,
     EvolveSettings,
-    check_new_run_dir,
     load_settings,
     print_outcome,
     run_evolve,
 )
+from cluster.app.rundir import DATABASE_FILE, check_new_run_dir
 from cluster.cli import argtypes
 from cluster.cli.argtypes import parse_duration, parse_flops
 from cluster.cli.data import add_corpus_options, corpus_spec
@@ -128,7 +127,7 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
     db = _open_run(args.run)
     out = Path(args.parquet)
     try:
-        rows = db.candidates()
+        rows = db.candidate_records()
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, lambda tmp: write_parquet(rows, tmp))
     except OSError as err:
@@ -146,23 +145,23 @@ def cmd_plot(args: argparse.Namespace, console: Console) -> int:
 
     db = _open_run(args.run)
     try:
-        rows, leaders, rungs = db.candidates(), db.leaderboard(1), db.rungs()
+        rows, leaders, rungs = db.candidate_records(), db.leaderboard_records(1), db.rung_records()
     finally:
         db.close()
     if not leaders:
         raise CommandError(f"{args.run}: no candidate has finished ok yet; nothing to plot")
-    if args.flops and not any(row.get("train_flops") for row in rows):
+    if args.flops and not any(row.train_flops for row in rows):
         raise CommandError(f"{args.run}: no training FLOPs recorded (a run made before they "
                            f"were); plot it without --flops")
     ok = fully_trained(rows, rungs)
-    front = {ok[i]["id"] for i in pareto_front([(r["val_bpb"], r["params"]) for r in ok])}
+    front = {ok[i].id for i in pareto_front([(r.val_bpb, r.params) for r in ok])}
     out = Path(args.out or (Path(args.run) / "plots" if Path(args.run).is_dir() else "plots"))
     out.mkdir(parents=True, exist_ok=True)
     name = Path(args.run).parent.name if args.run.endswith(".db") else Path(args.run).name
     figures = {"best_so_far.png": best_so_far_figure(rows, f"best so far: {name}", rungs,
                                                      flops=args.flops),
                "pareto.png": pareto_figure(ok, front, f"bpb against parameters: {name}"),
-               "lineage.png": lineage_figure(rows, leaders[0]["id"])}
+               "lineage.png": lineage_figure(rows, leaders[0].id)}
     for name, figure in figures.items():
         atomic_write(out / name, lambda tmp, f=figure: f.savefig(tmp, format="png", dpi=120))
         plt.close(figure)
@@ -174,14 +173,14 @@ def cmd_leaderboard(args: argparse.Namespace, console: Console) -> int:
     db = _open_run(args.run)
 
     def render():
-        return Group(leaderboard_table(db.leaderboard(args.top), f"top {args.top} of {args.run}"),
+        return Group(leaderboard_table(db.leaderboard_records(args.top),
+                                       f"top {args.top} of {args.run}"),
                      counts_line(db.counts()))
 
     if args.json:
-        rows = db.leaderboard(args.top)
+        rows = [record.to_dict() for record in db.leaderboard_records(args.top)]
         for row in rows:
-            row["genome"], row["parents"] = json.loads(row["genome"]), json.loads(row["parents"])
-            row.pop("result", None)
+            del row["result"]
         print(json.dumps(rows, indent=2))
     elif args.watch:
         with Live(render(), console=console, refresh_per_second=1) as live:
@@ -203,6 +202,40 @@ def register(commands) -> None:
         "evolve", help="run an evolutionary architecture search",
         description="Aging evolution over Chimera architectures, candidates trained on Ray "
                     "workers, results in RUN_DIR/results.db, a live leaderboard.")
+    _add_limits_options(evolve)
+    _add_run_options(evolve)
+    _add_data_options(evolve)
+    _add_search_options(evolve)
+    _add_candidate_training_options(evolve)
+    _add_execution_options(evolve)
+    _add_faults_options(evolve)
+    evolve.set_defaults(handler=cmd_evolve)
+    export = commands.add_parser(
+        "export", help="export a run's candidates (Parquet, for pandas / duckdb / polars)")
+    export.add_argument("run", help="a run directory, its results.db, or a database URL")
+    export.add_argument("--parquet", required=True, metavar="FILE")
+    export.set_defaults(handler=cmd_export)
+
+    plot = commands.add_parser("plot", help="draw a run's progress, Pareto front and the "
+                                             "winner's lineage as PNG files")
+    plot.add_argument("run", help="a run directory, its results.db, or a database URL")
+    plot.add_argument("--out", metavar="DIR", help="default: RUN/plots")
+    plot.add_argument("--flops", action="store_true",
+                      help="compute in training FLOPs instead of worker-hours")
+    plot.set_defaults(handler=cmd_plot)
+
+    board = commands.add_parser("leaderboard", help="show a run's leaderboard (also while it "
+                                                    "runs)")
+    board.add_argument("run", help="a run directory, its results.db, or a database URL")
+    board.add_argument("--top", type=argtypes.positive_int, default=10)
+    board.add_argument("--watch", action="store_true", help="refresh until Ctrl+C")
+    board.add_argument("--interval", type=argtypes.positive_float, default=2.0,
+                       help="seconds between refreshes")
+    board.add_argument("--json", action="store_true", help="machine-readable output")
+    board.set_defaults(handler=cmd_leaderboard)
+
+
+def _add_limits_options(evolve) -> None:
     limits = evolve.add_argument_group("limits")
     limits.add_argument("--budget", type=parse_duration, default=None,
                         help="wall-clock budget, e.g. 90s, 5m, 1h (default 3m when no other "
@@ -213,6 +246,9 @@ def register(commands) -> None:
                              "overrun it); unlike --budget, the same on any machine")
     limits.add_argument("--max-candidates", type=argtypes.positive_int)
     limits.add_argument("--max-generations", type=argtypes.positive_int)
+
+
+def _add_run_options(evolve) -> None:
     run = evolve.add_argument_group("run")
     run.add_argument("--run-dir", help="where the run lives (default runs/<timestamp>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
@@ -221,6 +257,9 @@ def register(commands) -> None:
     run.add_argument("--no-live", action="store_true", help="no live display")
     run.add_argument("--database", metavar="URL",
                      help="a SQLAlchemy URL for the results (default: RUN_DIR/results.db)")
+
+
+def _add_data_options(evolve) -> None:
     data = evolve.add_argument_group("data (default: the built-in story corpus)")
     add_corpus_options(data, corpus=EvolveSettings.corpus.source)
     data.add_argument("--tokenizer", default=EvolveSettings.tokenizer,
@@ -231,6 +270,9 @@ def register(commands) -> None:
                       help="seed of the built-in stories and the train/validation split, apart "
                            "from --seed so that runs with different seeds share a validation "
                            "set")
+
+
+def _add_search_options(evolve) -> None:
     search = evolve.add_argument_group("search")
     search.add_argument("--space", default=EvolveSettings.space, choices=sorted(SPACES),
                         help="the search space")
@@ -268,6 +310,9 @@ def register(commands) -> None:
     search.add_argument("--hurdle-window", type=argtypes.positive_int, metavar="N",
                         help="set each rung's bar from its last N results, so it rises with an "
                              "improving population (default: all results so far)")
+
+
+def _add_candidate_training_options(evolve) -> None:
     candidates = evolve.add_argument_group("candidate training")
     per = candidates.add_mutually_exclusive_group()
     per.add_argument("--candidate-tokens", type=argtypes.positive_int)
@@ -279,6 +324,9 @@ def register(commands) -> None:
                             default=TrainHparams.batch_size)
     candidates.add_argument("--seq-len", type=argtypes.positive_int,
                             default=TrainHparams.seq_len)
+
+
+def _add_execution_options(evolve) -> None:
     cluster = evolve.add_argument_group("execution")
     cluster.add_argument("--address", help="join a Ray cluster (e.g. auto); default: embedded")
     cluster.add_argument("--workers", type=argtypes.positive_int,
@@ -289,6 +337,9 @@ def register(commands) -> None:
                          default=EvolveSettings.gpus_per_candidate)
     cluster.add_argument("--in-process", action="store_true",
                          help="no Ray: train candidates one at a time in this process")
+
+
+def _add_faults_options(evolve) -> None:
     faults = evolve.add_argument_group("faults (Ray)")
     faults.add_argument("--max-attempts", type=argtypes.positive_int,
                         help="runs of a candidate whose worker dies or hangs (default 3)")
@@ -304,28 +355,3 @@ def register(commands) -> None:
     faults.add_argument("--store-cache", metavar="DIR",
                         help="where nodes keep their copy of the store (default "
                              "$TMPDIR/chimera-stores)")
-    evolve.set_defaults(handler=cmd_evolve)
-
-    export = commands.add_parser(
-        "export", help="export a run's candidates (Parquet, for pandas / duckdb / polars)")
-    export.add_argument("run", help="a run directory, its results.db, or a database URL")
-    export.add_argument("--parquet", required=True, metavar="FILE")
-    export.set_defaults(handler=cmd_export)
-
-    plot = commands.add_parser("plot", help="draw a run's progress, Pareto front and the "
-                                             "winner's lineage as PNG files")
-    plot.add_argument("run", help="a run directory, its results.db, or a database URL")
-    plot.add_argument("--out", metavar="DIR", help="default: RUN/plots")
-    plot.add_argument("--flops", action="store_true",
-                      help="compute in training FLOPs instead of worker-hours")
-    plot.set_defaults(handler=cmd_plot)
-
-    board = commands.add_parser("leaderboard", help="show a run's leaderboard (also while it "
-                                                    "runs)")
-    board.add_argument("run", help="a run directory, its results.db, or a database URL")
-    board.add_argument("--top", type=argtypes.positive_int, default=10)
-    board.add_argument("--watch", action="store_true", help="refresh until Ctrl+C")
-    board.add_argument("--interval", type=argtypes.positive_float, default=2.0,
-                       help="seconds between refreshes")
-    board.add_argument("--json", action="store_true", help="machine-readable output")
-    board.set_defaults(handler=cmd_leaderboard)

@@ -12,7 +12,7 @@ from chimera.generation import SamplingConfig
 from chimera.inference import load_pretrained
 from cluster.cli import argtypes
 from cluster.cli.errors import CommandError, settings_errors
-from cluster.serve.server import ChatService, Limits, make_server
+from cluster.serve import ChatService, Limits, make_server
 
 
 def cmd_serve(args: argparse.Namespace, console: Console) -> int:

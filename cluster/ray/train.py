@@ -31,7 +31,7 @@ def _worker_loop(config: dict) -> None:
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
     store = TokenStore.open(config["store_dir"], verify=False)
     model, result = pretrain(PretrainPlan.from_dict(config["plan"]), store,
-                             config["checkpoint_dir"], device,
+                             config["checkpoint_dir"], device=device,
                              stop_after=config.get("stop_after"))
     if context.get_world_rank() == 0:
         out = Path(config["out"])

@@ -54,7 +54,8 @@ def train_trial_rung(spec: TrialSpec, store: TokenStore, params: dict, rung: int
     total = budget_steps(TrainBudget(BudgetKind.TOKENS, spec.tokens), hparams)
     steps = max(1, round(total * rung / spec.rungs))
     result = train_candidate(config, store, TrainBudget(BudgetKind.STEPS, steps), hparams,
-                             spec.seed, resume=state, schedule_steps=total, keep_state=True)
+                             seed=spec.seed, resume=state, schedule_steps=total,
+                             keep_state=True)
     if result.status is not Status.OK:
         raise RuntimeError(f"{result.status.value}: {result.error}")
     return result.val_bpb, result.state

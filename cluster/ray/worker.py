@@ -163,7 +163,7 @@ class CandidateTrainer:
                                                         settings.hparams.seq_len)
             if not settings.rung_steps:
                 result = train_candidate(config, self.store, settings.budget, settings.hparams,
-                                         settings.seed, settings.device,
+                                         seed=settings.seed, device=settings.device,
                                          on_progress=self._progress)
             else:
                 result = self._train_rung(config, candidate_id, rung)
@@ -179,7 +179,8 @@ class CandidateTrainer:
         resume = TrainingState.from_bytes(path.read_bytes()) if rung > 0 else None
         result = train_candidate(
             config, self.store, TrainBudget(BudgetKind.STEPS, settings.rung_steps[rung]),
-            settings.hparams, settings.seed, settings.device, on_progress=self._progress,
+            settings.hparams, seed=settings.seed, device=settings.device,
+            on_progress=self._progress,
             resume=resume, schedule_steps=settings.rung_steps[-1], keep_state=not last)
         if result.state is not None and result.status is Status.OK:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -45,160 +45,28 @@ Content-Security-Policy that allows only its own script.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import select
 import socket
 import sys
-import threading
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
-from chimera.chat import ConversationError, Reply, check_messages
-from chimera.generation import SamplingConfig
-from chimera.model import Chimera, param_counts_analytic
+from chimera.chat import Reply
+from cluster.serve.service import ApiError, ChatService
 
 WEB_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
              "/app.js": ("app.js", "text/javascript; charset=utf-8")}
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
        "connect-src 'self'; img-src 'self' data:")
-FIELDS = ("messages", "temperature", "top_p", "max_tokens", "seed", "stream")
-MAX_TEMPERATURE = 2.0  # the page's range; hotter is noise from a small model
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 EVERY_INTERFACE = ("", "0.0.0.0", "::")
 # Seconds a connection may stall while we read its request or write to it: a client that
 # sends half a request (or stops reading a stream) cannot hold a thread forever. Generating a
 # reply is not I/O, so a slow model is not cut short by it.
 IO_TIMEOUT = 30.0
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_message_chars: int = 4000
-    max_messages: int = 64
-    max_new_tokens: int = 512  # the most max_tokens a request may ask for
-    max_body_bytes: int = 1_000_000
-    max_concurrent: int = 8  # generations at once; more get 503
-
-    def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):  # a limit of 0 would refuse every request
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{field.name}={value!r}: must be a positive integer")
-
-
-class ApiError(Exception):
-    def __init__(self, status: HTTPStatus, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-class ChatService:
-    """Validates requests and streams replies; shared by every connection's thread."""
-
-    def __init__(self, model: Chimera, tokenizer, name: str, limits: Limits = Limits(),
-                 defaults: SamplingConfig = SamplingConfig(max_new_tokens=200, temperature=0.8,
-                                                           top_p=0.95)) -> None:
-        self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.limits = limits
-        self.defaults = dataclasses.replace(
-            defaults, max_new_tokens=min(defaults.max_new_tokens, limits.max_new_tokens))
-        self.slots = threading.BoundedSemaphore(limits.max_concurrent)
-        self.lock = threading.Lock()
-        self.active = 0  # generations running now
-        self.pieces_generated = 0  # text pieces (about a token each) over the server's life
-
-    def info(self) -> dict:
-        """What the page needs; every value advertised here is one a request may send."""
-        return {"model": self.name, "params": param_counts_analytic(self.model.config).total,
-                "context": self.model.config.max_seq_len, "limits": asdict(self.limits),
-                "defaults": {"temperature": self.defaults.temperature,
-                             "top_p": self.defaults.top_p,
-                             "max_tokens": self.defaults.max_new_tokens}}
-
-    def parse(self, body) -> tuple[list[dict], SamplingConfig, bool]:
-        if not isinstance(body, dict):
-            raise ApiError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
-        unknown = sorted(set(body) - set(FIELDS))
-        if unknown:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown field {unknown[0]!r:.60}; the "
-                                                   f"fields are {', '.join(FIELDS)}")
-        messages = body.get("messages")
-        if not isinstance(messages, list):
-            raise ApiError(HTTPStatus.BAD_REQUEST,
-                           "messages must be a list of {\"role\", \"content\"} objects")
-        try:
-            check_messages(messages)
-        except ConversationError as err:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"messages: {err}") from None
-        if len(messages) > self.limits.max_messages:
-            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                           f"{len(messages)} messages: at most {self.limits.max_messages}; "
-                           f"start a new chat")
-        for i, message in enumerate(messages):
-            if len(message["content"]) > self.limits.max_message_chars:
-                raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                               f"message {i} has {len(message['content'])} characters: at "
-                               f"most {self.limits.max_message_chars}")
-        if messages[-1]["role"] != "user":
-            raise ApiError(HTTPStatus.BAD_REQUEST, "the last message must be the user's")
-        max_tokens = body.get("max_tokens", self.defaults.max_new_tokens)
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) \
-                or not 1 <= max_tokens <= self.limits.max_new_tokens:
-            raise ApiError(HTTPStatus.BAD_REQUEST,
-                           f"max_tokens must be an integer in [1, {self.limits.max_new_tokens}]")
-        temperature = body.get("temperature", self.defaults.temperature)
-        if not _number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
-            raise ApiError(HTTPStatus.BAD_REQUEST,
-                           f"temperature must be a number in [0, {MAX_TEMPERATURE:g}]")
-        top_p = body.get("top_p", self.defaults.top_p)
-        if not _number(top_p):
-            raise ApiError(HTTPStatus.BAD_REQUEST, "top_p must be a number in (0, 1]")
-        seed = body.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            # JSON 1e400 parses to inf and 7.0 to a float: a seed is an integer
-            raise ApiError(HTTPStatus.BAD_REQUEST, "seed must be an integer in [0, 2**63 - 1]")
-        streaming = body.get("stream", False)
-        if not isinstance(streaming, bool):
-            raise ApiError(HTTPStatus.BAD_REQUEST, "stream must be true or false")
-        try:  # the ranges themselves (finite, not so cold it overflows...) are SamplingConfig's
-            sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=temperature,
-                                      top_p=top_p, seed=seed)
-        except ValueError as err:
-            raise ApiError(HTTPStatus.BAD_REQUEST, str(err)) from None
-        return messages, sampling, streaming
-
-    def prepare(self, messages: list[dict], sampling: SamplingConfig) -> Reply:
-        """The reply, planned (history trimmed, token budget set) but not yet generated."""
-        try:
-            return Reply(self.model, self.tokenizer, messages, sampling)
-        except ConversationError as err:
-            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(err)) from None
-
-    def pieces(self, reply: Reply) -> Iterator[str]:
-        """The reply's text pieces; counts the generation as active while it runs. Closing the
-        generator stops the generation and frees its slot."""
-        if not self.slots.acquire(blocking=False):
-            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "the server is busy; try again")
-        with self.lock:
-            self.active += 1
-        try:
-            for piece in reply:
-                with self.lock:
-                    self.pieces_generated += 1
-                yield piece
-        finally:
-            with self.lock:
-                self.active -= 1
-            self.slots.release()
 
 
 def _reject_constant(name: str):
@@ -216,224 +84,223 @@ def _decode_json(raw: bytes):
                        f"the body is not valid JSON: {str(err):.100}") from None
 
 
-def _handler(service: ChatService):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "Wyrd"
-        timeout = IO_TIMEOUT
+class WyrdHandler(BaseHTTPRequestHandler):
+    """One connection's requests; the service is the server's (``WyrdServer.service``)."""
 
-        def log_message(self, format, *args):  # quiet; the CLI prints the address
-            pass
+    protocol_version = "HTTP/1.1"
+    server_version = "Wyrd"
+    timeout = IO_TIMEOUT
 
-        def _send(self, status: HTTPStatus, body: bytes, content_type: str,
-                  extra: dict | None = None) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("X-Content-Type-Options", "nosniff")
-            for key, value in (extra or {}).items():
-                self.send_header(key, value)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
+    def log_message(self, format, *args):  # quiet; the CLI prints the address
+        pass
 
-        def _json(self, status: HTTPStatus, data: dict, extra: dict | None = None) -> None:
-            self._send(status, json.dumps(data).encode(), "application/json", extra)
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str,
+              extra: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for key, value in (extra or {}).items():
+            self.send_header(key, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
-        def send_error(self, code, message=None, explain=None) -> None:
-            """http.server's own errors (malformed request line, headers too long, unknown
-            method...) as JSON like all the others, and the connection closed."""
+    def _json(self, status: HTTPStatus, data: dict, extra: dict | None = None) -> None:
+        self._send(status, json.dumps(data).encode(), "application/json", extra)
+
+    def send_error(self, code, message=None, explain=None) -> None:
+        """http.server's own errors (malformed request line, headers too long, unknown
+        method...) as JSON like all the others, and the connection closed."""
+        self.close_connection = True
+        try:
+            status = HTTPStatus(code)
+        except ValueError:
+            status = HTTPStatus.BAD_REQUEST
+        self._json(status, {"error": message or status.phrase})
+
+    def _guarded(self, handle) -> None:
+        """Run one request's handler: errors become their JSON answer, a client that left
+        ends the request quietly, and anything unexpected is one line in the log and a 500
+        (never a dropped connection with a traceback)."""
+        self._body_read = self._answered = False
+        try:
+            handle()
+        except ApiError as err:
+            if not self._body_read:  # an unread body would be taken for the next request
+                self.close_connection = True
+            self._answer_error(err.status, str(err))
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True  # the client left or stalled: nobody to answer
+        except Exception as err:  # noqa: BLE001 - the last line of defence, logged
+            sys.stderr.write(f"wyrd: {self.command} {self.path:.100}: internal error: "
+                             f"{type(err).__name__}: {err}\n")
             self.close_connection = True
-            try:
-                status = HTTPStatus(code)
-            except ValueError:
-                status = HTTPStatus.BAD_REQUEST
-            self._json(status, {"error": message or status.phrase})
+            self._answer_error(HTTPStatus.INTERNAL_SERVER_ERROR,
+                               f"internal error ({type(err).__name__})")
 
-        def _guarded(self, handle) -> None:
-            """Run one request's handler: errors become their JSON answer, a client that left
-            ends the request quietly, and anything unexpected is one line in the log and a 500
-            (never a dropped connection with a traceback)."""
-            self._body_read = self._answered = False
-            try:
-                handle()
-            except ApiError as err:
-                if not self._body_read:  # an unread body would be taken for the next request
+    def _answer_error(self, status: HTTPStatus, message: str) -> None:
+        if self._answered:
+            return  # a stream already began: the closed connection says it ended badly
+        try:
+            self._json(status, {"error": message})
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+
+    def _check_origin(self) -> None:
+        """The Host must name this server and an Origin, when sent, must be its own."""
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) != 1:
+            raise ApiError(HTTPStatus.BAD_REQUEST,
+                           "the Host header is missing" if not hosts else
+                           "more than one Host header")
+        host = hosts[0].strip().lower()
+        if not self.server.allows_host(host):
+            raise ApiError(HTTPStatus.MISDIRECTED_REQUEST,
+                           f"Host {host!r:.80} is not this server; use "
+                           f"{self.server.own_origin()}/")
+        origin = self.headers.get("Origin")
+        if origin is not None and origin.strip().lower() != f"http://{host}":
+            raise ApiError(HTTPStatus.FORBIDDEN,
+                           f"Origin {origin!r:.80} is not this server's; requests from "
+                           f"other sites are refused")
+
+    def do_GET(self) -> None:
+        self._guarded(self._get)
+
+    def do_HEAD(self) -> None:
+        self._guarded(self._get)
+
+    def _get(self) -> None:
+        self._check_origin()
+        if self.path == "/api/info":
+            return self._json(HTTPStatus.OK, self.server.service.info())
+        if self.path in WEB_FILES:
+            name, content_type = WEB_FILES[self.path]
+            body = resources.files("cluster.serve").joinpath("web", name).read_bytes()
+            return self._send(HTTPStatus.OK, body, content_type,
+                              {"Content-Security-Policy": CSP, "Cache-Control": "no-store"})
+        raise ApiError(HTTPStatus.NOT_FOUND, f"no such page: {self.path:.100}")
+
+    def _not_allowed(self) -> None:
+        self.close_connection = True
+        self._json(HTTPStatus.METHOD_NOT_ALLOWED,
+                   {"error": f"method {self.command} is not allowed; use GET or POST"},
+                   {"Allow": "GET, HEAD, POST"})
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+    def do_POST(self) -> None:
+        self._guarded(self._post)
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding") is not None:
+            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "Transfer-Encoding is not "
+                           "supported; send the body with a Content-Length header")
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
+            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required")
+        if len(set(lengths)) > 1:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "conflicting Content-Length headers")
+        text = lengths[0].strip()
+        if not re.fullmatch(r"[0-9]+", text):  # not -1 (read to EOF), not "abc"
+            raise ApiError(HTTPStatus.BAD_REQUEST,
+                           f"Content-Length {text!r:.40} is not a number of bytes")
+        if len(text) > 15 or int(text) > self.server.service.limits.max_body_bytes:
+            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                           f"body of {text:.20} bytes (Content-Length): at most "
+                           f"{self.server.service.limits.max_body_bytes}")
+        length = int(text)
+        try:
+            raw = self.rfile.read(length)
+        except TimeoutError:
+            raise ApiError(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within "
+                                                       f"{IO_TIMEOUT:g} s") from None
+        self._body_read = True
+        if len(raw) < length:
+            self.close_connection = True
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"the body ended after {len(raw)} of "
+                                                   f"its {length} bytes (Content-Length)")
+        return raw
+
+    def _post(self) -> None:
+        self._check_origin()
+        if self.path != "/api/chat":
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no such endpoint: {self.path:.100}")
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+        if content_type.lower() != "application/json":
+            raise ApiError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                           f"Content-Type must be application/json, not "
+                           f"{content_type or 'missing'!r:.60}")
+        body = _decode_json(self._read_body())
+        messages, sampling, streaming = self.server.service.parse(body)
+        reply = self.server.service.prepare(messages, sampling)
+        pieces = self.server.service.pieces(reply)
+        if streaming:
+            return self._stream(pieces, reply)
+        text = []
+        try:
+            for piece in pieces:
+                text.append(piece)
+                if self._client_gone():  # nobody would read the reply: stop generating
                     self.close_connection = True
-                self._answer_error(err.status, str(err))
-            except (ConnectionError, TimeoutError):
-                self.close_connection = True  # the client left or stalled: nobody to answer
-            except Exception as err:  # noqa: BLE001 - the last line of defence, logged
-                sys.stderr.write(f"wyrd: {self.command} {self.path:.100}: internal error: "
-                                 f"{type(err).__name__}: {err}\n")
-                self.close_connection = True
-                self._answer_error(HTTPStatus.INTERNAL_SERVER_ERROR,
-                                   f"internal error ({type(err).__name__})")
+                    return
+        finally:
+            pieces.close()
+        self._json(HTTPStatus.OK, {"reply": "".join(text), "trimmed": reply.trimmed,
+                                   "pieces": len(text),
+                                   "finish_reason": reply.finish_reason})
 
-        def _answer_error(self, status: HTTPStatus, message: str) -> None:
-            if self._answered:
-                return  # a stream already began: the closed connection says it ended badly
-            try:
-                self._json(status, {"error": message})
-            except (ConnectionError, TimeoutError):
-                self.close_connection = True
-
-        def _check_origin(self) -> None:
-            """The Host must name this server and an Origin, when sent, must be its own."""
-            hosts = self.headers.get_all("Host") or []
-            if len(hosts) != 1:
-                raise ApiError(HTTPStatus.BAD_REQUEST,
-                               "the Host header is missing" if not hosts else
-                               "more than one Host header")
-            host = hosts[0].strip().lower()
-            if not self.server.allows_host(host):
-                raise ApiError(HTTPStatus.MISDIRECTED_REQUEST,
-                               f"Host {host!r:.80} is not this server; use "
-                               f"{self.server.own_origin()}/")
-            origin = self.headers.get("Origin")
-            if origin is not None and origin.strip().lower() != f"http://{host}":
-                raise ApiError(HTTPStatus.FORBIDDEN,
-                               f"Origin {origin!r:.80} is not this server's; requests from "
-                               f"other sites are refused")
-
-        def do_GET(self) -> None:
-            self._guarded(self._get)
-
-        def do_HEAD(self) -> None:
-            self._guarded(self._get)
-
-        def _get(self) -> None:
-            self._check_origin()
-            if self.path == "/api/info":
-                return self._json(HTTPStatus.OK, service.info())
-            if self.path in WEB_FILES:
-                name, content_type = WEB_FILES[self.path]
-                body = resources.files("cluster.serve").joinpath("web", name).read_bytes()
-                return self._send(HTTPStatus.OK, body, content_type,
-                                  {"Content-Security-Policy": CSP, "Cache-Control": "no-store"})
-            raise ApiError(HTTPStatus.NOT_FOUND, f"no such page: {self.path:.100}")
-
-        def _not_allowed(self) -> None:
-            self.close_connection = True
-            self._json(HTTPStatus.METHOD_NOT_ALLOWED,
-                       {"error": f"method {self.command} is not allowed; use GET or POST"},
-                       {"Allow": "GET, HEAD, POST"})
-
-        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
-
-        def do_POST(self) -> None:
-            self._guarded(self._post)
-
-        def _read_body(self) -> bytes:
-            if self.headers.get("Transfer-Encoding") is not None:
-                raise ApiError(HTTPStatus.LENGTH_REQUIRED, "Transfer-Encoding is not "
-                               "supported; send the body with a Content-Length header")
-            lengths = self.headers.get_all("Content-Length") or []
-            if not lengths:
-                raise ApiError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required")
-            if len(set(lengths)) > 1:
-                raise ApiError(HTTPStatus.BAD_REQUEST, "conflicting Content-Length headers")
-            text = lengths[0].strip()
-            if not re.fullmatch(r"[0-9]+", text):  # not -1 (read to EOF), not "abc"
-                raise ApiError(HTTPStatus.BAD_REQUEST,
-                               f"Content-Length {text!r:.40} is not a number of bytes")
-            if len(text) > 15 or int(text) > service.limits.max_body_bytes:
-                raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                               f"body of {text:.20} bytes (Content-Length): at most "
-                               f"{service.limits.max_body_bytes}")
-            length = int(text)
-            try:
-                raw = self.rfile.read(length)
-            except TimeoutError:
-                raise ApiError(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within "
-                                                           f"{IO_TIMEOUT:g} s") from None
-            self._body_read = True
-            if len(raw) < length:
-                self.close_connection = True
-                raise ApiError(HTTPStatus.BAD_REQUEST, f"the body ended after {len(raw)} of "
-                                                       f"its {length} bytes (Content-Length)")
-            return raw
-
-        def _post(self) -> None:
-            self._check_origin()
-            if self.path != "/api/chat":
-                raise ApiError(HTTPStatus.NOT_FOUND, f"no such endpoint: {self.path:.100}")
-            content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
-            if content_type.lower() != "application/json":
-                raise ApiError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                               f"Content-Type must be application/json, not "
-                               f"{content_type or 'missing'!r:.60}")
-            body = _decode_json(self._read_body())
-            messages, sampling, streaming = service.parse(body)
-            reply = service.prepare(messages, sampling)
-            pieces = service.pieces(reply)
-            if streaming:
-                return self._stream(pieces, reply)
-            text = []
-            try:
-                for piece in pieces:
-                    text.append(piece)
-                    if self._client_gone():  # nobody would read the reply: stop generating
-                        self.close_connection = True
-                        return
-            finally:
-                pieces.close()
-            self._json(HTTPStatus.OK, {"reply": "".join(text), "trimmed": reply.trimmed,
-                                       "pieces": len(text),
-                                       "finish_reason": reply.finish_reason})
-
-        def _client_gone(self) -> bool:
-            """Whether the client has closed its end: its socket reads as at end of file. (A
-            client that only half-closes, shutting down its sending side while it waits, looks
-            the same; HTTP clients do not do that.) Pipelined bytes of a next request are data,
-            so they do not count."""
-            sock = self.connection
-            try:
-                if hasattr(select, "poll"):  # no FD_SETSIZE limit, unlike select()
-                    poller = select.poll()
-                    poller.register(sock, select.POLLIN)
-                    if not poller.poll(0):
-                        return False
-                elif not select.select([sock], [], [], 0)[0]:
+    def _client_gone(self) -> bool:
+        """Whether the client has closed its end: its socket reads as at end of file. (A
+        client that only half-closes, shutting down its sending side while it waits, looks
+        the same; HTTP clients do not do that.) Pipelined bytes of a next request are data,
+        so they do not count."""
+        sock = self.connection
+        try:
+            if hasattr(select, "poll"):  # no FD_SETSIZE limit, unlike select()
+                poller = select.poll()
+                poller.register(sock, select.POLLIN)
+                if not poller.poll(0):
                     return False
-                return sock.recv(1, socket.MSG_PEEK) == b""
-            except (OSError, ValueError):  # reset by the peer, or already closed
-                return True
+            elif not select.select([sock], [], [], 0)[0]:
+                return False
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):  # reset by the peer, or already closed
+            return True
 
-        def _stream(self, pieces, reply: Reply) -> None:
-            try:
-                first = next(pieces, None)  # a busy server answers 503 before any byte is sent
-                self.send_response(HTTPStatus.OK)
-                self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-                self.send_header("Cache-Control", "no-store")
-                self.send_header("X-Accel-Buffering", "no")
-                self.send_header("Connection", "close")
-                self.close_connection = True  # the stream ends with the connection
-                self.end_headers()
-                self._answered = True
-                sent = 0
-                if first is not None:
-                    self._event({"delta": first})
-                    sent += 1
-                for piece in pieces:
-                    if self._client_gone():
-                        return
-                    self._event({"delta": piece})
-                    sent += 1
-                self._event({"done": True, "trimmed": reply.trimmed, "pieces": sent,
-                             "finish_reason": reply.finish_reason})
-            except (ConnectionError, TimeoutError):
-                pass  # the client left (or stopped reading): stop generating
-            finally:
-                pieces.close()
+    def _stream(self, pieces, reply: Reply) -> None:
+        try:
+            first = next(pieces, None)  # a busy server answers 503 before any byte is sent
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Accel-Buffering", "no")
+            self.send_header("Connection", "close")
+            self.close_connection = True  # the stream ends with the connection
+            self.end_headers()
+            self._answered = True
+            sent = 0
+            if first is not None:
+                self._event({"delta": first})
+                sent += 1
+            for piece in pieces:
+                if self._client_gone():
+                    return
+                self._event({"delta": piece})
+                sent += 1
+            self._event({"done": True, "trimmed": reply.trimmed, "pieces": sent,
+                         "finish_reason": reply.finish_reason})
+        except (ConnectionError, TimeoutError):
+            pass  # the client left (or stopped reading): stop generating
+        finally:
+            pieces.close()
 
-        def _event(self, data: dict) -> None:
-            self.wfile.write(f"data: {json.dumps(data)}\n\n".encode())
-            self.wfile.flush()
-
-    return Handler
+    def _event(self, data: dict) -> None:
+        self.wfile.write(f"data: {json.dumps(data)}\n\n".encode())
+        self.wfile.flush()
 
 
 class WyrdServer(ThreadingHTTPServer):
@@ -441,10 +308,11 @@ class WyrdServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, host: str, port: int, handler) -> None:
+    def __init__(self, host: str, port: int, service: ChatService) -> None:
         # An IPv6 literal needs an IPv6 socket (http.server's default is IPv4 only).
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        super().__init__((host, port), handler)
+        super().__init__((host, port), WyrdHandler)
+        self.service = service
         self.bound_host = host
         port = self.server_address[1]
         if host in EVERY_INTERFACE:
@@ -475,4 +343,4 @@ class WyrdServer(ThreadingHTTPServer):
 def make_server(service: ChatService, host: str = "127.0.0.1", port: int = 8000
                 ) -> WyrdServer:
     """The HTTP server (not yet serving); port 0 picks a free port."""
-    return WyrdServer(host, port, _handler(service))
+    return WyrdServer(host, port, service)

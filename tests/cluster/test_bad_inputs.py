@@ -271,7 +271,7 @@ def test_the_sweep_covers_every_subcommand():
 
 
 def test_a_run_is_resumed_by_one_process_at_a_time(world, tmp_path, monkeypatch, capsys):
-    from cluster.app.evolve import exclusive_run
+    from cluster.app.rundir import exclusive_run
 
     root = tmp_path / "user"
     shutil.copytree(world, root)

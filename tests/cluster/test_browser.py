@@ -16,7 +16,7 @@ from chimera.config import ChimeraConfig
 from chimera.inference import TOKENIZER_DIR, load_pretrained
 from chimera.model import Chimera
 from chimera.tokenizer import train_char
-from cluster.serve.server import ChatService, make_server
+from cluster.serve import ChatService, make_server
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 if not (CHROMIUM and CHROMEDRIVER):

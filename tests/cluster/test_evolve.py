@@ -171,8 +171,8 @@ def test_baseline_strategies_run_the_same_search(tmp_path, strategy, capsys):
     assert json.loads((run / "run.json").read_text())["strategy"] == strategy
 
 
-def test_hurdles_continue_promoted_candidates_from_their_checkpoints(tmp_path, capsys):
-    """Real training in process: rung 0 = 3 steps, rung 1 = 6 steps. A promoted candidate's
+def test_hurdles_continue_cleared_candidates_from_their_checkpoints(tmp_path, capsys):
+    """Real training in process: rung 0 = 3 steps, rung 1 = 6 steps. A continued candidate's
     final result equals training its genome for 6 steps in one go (same schedule, data, seed),
     so the continuation really resumed from the rung-0 checkpoint."""
     from cluster.app.evolve import load_settings
@@ -190,17 +190,17 @@ def test_hurdles_continue_promoted_candidates_from_their_checkpoints(tmp_path, c
         conn.row_factory = sqlite3.Row
         rungs = [dict(r) for r in conn.execute("SELECT * FROM rungs ORDER BY candidate_id, rung")]
         rows = {r["id"]: dict(r) for r in conn.execute("SELECT * FROM candidates")}
-    promoted = [r["candidate_id"] for r in rungs if r["rung"] == 1]
-    assert promoted, "the first candidates always clear (min_results)"
+    continued = [r["candidate_id"] for r in rungs if r["rung"] == 1]
+    assert continued, "the first candidates always clear (min_results)"
     assert all(r["steps"] == 3 for r in rungs if r["rung"] == 0)
     store = TokenStore.open(run / "store")
-    candidate = rows[promoted[0]]
+    candidate = rows[continued[0]]
     final = json.loads(candidate["result"])
     assert final["rung"] == 1 and final["steps"] == 6
     config = Genome.from_dict(json.loads(candidate["genome"])).to_config(
         store.vocab_size, settings.hparams.seq_len)
     straight = train_candidate(config, store, TrainBudget(BudgetKind.STEPS, 6),
-                               settings.hparams, settings.seed)
+                               settings.hparams, seed=settings.seed)
     assert final["val_loss"] == pytest.approx(straight.val_loss, rel=1e-6)
     assert not (run / "checkpoints").exists()  # nothing left behind
 

@@ -14,7 +14,7 @@ from chimera.chat import reply
 from chimera.generation import SamplingConfig
 from chimera.inference import load_pretrained
 from chimera.tokenizer import train_char
-from cluster.serve.server import ChatService, Limits, make_server
+from cluster.serve import ChatService, Limits, make_server
 
 TEXT = "Hello there! Who is the story about? Lily and Tom went to the park. <>&\"'/"
 

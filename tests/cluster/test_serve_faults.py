@@ -18,7 +18,7 @@ from chimera.generation import SamplingConfig, filter_top_p
 from chimera.inference import load_pretrained
 from chimera.tokenizer import CHAT_TOKENS, END_OF_TEXT, train_bpe, train_char
 from cluster.cli import main
-from cluster.serve.server import ChatService, Limits, make_server
+from cluster.serve import ChatService, Limits, make_server
 from trainers.sft import encode_conversation
 
 # The characters of the chat markers are in the vocabulary, so markers typed as text encode as

@@ -70,18 +70,18 @@ def test_plot_writes_three_pngs_and_follows_the_winners_lineage(run_db, tmp_path
         image = matplotlib.image.imread(out / name)  # a real PNG, with pixels
         assert image.shape[0] > 200 and image.shape[1] > 300 and image.std() > 0
     db = RunDatabase(run_db, readonly=True)
-    winner = db.leaderboard(1)[0]
-    family = ancestors(db.candidates(), winner["id"])
-    assert winner["id"] in family
-    for row in family.values():  # closed under parents
-        assert all(parent in family for parent in json.loads(row["parents"]))
+    winner = db.leaderboard_records(1)[0]
+    family = ancestors(db.candidate_records(), winner.id)
+    assert winner.id in family
+    for record in family.values():  # closed under parents
+        assert all(parent in family for parent in record.parents)
 
 
 def test_plot_in_flops_and_a_clean_error_where_none_were_recorded(run_db, tmp_path, capsys):
     assert main(["plot", str(run_db), "--out", str(tmp_path / "plots"), "--flops"]) == 0
-    rows = RunDatabase(run_db, readonly=True).candidates()
+    rows = RunDatabase(run_db, readonly=True).candidate_records()
     figure = best_so_far_figure(rows, flops=True)
-    spent = sum(r["train_flops"] or 0.0 for r in rows if r["reused_from"] is None)
+    spent = sum(r.train_flops or 0.0 for r in rows if r.reused_from is None)
     assert figure.axes[0].lines[0].get_xdata()[-1] == pytest.approx(spent)
     assert figure.axes[0].get_xlabel() == "compute (training FLOPs)"
     old = RunDatabase(tmp_path / "old.db")  # a run whose results carry no FLOPs
@@ -113,16 +113,16 @@ def test_with_hurdles_plots_count_every_rung_and_compare_only_full_budgets(tmp_p
     strategy = AgingEvolution(CPU, EvolutionConfig(population_size=6, tournament_size=2), 0)
     SearchLoop(strategy, InProcessEvaluator(train), db, SearchLimits(max_candidates=20),
                hurdles=Hurdles(rungs=3, keep_fraction=1 / 3)).run()
-    rows, rungs = db.candidates(), db.rungs()
+    rows, rungs = db.candidate_records(), db.rung_records()
     full = fully_trained(rows, rungs)
-    reached = {r["candidate_id"] for r in rungs if r["rung"] == 2}
-    assert full and {r["id"] for r in full} == reached < {r["id"] for r in trained_ok(rows)}
+    reached = {r.candidate_id for r in rungs if r.rung == 2}
+    assert full and {r.id for r in full} == reached < {r.id for r in trained_ok(rows)}
     figure = best_so_far_figure(rows, rungs=rungs)
     (scatter,) = figure.axes[0].collections
     best_line = figure.axes[0].lines[0]
-    assert best_line.get_xdata()[-1] == pytest.approx(sum(r["wall_seconds"] for r in rungs) / 3600)
+    assert best_line.get_xdata()[-1] == pytest.approx(sum(r.wall_seconds for r in rungs) / 3600)
     assert len(scatter.get_offsets()) == len(full)  # early stops are not scored
-    assert best_line.get_ydata()[-1] == min(r["val_bpb"] for r in full)
+    assert best_line.get_ydata()[-1] == min(r.val_bpb for r in full)
 
 
 def test_compute_in_flops_charges_each_rung_what_it_added(tmp_path):
@@ -139,7 +139,7 @@ def test_compute_in_flops_charges_each_rung_what_it_added(tmp_path):
                           "wall_seconds": 1.0})
     db.record_rung(a, 1, {"status": "ok", "val_bpb": 2.5, "train_flops": 300.0,
                           "wall_seconds": 2.0})
-    rows, rungs = db.candidates(), db.rungs()
+    rows, rungs = db.candidate_records(), db.rung_records()
     assert compute_and_scores(rows, rungs, flops=True) == [(100.0, None), (250.0, None),
                                                            (450.0, 2.5)]
     assert compute_and_scores(rows, rungs) == [(1.0, None), (2.0, None), (4.0, 2.5)]

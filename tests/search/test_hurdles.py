@@ -1,4 +1,4 @@
-"""Progressive hurdles: the rule on hand-made values, and the search loop promoting exactly the
+"""Progressive hurdles: the rule on hand-made values, and the search loop continuing exactly the
 candidates that clear each rung, recording every rung, releasing what does not continue."""
 
 import json
@@ -47,7 +47,7 @@ def _score(genome, rung):  # made up: wide and shallow is better; every rung imp
     return 2.0 - genome.d_model / 256 + genome.n_layers / 20 - 0.1 * rung
 
 
-def test_loop_promotes_exactly_the_candidates_that_clear_each_rung(tmp_path):
+def test_loop_continues_exactly_the_candidates_that_clear_each_rung(tmp_path):
     hurdles = Hurdles(rungs=3, factor=3, keep_fraction=1 / 3, min_results=3)
     calls, released = [], []
 
@@ -65,7 +65,7 @@ def test_loop_promotes_exactly_the_candidates_that_clear_each_rung(tmp_path):
     # the first min_results of a rung wait for its bar, then are judged by it, after the
     # result that set it.
     seen, waiting = {0: [], 1: []}, {0: [], 1: []}
-    expected_promotions = []
+    expected_continuations = []
     for candidate_id, rung, score in calls:
         if rung == 2:
             continue
@@ -75,13 +75,13 @@ def test_loop_promotes_exactly_the_candidates_that_clear_each_rung(tmp_path):
             continue
         for judged, value in [(candidate_id, score)] + waiting[rung]:
             if hurdles.clears(seen[rung], value):
-                expected_promotions.append((judged, rung + 1))
+                expected_continuations.append((judged, rung + 1))
         waiting[rung] = []
-    assert [(c, r) for c, r, _ in calls if r > 0] == expected_promotions
+    assert [(c, r) for c, r, _ in calls if r > 0] == expected_continuations
     # Of the first three, only the best went on: none cleared a rung without a bar.
     first = calls[:3]
     assert [c for c, r, _ in calls if r == 1][0] == min(first, key=lambda call: call[2])[0]
-    assert report.promoted == len(expected_promotions) > 0
+    assert report.continued == len(expected_continuations) > 0
     reached = {c: max(r for c2, r, _ in calls if c2 == c) for c, _, _ in calls}
     assert 2 in reached.values() and 0 in reached.values()  # some went all the way, some not
 
@@ -148,7 +148,7 @@ def test_no_candidate_starts_that_could_not_reach_the_full_budget(tmp_path):
 def test_a_continuation_cut_by_the_deadline_keeps_its_last_rung_result(tmp_path):
     jumped = []
 
-    def jump_past_the_deadline(clock):  # after the first promotion, time runs out
+    def jump_past_the_deadline(clock):  # after the first continuation, time runs out
         if not jumped:
             jumped.append(True)
             clock.now += 100.0
@@ -156,7 +156,7 @@ def test_a_continuation_cut_by_the_deadline_keeps_its_last_rung_result(tmp_path)
     loop, db = _timed_loop(tmp_path, wall=100, on_tick=jump_past_the_deadline)
     report = loop.run()
     (row,) = db.candidates()
-    assert report.promoted == 1 and report.cancelled == 0
+    assert report.continued == 1 and report.cancelled == 0
     assert row["status"] == "ok" and json.loads(row["result"])["rung"] == 0  # not cancelled
 
 

@@ -1,0 +1,294 @@
+"""The promote pipeline: refine -> pretrain -> fine-tune -> evaluate, each stage skipped when its
+record says it is done."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from chimera.checkpoint import load_model, save_model
+from chimera.config import ChimeraConfig
+from chimera.inference import TOKENIZER_DIR
+from chimera.model import param_counts_analytic
+from chimera.tokenizer import load_tokenizer
+from cluster.app.evolve import EvolveSettings
+from cluster.app.promote.preflight import preflight
+from cluster.app.promote.records import StageRecords, stage_settings
+from cluster.app.promote.report import hardware, sample_outputs, write_report
+from cluster.app.promote.settings import BASE_DIR, QA_NEW_TOKENS, STAGES, PromoteSettings, winner
+from cluster.app.promote.stages import run_pretrain, run_refinement, run_sft, story_sampler
+from cluster.app.rundir import STORE_DIR
+from cluster.ray.runtime import start_ray
+from cluster.ray.trials import tuned
+from results.db import RunDatabase
+from search.genome import Genome
+from trainers.fit import FitResult, FitSettings, History
+from trainers.instructions import conversations
+from trainers.pretrain import PretrainPlan, steps_for_tokens
+from trainers.recipe import TrainHparams
+from trainers.sft import (
+    ensure_chat_tokens,
+    qa_accuracy,
+    write_conversations,
+)
+from trainers.store import TokenStore
+
+
+def promote(settings: PromoteSettings, console: Console) -> dict:
+    """Run every stage not yet done; returns the metrics (also in OUT/metrics.json and
+    OUT/report.md). A failure before anything is written into an output directory this call
+    created removes that directory again (and the parents it created), and nothing else."""
+    created = _missing_directories(settings.out_dir)
+    try:
+        return _promote(settings, console)
+    except BaseException:
+        _remove_if_empty(created)
+        raise
+
+
+def _missing_directories(path: Path) -> list[Path]:
+    """The directories ``path.mkdir(parents=True)`` would create, deepest first."""
+    missing = []
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_if_empty(directories: list[Path]) -> None:
+    for directory in directories:
+        try:
+            if not directory.is_dir() or any(directory.iterdir()):
+                return  # something was written (progress to keep), or it is not ours
+            directory.rmdir()
+        except OSError:
+            return  # another process wrote into it meanwhile, or it went away: leave it
+
+
+@dataclass
+class _Run:
+    """What every stage of one promote reads: the settings, the candidate, its data, the
+    records."""
+
+    settings: PromoteSettings
+    console: Console
+    candidate_id: int
+    genome: Genome
+    run: EvolveSettings
+    store: TokenStore
+    tokenizer: object
+    config: ChimeraConfig
+    records: StageRecords
+    wanted: dict[str, dict]
+
+    @property
+    def out(self) -> Path:
+        return self.settings.out_dir
+
+    def skipped(self, stage: str, what: str) -> None:
+        self.console.rule(stage)
+        self.console.print(f"  {stage}: done in attempt "
+                           f"{self.records.data['stages'][stage]['finished_in_attempt']} "
+                           f"({what}); skipped", markup=False, highlight=False)
+
+
+def _promote(settings: PromoteSettings, console: Console) -> dict:
+    candidate_id, genome, run = winner(settings.run_dir, settings.candidate_id)
+    store = TokenStore.open(Path(settings.run_dir) / STORE_DIR)
+    tokenizer = store.load_tokenizer()
+    records = StageRecords(settings.out_dir)
+    evaluation, redo = preflight(settings, run, tokenizer, records, candidate_id, genome)
+    ctx = _Run(settings, console, candidate_id, genome, run, store, tokenizer,
+               genome.to_config(store.vocab_size, settings.max_seq_len), records,
+               stage_settings(settings, candidate_id))
+    # Saved with the first stage it begins: a failure before that leaves the directory as
+    # empty as the preflight found it (and removable, if this call created it).
+    attempt = records.start_attempt(settings.run_dir, candidate_id, genome)
+    done = ", ".join(s for s in STAGES if records.done(s) is not None) or "none"
+    console.print(f"[bold]promoting[/bold] candidate #{candidate_id} {genome.summary()} "
+                  f"({param_counts_analytic(ctx.config).total / 1e6:.2f}M parameters) -> "
+                  f"{ctx.out}" + (f" (attempt {attempt}; done earlier: {done})"
+                                  if attempt > 1 else ""), highlight=False)
+    for note in evaluation.notes:
+        console.print(f"  note: {note}", markup=False, highlight=False)
+
+    needs_ray = (records.done("refine") is None and not settings.in_process) or \
+        (records.done("pretrain") is None and settings.train_workers > 1)
+    ray_started = needs_ray and start_ray(settings.address)
+    try:
+        refined = _refine(ctx)
+        tuned_config, hparams = tuned(ctx.config, run.hparams, refined["best_params"])
+        pre = _pretrain(ctx, tuned_config, hparams)
+    finally:
+        if ray_started:
+            import ray  # only when this promote started it
+
+            ray.shutdown()
+    chat_model, tokenizer, sft = _fine_tune(ctx)
+    finished = records.done("evaluate")
+    if finished is not None and "evaluate" not in redo and (ctx.out / "metrics.json").is_file():
+        ctx.skipped("evaluate", f"{ctx.out / 'report.md'}")
+        console.print("  nothing left to do", highlight=False)
+        return json.loads((ctx.out / "metrics.json").read_text())
+    if "evaluate" in redo:
+        console.print("  --qa-questions changed: the evaluation is done again", highlight=False)
+    metrics = _evaluate(ctx, evaluation, chat_model, tokenizer, refined, tuned_config, hparams,
+                        pre, sft, attempt)
+    for leftover in (ctx.out / "checkpoints", ctx.out / BASE_DIR / "ray-train"):
+        shutil.rmtree(leftover, ignore_errors=True)  # the models are saved
+    return metrics
+
+
+def _refine(ctx: _Run) -> dict:
+    """1. Refinement: the Optuna study's best hyperparameters (recorded, or found now)."""
+    if ctx.records.done("refine") is None:
+        t0 = time.perf_counter()
+        ctx.console.rule("refine: Optuna TPE + Hyperband")
+        ctx.records.begin("refine", ctx.wanted["refine"])
+        outcome, study = run_refinement(ctx.settings, ctx.config, ctx.run.hparams, ctx.store,
+                                        ctx.run.database_target, ctx.candidate_id,
+                                        ctx.console)
+        ctx.records.finish("refine", {
+            "best_params": outcome.best_params, "best_value": outcome.best_value,
+            "complete": outcome.complete, "pruned": outcome.pruned, "failed": outcome.failed,
+            "study": study.study_name, "seconds": time.perf_counter() - t0})
+    else:
+        ctx.skipped("refine", f"study {ctx.records.done('refine')['study']}")
+    refined = ctx.records.done("refine")
+    ctx.console.print(f"  best trial {refined['best_value']:.4f} bpb ({refined['complete']} "
+                      f"complete, {refined['pruned']} pruned, {refined['failed']} failed): "
+                      f"{refined['best_params']}", highlight=False)
+    return refined
+
+
+def _pretrain(ctx: _Run, tuned_config: ChimeraConfig, hparams: TrainHparams) -> FitResult:
+    """2. Pretraining of the tuned configuration into OUT/base (recorded, or trained now)."""
+    settings, out = ctx.settings, ctx.out
+    if ctx.records.done("pretrain") is None:
+        t0 = time.perf_counter()
+        ctx.console.rule("pretrain")
+        ctx.records.begin("pretrain", ctx.wanted["pretrain"])
+        steps = steps_for_tokens(settings.pretrain_tokens, hparams)
+        plan = PretrainPlan(tuned_config, hparams,
+                            FitSettings(steps=steps, eval_every=max(1, steps // 8),
+                                        checkpoint_every=max(1, steps // 8),
+                                        compile=settings.compile), settings.seed)
+        _, pre = run_pretrain(plan, ctx.store, out / BASE_DIR, ctx.console,
+                              settings.train_workers, settings.device,
+                              out / "checkpoints" / "pretrain",
+                              story_sampler(ctx.tokenizer, ctx.console, settings.seed))
+        if pre.interrupted:
+            raise KeyboardInterrupt
+        ctx.tokenizer.save_pretrained(str(out / BASE_DIR / TOKENIZER_DIR))
+        ctx.records.finish("pretrain", {
+            "model": BASE_DIR, "step": pre.step, "history": pre.history.to_dict(),
+            "seconds": max(time.perf_counter() - t0, pre.history.seconds)})
+    else:
+        ctx.skipped("pretrain", f"the model is in {out / BASE_DIR}")
+    pretrained = ctx.records.done("pretrain")
+    return FitResult(pretrained["step"], History.from_dict(pretrained["history"]))
+
+
+def _fine_tune(ctx: _Run):
+    """3. Chat fine-tuning on story instructions. The chat model is saved as soon as it is
+    trained, so a failure in the evaluation never costs the fine-tuning. Returns the chat
+    model, its tokenizer (with the chat tokens) and the result."""
+    settings, out, tokenizer = ctx.settings, ctx.out, ctx.tokenizer
+    if ctx.records.done("sft") is None:
+        t0 = time.perf_counter()
+        ctx.console.rule("chat fine-tune")
+        ctx.records.begin("sft", ctx.wanted["sft"])
+        train = conversations(settings.sft_conversations, settings.seed)
+        val = conversations(max(64, settings.sft_conversations // 20), settings.seed,
+                            heldout=True)
+        write_conversations(train, out / "sft-data" / "train.jsonl")
+        write_conversations(val, out / "sft-data" / "val.jsonl")
+        chat_model, sft, dropped = run_sft(load_model(out / BASE_DIR, device=settings.device),
+                                           tokenizer, train, val, settings.sft_hparams,
+                                           settings.sft_steps, out, ctx.console, settings.seed,
+                                           settings.device)
+        if sft.interrupted:
+            raise KeyboardInterrupt
+        save_model(chat_model, out)
+        tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+        ctx.records.finish("sft", {
+            "model": ".", "step": sft.step, "history": sft.history.to_dict(),
+            "dropped_too_long": dropped, "conversations": len(train),
+            "seconds": max(time.perf_counter() - t0, sft.history.seconds)})
+    else:
+        ctx.skipped("sft", f"the chat model is in {out}")
+        chat_model = load_model(out, device=settings.device)
+        tokenizer = load_tokenizer(out / TOKENIZER_DIR)  # with the chat tokens SFT added
+    fine_tuned = ctx.records.done("sft")
+    return chat_model, tokenizer, FitResult(fine_tuned["step"],
+                                            History.from_dict(fine_tuned["history"]))
+
+
+def _evaluate(ctx: _Run, evaluation, chat_model, tokenizer, refined: dict,
+              tuned_config: ChimeraConfig, hparams: TrainHparams, pre: FitResult,
+              sft: FitResult, attempt: int) -> dict:
+    """4. Evaluation: held-out question answering before and after fine-tuning, samples, the
+    report."""
+    settings, out = ctx.settings, ctx.out
+    t0 = time.perf_counter()
+    ctx.console.rule("evaluate")
+    ctx.records.begin("evaluate", ctx.wanted["evaluate"])
+    items = evaluation.qa_items
+    base_for_chat, _ = ensure_chat_tokens(load_model(out / BASE_DIR), tokenizer)
+    qa_base = qa_accuracy(base_for_chat, tokenizer, items, QA_NEW_TOKENS,
+                          context=settings.max_seq_len)
+    qa_chat = qa_accuracy(chat_model, tokenizer, items, QA_NEW_TOKENS,
+                          context=settings.max_seq_len)
+    ctx.console.print(f"  held-out question answering: base {qa_base:.0%}, chat "
+                      f"{qa_chat:.0%} ({len(items)} questions)", highlight=False)
+    samples = sample_outputs(base_for_chat, chat_model, tokenizer, settings.seed, evaluation)
+    timings = {stage: ctx.records.done(stage)["seconds"] for stage in STAGES[:3]}
+    timings["evaluate"] = time.perf_counter() - t0
+    fine_tuned = ctx.records.done("sft")
+    metrics = {
+        "candidate_id": ctx.candidate_id, "genome": ctx.genome.to_dict(),
+        "genome_summary": ctx.genome.summary(),
+        "params": param_counts_analytic(chat_model.config).total,
+        "search_val_bpb": _search_bpb(ctx.run.database_target, ctx.candidate_id),
+        "refine": {"best_params": refined["best_params"],
+                   "best_trial_bpb": refined["best_value"],
+                   "complete": refined["complete"], "pruned": refined["pruned"],
+                   "failed": refined["failed"], "trials": settings.refine.trials,
+                   "tokens_per_trial": settings.refine_tokens or settings.pretrain_tokens,
+                   "study": refined["study"]},
+        "hparams": dataclasses.asdict(hparams), "dropout": tuned_config.dropout,
+        "pretrain": {"steps": pre.step, "tokens": pre.history.tokens,
+                     "val_loss": pre.val_loss,
+                     "val_bpb": ctx.store.bits_per_byte(pre.val_loss, "val"),
+                     "samples": [list(sample) for sample in pre.history.samples]},
+        "sft": {"steps": sft.step, "conversations": fine_tuned["conversations"],
+                "dropped_too_long": fine_tuned["dropped_too_long"],
+                "val_loss_assistant_tokens": sft.val_loss,
+                "hparams": dataclasses.asdict(settings.sft_hparams)},
+        "qa_accuracy": {"base": qa_base, "chat": qa_chat, "questions": len(items)},
+        "samples": samples, "notes": evaluation.notes, "seconds": timings,
+        # The stages' own times as recorded (for training, summed over resumed segments): a
+        # resumed promote reports the work, not just the time of its last run.
+        "total_seconds": sum(timings.values()),
+        "attempts": attempt,
+        "hardware": hardware(settings.device),
+    }
+    write_report(out, metrics, pre.history, sft.history, ctx.store)
+    ctx.records.finish("evaluate", {"seconds": timings["evaluate"]})
+    return metrics
+
+
+def _search_bpb(database: str, candidate_id: int) -> float | None:
+    db = RunDatabase(database, readonly=True)
+    try:
+        return next((r.val_bpb for r in db.leaderboard_records() if r.id == candidate_id), None)
+    finally:
+        db.close()

@@ -1,0 +1,123 @@
+"""The stage records, ``OUT/promote-state.json``: what each stage ran with and what it made, so a
+rerun skips what is done and refuses settings that would mix two runs in one directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from chimera.checkpoint import atomic_write
+from cluster.app.promote.settings import STAGES, STATE_FILE, PromoteError, PromoteSettings
+from search.genome import Genome
+
+
+def stage_settings(settings: PromoteSettings, candidate_id: int) -> dict[str, dict]:
+    """What each stage's outcome depends on, keyed by the flag that sets it (so a refusal can
+    name the flag). Later stages also depend on the earlier ones, which are checked first.
+    Left out on purpose: --parallel, --train-workers, --device, --address, --in-process,
+    --compile (how the work is run, not what it computes; data-parallel pretraining follows the
+    same trajectory on any number of workers; a checkpoint still refuses a changed --compile)."""
+    return {
+        "refine": {"--genome": candidate_id, "--trials": settings.refine.trials,
+                   "--rungs": settings.refine.rungs,
+                   "--refine-tokens": settings.refine_tokens or settings.pretrain_tokens,
+                   "--seed": settings.seed},
+        "pretrain": {"--pretrain-tokens": settings.pretrain_tokens,
+                     "--max-seq-len": settings.max_seq_len},
+        "sft": {"--sft-steps": settings.sft_steps,
+                "--sft-conversations": settings.sft_conversations,
+                "--sft-seq-len": settings.sft_hparams.seq_len,
+                "--sft-batch-size": settings.sft_hparams.batch_size},
+        "evaluate": {"--qa-questions": settings.qa_questions},
+    }
+
+
+class StageRecords:
+    """``OUT/promote-state.json``: for each stage the settings it was started with, whether it
+    is done, its results and the attempt (run of the command) that finished it. Rewritten
+    atomically after every change, so a kill leaves the previous version or the new one."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / STATE_FILE
+        self.data: dict = {}
+        if self.path.exists():
+            try:
+                self.data = json.loads(self.path.read_text())
+                if not isinstance(self.data, dict) or not isinstance(self.data.get("stages"),
+                                                                     dict):
+                    raise ValueError("no stages")
+            except (OSError, ValueError) as err:
+                raise PromoteError(f"{self.path}: unreadable stage records ({err}); it says "
+                                   f"which stages of this promote are done: restore it, or use "
+                                   f"another --out to start over") from None
+
+    @property
+    def exists(self) -> bool:
+        return bool(self.data)
+
+    def check(self, candidate_id: int, genome: Genome, wanted: dict[str, dict],
+              out: Path) -> list[str]:
+        """Refuse a command that would mix with what this directory holds; returns the stages
+        to redo quietly (the evaluation, when only its settings changed)."""
+        if not self.data:
+            return []
+        if self.data.get("candidate_id") != candidate_id or \
+                self.data.get("genome") != genome.to_dict():
+            raise PromoteError(
+                f"{self.path}: {out} holds a promote of candidate #"
+                f"{self.data.get('candidate_id')}, not #{candidate_id}; pass --genome "
+                f"{self.data.get('candidate_id')} to resume it, or use another --out")
+        redo = []
+        for stage in STAGES:
+            record = self.data["stages"].get(stage)
+            if record is None:
+                continue
+            for flag, value in wanted[stage].items():
+                recorded = record.get("settings", {}).get(flag)
+                if recorded == value:
+                    continue
+                if stage == "evaluate":
+                    redo.append(stage)
+                    break
+                state = "done" if record.get("done") else "started"
+                raise PromoteError(
+                    f"{self.path}: {stage} was {state} with {flag} {_flag_value(recorded)}, "
+                    f"this command asks {flag} {_flag_value(value)}; rerun with "
+                    f"{flag} {_flag_value(recorded)} to resume, or use another --out to start "
+                    f"over")
+        return redo
+
+    def start_attempt(self, run_dir: str, candidate_id: int, genome: Genome) -> int:
+        if not self.data:
+            self.data = {"version": 1, "run": str(Path(run_dir).resolve()),
+                         "candidate_id": candidate_id, "genome": genome.to_dict(),
+                         "attempts": 0, "stages": {}}
+        self.data["attempts"] += 1
+        return self.data["attempts"]
+
+    def done(self, stage: str) -> dict | None:
+        """The results of a stage recorded as done; None when it is not."""
+        record = self.data.get("stages", {}).get(stage)
+        return record["result"] if record and record.get("done") else None
+
+    def begin(self, stage: str, settings: dict) -> None:
+        earlier = self.data["stages"].get(stage) or {}
+        self.data["stages"][stage] = {
+            "settings": settings, "done": False,
+            "started_in_attempt": earlier.get("started_in_attempt", self.data["attempts"])}
+        self.save()
+
+    def finish(self, stage: str, result: dict) -> None:
+        record = self.data["stages"][stage]
+        record.update(done=True, finished_in_attempt=self.data["attempts"], result=result)
+        self.save()
+
+    def save(self) -> None:
+        text = json.dumps(self.data, indent=2) + "\n"
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _flag_value(value) -> str:
+    if isinstance(value, bool):
+        return "(set)" if value else "(not set)"
+    return "(unset)" if value is None else str(value)

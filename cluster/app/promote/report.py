@@ -1,0 +1,128 @@
+"""The evaluation's samples and ``report.md`` / ``metrics.json`` / ``loss_curves.png``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from chimera.chat import reply
+from chimera.checkpoint import atomic_write
+from chimera.generation import SamplingConfig, generate
+from chimera.model import Chimera
+from cluster.app.promote.preflight import EvaluationPlan
+from cluster.app.promote.settings import STORY_PROMPT
+from results.plots import curves_figure
+from trainers.fit import History
+from trainers.store import TokenStore
+
+
+def sample_outputs(base: Chimera, chat: Chimera, tokenizer, seed: int,
+                   evaluation: EvaluationPlan) -> dict:
+    """The samples in report.md, from the prompts the preflight chose (each fits the context
+    with room for its reply)."""
+    sampling = SamplingConfig(max_new_tokens=evaluation.sample_tokens, temperature=0.8,
+                              top_p=0.95, seed=seed)
+    prompt = evaluation.story_prompt
+    story = tokenizer.decode(generate(base, prompt, sampling), skip_special_tokens=True)
+    chats = [{"user": q, "assistant": reply(chat, tokenizer, [{"role": "user", "content": q}],
+                                            sampling)} for q in evaluation.questions]
+    item = evaluation.sample_item
+    if item is not None:
+        chats.append({"user": item["messages"][0]["content"], "assistant": reply(
+            chat, tokenizer, item["messages"], dataclasses.replace(
+                sampling, temperature=0.0, max_new_tokens=evaluation.sample_item_tokens)),
+            "expected": item["expected"]})
+    return {"base_story": evaluation.story_text + story, "chat": chats}
+
+
+def hardware(device: str) -> str:
+    text = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name(0)}"
+    return text
+
+
+def write_report(out: Path, metrics: dict, pre: History, sft: History,
+                 store: TokenStore) -> None:
+    figure = curves_figure({
+        "pretrain train": [(s, loss) for s, loss, _ in pre.train],
+        "pretrain val": list(pre.val),
+        "sft train (assistant tokens)": [(pre.train[-1][0] + s, loss)
+                                         for s, loss, _ in sft.train],
+        "sft val (assistant tokens)": [(pre.train[-1][0] + s, v) for s, v in sft.val],
+    }, "optimizer step", "loss (nats/token)", f"candidate #{metrics['candidate_id']}")
+    atomic_write(out / "loss_curves.png", lambda tmp: figure.savefig(tmp, format="png",
+                                                                       dpi=120))
+    atomic_write(out / "metrics.json",
+                 lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n"))
+    m = metrics
+    hp = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                   for k, v in {**m["hparams"], "dropout": m["dropout"]}.items())
+    chats = "\n\n".join(f"**user:** {c['user'][:300]}\n\n**chimera:** {c['assistant']}"
+                        for c in m["samples"]["chat"])
+    during = "\n".join(f"- {step}: {text}" for step, text in m["pretrain"]["samples"]) \
+        or "(none: data-parallel workers do not sample)"
+    seconds = ", ".join(f"{k} {v / 60:.1f} min" for k, v in m["seconds"].items())
+    search_bpb = f"{m['search_val_bpb']:.4f}" if m["search_val_bpb"] is not None else "n/a"
+    attempts = f", over {m['attempts']} runs of the command (resumed)" \
+        if m.get("attempts", 1) > 1 else ""
+    notes = ("\n## Notes\n\n" + "\n".join(f"- {n}" for n in m["notes"]) + "\n") \
+        if m.get("notes") else ""
+    text = f"""# Chimera promoted model: candidate #{m['candidate_id']}
+
+Genome: `{m['genome_summary']}` ({m['params'] / 1e6:.2f}M parameters)
+
+```json
+{json.dumps(m['genome'], indent=2)}
+```
+
+## Results
+
+| metric | value |
+|---|---|
+| search validation bpb (short budget) | {search_bpb} |
+| pretrained validation bpb ({m['pretrain']['tokens']:,} tokens) | {m['pretrain']['val_bpb']:.4f} |
+| SFT validation loss, assistant tokens (nats) | {m['sft']['val_loss_assistant_tokens']:.4f} |
+| held-out question answering, base model | {m['qa_accuracy']['base']:.1%} |
+| held-out question answering, chat model | {m['qa_accuracy']['chat']:.1%} |
+| questions | {m['qa_accuracy']['questions']} |
+
+![loss curves](loss_curves.png)
+
+## Hyperparameters (refined by Optuna)
+
+Study `{m['refine']['study']}` in the run's database: {m['refine']['complete']} trials complete,
+{m['refine']['pruned']} pruned, {m['refine']['failed']} failed, {m['refine']['tokens_per_trial']:,}
+tokens per trial; best trial {m['refine']['best_trial_bpb']:.4f} bpb.
+
+| hyperparameter | value |
+|---|---|
+{hp}
+
+Chat fine-tuning: {m['sft']['steps']} steps on {m['sft']['conversations']} conversations
+({m['sft']['dropped_too_long']} too long, left out), loss on assistant tokens only.
+
+## Samples
+
+Base model, from "{STORY_PROMPT}":
+
+> {m['samples']['base_story']}
+
+During pretraining (step: sample):
+
+{during}
+
+Chat model:
+
+{chats}
+
+## Time and hardware
+
+{seconds}; total {m['total_seconds'] / 60:.1f} min on {m['hardware']}{attempts}.
+{notes}"""
+    atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text))

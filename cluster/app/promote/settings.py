@@ -1,0 +1,104 @@
+"""What ``chimera promote`` is asked to do: its settings, its error, the candidate it promotes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from results.db import RunDatabase
+from search.genome import Genome
+from search.refine import RefineSettings
+from trainers.recipe import TrainHparams
+
+BASE_DIR = "base"
+STATE_FILE = "promote-state.json"
+STAGES = ("refine", "pretrain", "sft", "evaluate")
+STORY_PROMPT = "Once upon a time, there was a little"
+SAMPLE_QUESTIONS = ["Hello!", "Tell me a story about Lily at the park.", "What can you do?"]
+QA_NEW_TOKENS = 24  # the longest answer the question answering scores (qa_accuracy's default)
+SAMPLE_NEW_TOKENS = 80  # the samples in report.md
+# Held-out questions too long for the context are replaced by the next ones, up to this many
+# times the number asked for, and at most 400 more (a char tokenizer needs a token per
+# character of the story, and the shortest stories are the ones that fit).
+QA_DRAW_FACTOR = 20
+SFT_SCAN = 500  # fine-tuning conversations the preflight looks at (see _check_sft_data)
+
+
+class PromoteError(ValueError):
+    """A run or model that cannot be promoted as asked."""
+
+
+@dataclass(frozen=True)
+class PromoteSettings:
+    run_dir: str
+    candidate_id: int | None = None  # None: the best candidate
+    out: str | None = None  # None: RUN/promoted
+    refine: RefineSettings = RefineSettings(trials=8, rungs=4, parallel=2)
+    # Tokens per trial; None: the pretraining budget. Hyperband's top rung is then the run the
+    # winner gets, so the study ranks hyperparameters by what pretraining will make of them
+    # (shorter trials favour rates and batch sizes that do not transfer), and the lower rungs
+    # are where it saves compute.
+    refine_tokens: int | None = None
+    pretrain_tokens: int = 1_200_000
+    max_seq_len: int = 512  # the chat model's context
+    sft_steps: int = 400
+    sft_conversations: int = 4000
+    sft_hparams: TrainHparams = TrainHparams(learning_rate=1e-3, warmup_fraction=0.05,
+                                             batch_size=16, seq_len=320, eval_batches=4,
+                                             weight_decay=0.0)
+    qa_questions: int = 100
+    train_workers: int = 1  # Ray Train workers for pretraining; 1: in this process
+    in_process: bool = False  # refinement trials in this process instead of on Ray actors
+    address: str | None = None
+    device: str = "cpu"
+    compile: bool = False
+    seed: int = 0
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out or Path(self.run_dir) / "promoted")
+
+
+# ----------------------------------------------------------------------------- the winner
+def winner(run_dir: str, candidate_id: int | None):
+    """The candidate to promote: (id, genome, the run's ``EvolveSettings``)."""
+    from cluster.app.evolve import load_settings
+    from cluster.app.rundir import CONFIG_FILE, RunDirError
+
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        settings = load_settings(run_dir)
+    except FileNotFoundError:
+        raise PromoteError(f"{run_dir}: not a run directory (no {CONFIG_FILE}); run `chimera "
+                           f"evolve` first") from None
+    except RunDirError as err:  # already one line naming the file
+        raise PromoteError(str(err)) from None
+    except OSError as err:
+        raise PromoteError(f"{path}: cannot read it ({err.strerror or err})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        # Truncated, hand-edited or from another program: say which file, not just the parser's
+        # "Expecting value: line 1 column 1".
+        reason = f"missing field {err}" if isinstance(err, KeyError) else \
+            f"{type(err).__name__}: {err}"
+        raise PromoteError(f"{path}: not a readable run settings file ({reason}); is {run_dir} "
+                           f"a run of chimera evolve?") from None
+    try:
+        db = RunDatabase(settings.database_target, readonly=True)
+    except FileNotFoundError as err:
+        raise PromoteError(f"{err}; is {run_dir} a run of chimera evolve?") from None
+    try:
+        records = db.leaderboard_records()
+    finally:
+        db.close()
+    if not records:
+        raise PromoteError(f"{run_dir}: no candidate finished ok; nothing to promote")
+    if candidate_id is not None:
+        records = [r for r in records if r.id == candidate_id]
+        if not records:
+            raise PromoteError(f"{run_dir}: candidate {candidate_id} did not finish ok (or "
+                               f"does not exist); see `chimera leaderboard {run_dir}`")
+    record = records[0]
+    return record.id, Genome.from_dict(record.genome), settings
+
+
+# ----------------------------------------------------------------------------- stage records
