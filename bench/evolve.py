@@ -18,6 +18,7 @@ import logging
 import random
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,13 +27,17 @@ import ray
 from rich.console import Console
 from rich.table import Table
 
-from chimera.tokenizer import train_bpe
-from cluster.ray.evaluator import RayEvaluator
-from cluster.ray.worker import CandidateSettings
-from search.genome import CPU
-from trainers.candidate import BudgetKind, TrainBudget, TrainHparams
-from trainers.corpus import CorpusSpec, iter_documents
-from trainers.store import prepare_store
+REPO = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":  # run as a script: import the packages, not bench/cluster.py
+    sys.path[0] = str(REPO)
+
+from chimera.tokenizer import train_bpe  # noqa: E402
+from cluster.ray.evaluator import RayEvaluator  # noqa: E402
+from cluster.ray.worker import CandidateSettings  # noqa: E402
+from search.genome import CPU  # noqa: E402
+from trainers.candidate import BudgetKind, TrainBudget, TrainHparams  # noqa: E402
+from trainers.corpus import CorpusSpec, iter_documents  # noqa: E402
+from trainers.store import prepare_store  # noqa: E402
 
 LAYOUTS = {  # name: (workers, CPUs and torch threads per worker)
     "1 worker x 1 CPU": (1, 1),
