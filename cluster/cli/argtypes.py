@@ -53,26 +53,23 @@ def parse_flops(text: str) -> float:
     return float(match[1]) * _FLOPS_SCALE[match[2].lower()]
 
 
-def seed(text: str) -> int:
-    """A seed: a whole number in [0, 2**63 - 1]."""
-    value = _int(text)
-    if not 0 <= value <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"seed {text} is out of range: use 0 to {SEED_MAX}")
-    return value
+def _checked(parse, holds, message: str):
+    """An argument type: ``parse`` the text, then refuse a value for which ``holds`` is false,
+    with ``message`` (formatted with the text)."""
+    def check(text: str):
+        value = parse(text)
+        if not holds(value):
+            raise argparse.ArgumentTypeError(message.format(text=text))
+        return value
+
+    return check
 
 
-def positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
 
 
 def finite_float(text: str) -> float:
@@ -85,31 +82,13 @@ def finite_float(text: str) -> float:
     return value
 
 
-def positive_float(text: str) -> float:
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def port(text: str) -> int:
-    """A TCP port to listen on; 0 lets the system pick a free one."""
-    value = _int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port {text} is out of range: use 1 to 65535, or 0 "
-                                         f"for any free port")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+# A seed: a whole number in [0, 2**63 - 1].
+seed = _checked(_int, lambda v: 0 <= v <= SEED_MAX,
+                "seed {text} is out of range: use 0 to " + str(SEED_MAX))
+positive_int = _checked(_int, lambda v: v >= 1, "must be a positive whole number, got {text}")
+non_negative_int = _checked(_int, lambda v: v >= 0, "must be 0 or more, got {text}")
+positive_float = _checked(finite_float, lambda v: v > 0, "must be positive, got {text}")
+non_negative_float = _checked(finite_float, lambda v: v >= 0, "must be 0 or more, got {text}")
+# A TCP port to listen on; 0 lets the system pick a free one.
+port = _checked(_int, lambda v: 0 <= v <= 65535,
+                "port {text} is out of range: use 1 to 65535, or 0 for any free port")
