@@ -387,7 +387,8 @@ def _evolve(settings: EvolveSettings, console: Console, live: bool, created: Pat
         # The loop's count of finished training (read once from the database, not per frame);
         # before the loop exists or runs, what earlier sessions spent.
         spent = max(already_flops, loop.flops_spent if loop else 0.0)
-        return live_view(db.leaderboard(LIVE_TOP), db.running(), db.counts(),
+        return live_view(db.leaderboard_records(LIVE_TOP), db.running_records(),
+                         db.counts(),
                          time.monotonic() - started, settings.limits.wall_seconds,
                          settings.limits.max_candidates,
                          (spent, flops_budget) if flops_budget else None)

@@ -17,7 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from chimera.checkpoint import CheckpointError, atomic_write, load_config
+from chimera.checkpoint import atomic_write, load_config
 from chimera.config import PRESETS, ChimeraConfig, get_preset
 from chimera.model import param_counts_of
 from cluster.cli import argtypes
@@ -68,11 +68,7 @@ def _format_count(n: int) -> str:
 
 def _resolve_config(args: argparse.Namespace) -> ChimeraConfig:
     if args.config:
-
-        try:
-            return load_config(args.config)
-        except CheckpointError as err:
-            raise CommandError(str(err)) from None
+        return load_config(args.config)  # a CheckpointError is bad input: main says it
     try:
         return get_preset(args.preset)
     except ValueError as err:
