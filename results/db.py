@@ -323,6 +323,15 @@ class RunDatabase:
         """``running()`` decoded."""
         return self._decoded(self.running(), CandidateRecord)
 
+    def parent_genomes(self, records: list[CandidateRecord]) -> dict[int, dict]:
+        """The genomes of ``records``' parents, by candidate id (to show what a child
+        changed)."""
+        ids = sorted({parent for record in records for parent in record.parents})
+        if not ids:
+            return {}
+        rows = self._rows(select(_c.id, _c.genome).where(_c.id.in_(ids)))
+        return {row["id"]: json.loads(row["genome"]) for row in rows}
+
     def leaderboard_records(self, top: int | None = None) -> list[CandidateRecord]:
         """``leaderboard(top)`` decoded."""
         return self._decoded(self.leaderboard(top), CandidateRecord)

@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from results.records import CandidateRecord, as_records
+from search.genome import Genome, genome_changes
 from trainers.candidate import Status
 
 Candidates = Sequence[CandidateRecord | Mapping]  # records, or raw rows of the database
@@ -30,7 +31,23 @@ def format_params(n: int | None) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
-def leaderboard_table(rows: Candidates, title: str = "leaderboard") -> Table:
+def origin(record: CandidateRecord, parent_genomes: Mapping[int, dict]) -> str:
+    """How a candidate was made: ``seed``, ``random``, or e.g. ``mutation of 7: dropout
+    0>0.1`` (what changed from its first parent, when that parent's genome is known)."""
+    if not record.parents:
+        return record.operator
+    text = f"{record.operator} of {','.join(map(str, record.parents))}"
+    first = parent_genomes.get(record.parents[0])
+    if first is None:
+        return text
+    changes = genome_changes(Genome.from_dict(first), Genome.from_dict(record.genome))
+    return f"{text}: {changes or 'no expressed change'}"
+
+
+def leaderboard_table(rows: Candidates, title: str = "leaderboard",
+                      parent_genomes: Mapping[int, dict] | None = None) -> Table:
+    """``parent_genomes``: the genomes of the rows' parents by id
+    (``RunDatabase.parent_genomes``), to show what each child changed."""
     table = Table(title=title, title_justify="left", expand=False)
     for column, justify in (("rank", "right"), ("id", "right"), ("genome", "left"),
                             ("params", "right"), ("tokens", "right"), ("val bpb", "right"),
@@ -38,14 +55,14 @@ def leaderboard_table(rows: Candidates, title: str = "leaderboard") -> Table:
                             ("status", "left"), ("origin", "left")):
         table.add_column(column, justify=justify)
     for rank, row in enumerate(as_records(rows), start=1):
-        origin = row.operator + (f" of {','.join(map(str, row.parents))}" if row.parents else "")
         bpb = row.val_bpb
         table.add_row(str(rank), str(row.id), row.summary, format_params(row.params),
                       # Tokens trained: with hurdles, a candidate stopped at an early rung shows
                       # fewer (and its bits per byte are not comparable with a full one's).
                       format_params(row.tokens), "-" if bpb is None else f"{bpb:.4f}",
                       "-" if row.tokens_per_second is None else f"{row.tokens_per_second:,.0f}",
-                      Text(row.status.value, style=STATUS_STYLE.get(row.status, "")), origin)
+                      Text(row.status.value, style=STATUS_STYLE.get(row.status, "")),
+                      origin(row, parent_genomes or {}))
     return table
 
 
@@ -95,10 +112,13 @@ def budget_bar(elapsed: float, total: float | None, launched: int,
 
 def live_view(leaders: Candidates, running: Candidates, counts: dict[str, int], elapsed: float,
               wall_seconds: float | None, max_candidates: int | None,
-              flops: tuple[float, float] | None = None) -> Group:
+              flops: tuple[float, float] | None = None,
+              parent_genomes: Mapping[int, dict] | None = None) -> Group:
     """Budget, workers, the best ``leaders`` and the counts: what ``chimera evolve`` shows.
-    ``flops``: (training FLOPs spent, the FLOPs budget), when the run has one."""
+    ``flops``: (training FLOPs spent, the FLOPs budget), when the run has one;
+    ``parent_genomes``: as ``leaderboard_table``'s."""
     launched = sum(counts.values()) - counts.get("pending", 0)  # reused ones count too
     return Group(budget_bar(elapsed, wall_seconds, launched, max_candidates, flops),
-                 workers_table(running), leaderboard_table(leaders, f"top {len(leaders)}"),
+                 workers_table(running),
+                 leaderboard_table(leaders, f"top {len(leaders)}", parent_genomes),
                  counts_line(counts))

@@ -63,6 +63,9 @@ class RandomSearch:
         """Do not sample this genome again (in flight elsewhere, e.g. relaunched on resume)."""
         self.seen.add(genome_key)
 
+    def plan(self, expected_candidates: int) -> None:
+        """Random samples need no population."""
+
 
 SAMPLERS = {"tpe": "TPE", "nsga2": "NSGA-II"}
 
@@ -113,6 +116,9 @@ class OptunaSearch:
     def mark_seen(self, genome_key: str) -> None:
         """Recorded among the genomes seen (Optuna's sampler does not avoid repeats)."""
         self.seen.add(genome_key)
+
+    def plan(self, expected_candidates: int) -> None:
+        """Optuna's samplers fix their startup trials and population when built."""
 
     def tell(self, candidate_id: int, proposal: Proposal,
              fitness: float | tuple[float, ...], rung: int = 0) -> None:

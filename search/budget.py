@@ -51,6 +51,7 @@ class ComputeBudget:
         self.durations: dict[int, list[float]] = {}  # rung -> seconds each finished one took
         self.spent = 0.0  # FLOPs of finished training: earlier sessions' and this one's
         self.held: dict[int, float] = {}  # candidate id -> the FLOPs it holds
+        self.settled: list[float] = []  # FLOPs each candidate finished this session trained
 
     # ------------------------------------------------------------------ time
     def start(self, already_flops: float = 0.0) -> None:
@@ -80,6 +81,29 @@ class ComputeBudget:
         if rung and self.durations.get(0):
             return statistics.median(self.durations[0]) * self.hurdles.relative_cost(rung)
         return 0.0
+
+    def seconds_per_candidate(self) -> float:
+        """A new candidate's expected training time, its continuations included: with hurdles
+        each rung's time weighted by the share expected to reach it (``keep_fraction`` per
+        rung); 0 before any result."""
+        if not self.hurdles:
+            return self.expected_seconds(0)
+        return sum(self.hurdles.keep_fraction ** rung * self.expected_seconds(rung)
+                   for rung in range(self.hurdles.rungs))
+
+    def expected_candidates(self, launched: int, slots: int) -> int | None:
+        """How many candidates the search will have launched when its budget is spent, at
+        the pace so far: ``launched`` now, plus what ``slots`` workers train in the time left
+        and what the FLOPs left pay for (the smaller); None before any candidate finished, or
+        with neither limit."""
+        more: list[float] = []
+        per_candidate = self.seconds_per_candidate()
+        if self.wall_seconds is not None and per_candidate > 0:
+            more.append(slots * self.seconds_left() / per_candidate)
+        if self.flops_limit is not None and self.settled and statistics.mean(self.settled) > 0:
+            more.append(max(0.0, self.flops_limit - self.committed)
+                        / statistics.mean(self.settled))
+        return launched + math.floor(min(more)) if more else None
 
     def time_reason(self, rung: int = 0) -> str | None:
         """Why training from ``rung`` on must not start: it would not reach the full budget (the
@@ -147,3 +171,4 @@ class ComputeBudget:
         """The candidate goes no further: what it ``trained`` is spent, the rest given back."""
         if self.held.pop(candidate_id, None) is not None:
             self.spent += trained
+            self.settled.append(trained)

@@ -19,6 +19,14 @@ of the results are early stops; under plain aging they would flush the few fully
 candidates out of the population within a handful of results.)
 
 Before the population is full, the first children are the warm-start seeds, then random samples.
+
+The population follows the budget: a search that trains nine candidates with a population of 16
+never fills it, and is a random search of nine genomes. With ``population_fraction`` set, the
+search loop tells the strategy how many candidates its budget is expected to train
+(``plan``), and the population (so the number of seeds and random samples) is that fraction of
+them, between ``MIN_POPULATION`` and ``population_size``; the tournament shrinks with it. The
+initial members are counted when proposed, not when told, so workers that finish in any order
+never draw more of them than the population holds.
 """
 
 from __future__ import annotations
@@ -31,6 +39,9 @@ from dataclasses import dataclass
 from search.genome import GENES, Genome, SearchSpace
 from search.operators import crossover, mutate, recombine
 from search.pareto import crowding_distance, non_dominated_sort
+
+MIN_POPULATION = 3  # a tournament needs a choice, and crossover a runner-up
+INITIAL_OPERATORS = ("seed", "random")
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,11 @@ class EvolutionConfig:
     # best members share to every child (as NSGA-II's crossover of elites and TPE's density of
     # good trials do) rather than searching around one tournament winner at a time.
     gene_pool_fraction: float = 0.0
+    # The population is this fraction of the candidates the budget is expected to train (at
+    # least MIN_POPULATION, at most population_size); None: always population_size. 0.3 makes
+    # most candidates of a 3-minute CPU run (8-10 candidates) children, and keeps 16 from about
+    # 55 candidates on (measured in BENCHMARKS.md).
+    population_fraction: float | None = 0.3
     max_dedupe_tries: int = 20
 
     def __post_init__(self) -> None:
@@ -80,6 +96,23 @@ class EvolutionConfig:
                              f"in [0, 1]")
         if not 0 <= self.gene_pool_fraction <= 1:
             raise ValueError(f"gene_pool_fraction={self.gene_pool_fraction}: must be in [0, 1]")
+        if self.population_fraction is not None and not 0 < self.population_fraction <= 1:
+            raise ValueError(f"population_fraction={self.population_fraction}: must be in "
+                             f"(0, 1]")
+
+    def population_for(self, expected_candidates: int | None) -> int:
+        """The population for a search expected to train ``expected_candidates`` (None: not
+        known yet, or no fraction set: ``population_size``)."""
+        if expected_candidates is None or self.population_fraction is None:
+            return self.population_size
+        wanted = round(expected_candidates * self.population_fraction)
+        return max(min(MIN_POPULATION, self.population_size), min(self.population_size, wanted))
+
+    def tournament_for(self, population: int) -> int:
+        """The tournament for a population of ``population``: ``tournament_size`` scaled with
+        it (the same selection pressure), at least 2 when the population has two."""
+        scaled = round(self.tournament_size * population / self.population_size)
+        return max(min(2, population), min(self.tournament_size, scaled, population))
 
 
 def rank(members: list[Member]) -> list[Member]:
@@ -115,6 +148,8 @@ class AgingEvolution:
         self.population: deque[Member] = deque()
         self.pending_seeds = list(seeds)
         self.seen: set[str] = set()  # genome keys already proposed or evaluated
+        self.population_size = config.population_size  # until ``plan`` says otherwise
+        self.initial: set[str] = set()  # keys of the seeds and random samples, proposed or told
 
     def ask(self) -> Proposal:
         """The next genome to evaluate; avoids genomes already seen when it can."""
@@ -124,6 +159,8 @@ class AgingEvolution:
                 break
             proposal = self._propose()
         self.seen.add(proposal.genome.key)
+        if proposal.operator in INITIAL_OPERATORS:
+            self.initial.add(proposal.genome.key)
         return proposal
 
     def reseed(self, seed_text: str) -> None:
@@ -135,16 +172,19 @@ class AgingEvolution:
         """Do not propose this genome (in flight elsewhere, e.g. relaunched on resume)."""
         self.seen.add(genome_key)
 
+    def plan(self, expected_candidates: int) -> None:
+        """The search is expected to train ``expected_candidates`` in all (the loop's estimate,
+        refined as results arrive): size the population to it."""
+        self.population_size = self.config.population_for(expected_candidates)
+
     def _propose(self) -> Proposal:
-        while self.pending_seeds:
-            genome = self.space.repair(self.pending_seeds.pop(0))
-            if genome.key not in self.seen:
-                return Proposal(genome, operator="seed")
-        if len(self.population) < self.config.population_size:
-            return Proposal(self.space.sample(self.rng), operator="random")
+        if len(self.initial) < self.population_size or not self.population:
+            return self._initial()
         if self.config.gene_pool_fraction:
             return self._from_gene_pool()
-        contestants = rank(self.rng.sample(list(self.population), self.config.tournament_size))
+        tournament = min(self.config.tournament_for(self.population_size),
+                         len(self.population))
+        contestants = rank(self.rng.sample(list(self.population), tournament))
         parent = contestants[0]
         if len(contestants) > 1 and self.rng.random() < self.config.crossover_probability:
             other = contestants[1]
@@ -153,6 +193,14 @@ class AgingEvolution:
                             max(parent.generation, other.generation) + 1)
         child = mutate(parent.genome, self.space, self.rng, n_genes=self._mutation_size())
         return Proposal(child, (parent.candidate_id,), "mutation", parent.generation + 1)
+
+    def _initial(self) -> Proposal:
+        """A warm-start seed not yet seen, else a random sample."""
+        while self.pending_seeds:
+            genome = self.space.repair(self.pending_seeds.pop(0))
+            if genome.key not in self.seen:
+                return Proposal(genome, operator="seed")
+        return Proposal(self.space.sample(self.rng), operator="random")
 
     def _from_gene_pool(self) -> Proposal:
         ranked = rank(list(self.population))
@@ -170,8 +218,10 @@ class AgingEvolution:
              rung: int = 0) -> None:
         """A result arrived: the child joins, the oldest member of the lowest rung leaves."""
         self.seen.add(proposal.genome.key)
+        if proposal.operator in INITIAL_OPERATORS:  # replayed on resume, or proposed here
+            self.initial.add(proposal.genome.key)
         self.population.append(Member(candidate_id, proposal.genome, fitness,
                                       proposal.generation, rung))
-        while len(self.population) > self.config.population_size:
+        while len(self.population) > self.population_size:
             lowest = min(m.rung for m in self.population)
             self.population.remove(next(m for m in self.population if m.rung == lowest))

@@ -91,6 +91,19 @@ class Genome:
                                  self.tie_embeddings, self.rope_theta))
 
 
+def genome_changes(parent: Genome, child: Genome) -> str:
+    """What ``child`` changed from ``parent``, e.g. ``d_model 128>160, dropout 0>0.1``: the
+    genes both models read (a gene the model does not read is no change, and the attention
+    genes of a model that became all-recurrent are no news beside its recurrence_ratio)."""
+    before, after = parent.expressed(), child.expressed()
+    return ", ".join(f"{gene} {_short(before[gene])}>{_short(after[gene])}" for gene in GENES
+                     if gene in before and gene in after and before[gene] != after[gene])
+
+
+def _short(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """The values each gene may take (ordered, so 'a small step' means a neighbouring value)."""

@@ -52,6 +52,11 @@ class Strategy(Protocol):
         """The genome is taken (in flight elsewhere, e.g. relaunched on resume): do not
         propose it again."""
 
+    def plan(self, expected_candidates: int) -> None:
+        """The search is expected to launch ``expected_candidates`` in all, at the pace so far
+        (called before each proposal once an estimate exists): a strategy whose population
+        follows the budget sizes it to that; others ignore it."""
+
 
 class Evaluator(Protocol):
     slots: int  # how many candidates can train at once
@@ -244,8 +249,17 @@ class SearchLoop:
         proposal = self.deferred
         self.deferred = None
         if proposal is None:
+            self._plan()
             proposal = self.strategy.ask()
         return proposal
+
+    def _plan(self) -> None:
+        """Tell the strategy how many candidates the search is expected to launch in all."""
+        expected = self.budget.expected_candidates(self.launched_total, self.evaluator.slots)
+        if self.limits.max_candidates is not None:
+            expected = min(expected or self.limits.max_candidates, self.limits.max_candidates)
+        if expected is not None:
+            self.strategy.plan(expected)
 
     def _stop_launching(self, reason: str) -> None:
         self.stopping = True

@@ -144,7 +144,8 @@ def _enum_value(value):
 @dataclass
 class EvolveOutcome:
     report: SearchReport
-    leaders: list[dict] = field(default_factory=list)  # the top LIVE_TOP
+    leaders: list[CandidateRecord] = field(default_factory=list)  # the top LIVE_TOP
+    parent_genomes: dict[int, dict] = field(default_factory=dict)  # of the leaders' parents
     counts: dict[str, int] = field(default_factory=dict)
     worst_bpb: float | None = None  # of every candidate that finished ok
 
@@ -387,11 +388,12 @@ def _evolve(settings: EvolveSettings, console: Console, live: bool, created: Pat
         # The loop's count of finished training (read once from the database, not per frame);
         # before the loop exists or runs, what earlier sessions spent.
         spent = max(already_flops, loop.flops_spent if loop else 0.0)
-        return live_view(db.leaderboard_records(LIVE_TOP), db.running_records(),
-                         db.counts(),
+        leaders = db.leaderboard_records(LIVE_TOP)
+        return live_view(leaders, db.running_records(), db.counts(),
                          time.monotonic() - started, settings.limits.wall_seconds,
                          settings.limits.max_candidates,
-                         (spent, flops_budget) if flops_budget else None)
+                         (spent, flops_budget) if flops_budget else None,
+                         db.parent_genomes(leaders))
 
     # Transient: when the run ends the live view gives way to the final leaderboard. Without a
     # terminal (a submitted Ray job, a log file) each event is a line instead.
@@ -425,21 +427,22 @@ def _evolve(settings: EvolveSettings, console: Console, live: bool, created: Pat
         # Checkpoints only carry a candidate between rungs of this session (a resumed run
         # retrains what was in flight from rung 0), so none outlives it.
         shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
-    ranked = db.leaderboard()
-    outcome = EvolveOutcome(report, ranked[:LIVE_TOP], db.counts(),
-                            ranked[-1]["val_bpb"] if ranked else None)
+    ranked = db.leaderboard_records()
+    outcome = EvolveOutcome(report, ranked[:LIVE_TOP], db.parent_genomes(ranked[:LIVE_TOP]),
+                            db.counts(), ranked[-1].val_bpb if ranked else None)
     db.close()
     return outcome
 
 
 def print_outcome(outcome: EvolveOutcome, run_dir: str, console: Console) -> None:
     report = outcome.report
-    console.print(leaderboard_table(outcome.leaders, f"leaderboard of {run_dir}"))
+    console.print(leaderboard_table(outcome.leaders, f"leaderboard of {run_dir}",
+                                    outcome.parent_genomes))
     console.print(f"stopped: {report.stop_reason}; {report.completed} trained, {report.reused} "
                   f"reused, {report.cancelled} cancelled in {report.seconds:.0f}s "
                   f"({', '.join(f'{k} {v}' for k, v in sorted(report.statuses.items()))})",
                   highlight=False)
     if outcome.leaders:
         best = outcome.leaders[0]
-        console.print(f"best: #{best['id']} {best['summary']} at {best['val_bpb']:.4f} bpb "
+        console.print(f"best: #{best.id} {best.summary} at {best.val_bpb:.4f} bpb "
                       f"(worst that finished ok: {outcome.worst_bpb:.4f})", highlight=False)

@@ -70,7 +70,8 @@ def evolve_settings(args: argparse.Namespace) -> EvolveSettings:
         vocab_size=args.vocab_size, space=args.space,
         evolution=EvolutionConfig(population_size=args.population,
                                   tournament_size=args.tournament,
-                                  gene_pool_fraction=args.gene_pool),
+                                  gene_pool_fraction=args.gene_pool,
+                                  population_fraction=args.population_fraction or None),
         limits=limits, candidate_budget=TrainBudget(kind, amount),
         hparams=TrainHparams(learning_rate=args.lr, batch_size=args.batch_size,
                              seq_len=args.seq_len),
@@ -173,8 +174,9 @@ def cmd_leaderboard(args: argparse.Namespace, console: Console) -> int:
     db = _open_run(args.run)
 
     def render():
-        return Group(leaderboard_table(db.leaderboard_records(args.top),
-                                       f"top {args.top} of {args.run}"),
+        leaders = db.leaderboard_records(args.top)
+        return Group(leaderboard_table(leaders, f"top {args.top} of {args.run}",
+                                       db.parent_genomes(leaders)),
                      counts_line(db.counts()))
 
     if args.json:
@@ -280,9 +282,17 @@ def _add_search_options(evolve) -> None:
                         help="aging evolution (default), or a baseline: random search, "
                              "Optuna TPE, Optuna NSGA-II")
     search.add_argument("--population", type=argtypes.positive_int,
-                        default=EvolutionConfig.population_size)
+                        default=EvolutionConfig.population_size,
+                        help="evolution: the largest population (default: %(default)s)")
+    search.add_argument("--population-fraction", type=argtypes.fraction,
+                        default=EvolutionConfig.population_fraction, metavar="FRACTION",
+                        help="evolution: the population is FRACTION of the candidates the "
+                             "budget is expected to train, at most --population, so short "
+                             "runs breed too; 0: always --population (default: %(default)s)")
     search.add_argument("--tournament", type=argtypes.positive_int,
-                        default=EvolutionConfig.tournament_size)
+                        default=EvolutionConfig.tournament_size,
+                        help="evolution: tournament size at the largest population; it "
+                             "shrinks with the population (default: %(default)s)")
     search.add_argument("--gene-pool", type=argtypes.non_negative_float,
                         default=EvolutionConfig.gene_pool_fraction,
                         metavar="FRACTION",

@@ -54,6 +54,9 @@ class FixedStrategy:
     def tell(self, candidate_id, proposal, fitness, rung=0):
         self.told[candidate_id] = fitness
 
+    def plan(self, expected_candidates):
+        pass  # a fixed list has no population to size
+
 
 def _add_node(cluster):
     # Two logical CPUs per node: a worker lost with its node can restart on the survivor.

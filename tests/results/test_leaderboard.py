@@ -5,7 +5,8 @@ import json
 from rich.console import Console
 
 from results.db import RunDatabase
-from results.leaderboard import live_view
+from results.leaderboard import leaderboard_table, live_view
+from search.genome import Genome, genome_changes
 
 
 def _proposal(i, summary):
@@ -67,3 +68,41 @@ def test_results_are_json_for_other_tools(tmp_path):
     _fill(db)
     row = db.leaderboard(1)[0]
     assert json.loads(row["result"])["val_bpb"] == 0.9 and json.loads(row["parents"]) == [0]
+
+
+def _genome(**genes):
+    base = dict(d_model=64, n_layers=2, n_heads=2, n_kv_heads=1, ffn_multiplier=2.0,
+                recurrence_ratio=1, window_size=16, dropout=0.0)
+    return {**base, **genes}
+
+
+def test_a_child_shows_its_parents_and_what_it_changed(tmp_path):
+    db = RunDatabase(tmp_path / "r.db")
+    parent = db.record_proposal({"genome": _genome(), "genome_key": "p", "summary": "parent",
+                                 "parents": [], "operator": "seed", "generation": 0})
+    child = db.record_proposal({"genome": _genome(d_model=96, dropout=0.1), "genome_key": "c",
+                                "summary": "child", "parents": [parent],
+                                "operator": "mutation", "generation": 1})
+    for cid, bpb in ((parent, 1.2), (child, 1.1)):
+        db.record_result(cid, {"status": "ok", "val_bpb": bpb})
+    leaders = db.leaderboard_records()
+    genomes = db.parent_genomes(leaders)
+    assert genomes == {parent: _genome()}
+    console = Console(record=True, width=200)
+    console.print(leaderboard_table(leaders, parent_genomes=genomes))
+    text = console.export_text()
+    assert f"mutation of {parent}: d_model 64>96, dropout 0>0.1" in text
+    child_row = [line for line in text.splitlines() if "child" in line][0]
+    assert child_row.split()[1:4:2] == ["1", str(child)]  # the better child ranks first
+    # Without the parents' genomes the origin still names them.
+    console = Console(record=True, width=200)
+    console.print(leaderboard_table(leaders))
+    assert f"mutation of {parent}" in console.export_text()
+    assert "d_model 64>96" not in console.export_text()
+
+
+def test_a_gene_the_model_does_not_read_is_no_change():
+    all_recurrent = Genome.from_dict(_genome(n_layers=2, recurrence_ratio=2))
+    other_window = Genome.from_dict(_genome(n_layers=2, recurrence_ratio=2, window_size=64))
+    assert genome_changes(all_recurrent, other_window) == ""
+    assert genome_changes(Genome.from_dict(_genome()), other_window) == "recurrence_ratio 1>2"
