@@ -53,6 +53,10 @@ class FitSettings:
     checkpoint_every: int = 0  # 0: checkpoint only at the end and on Ctrl+C
     keep_checkpoints: int = 3
     compile: bool = False
+    # End with the weights of the evaluation with the lowest validation loss, not the last
+    # step's: on a corpus a budget sees many times over, the last epochs overfit, and the model
+    # the user keeps is the best one (early stopping, as a careful user of any recipe does).
+    keep_best: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -70,6 +74,7 @@ class History:
     samples: list[tuple[int, str]] = field(default_factory=list)
     tokens: int = 0  # tokens trained on
     seconds: float = 0.0  # training time, summed over resumed segments
+    best_step: int | None = None  # with keep_best: the evaluation whose weights were kept
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,7 +83,7 @@ class History:
     def from_dict(cls, data: dict) -> History:
         return cls(train=[tuple(x) for x in data["train"]], val=[tuple(x) for x in data["val"]],
                    samples=[tuple(x) for x in data["samples"]], tokens=data["tokens"],
-                   seconds=data["seconds"])
+                   seconds=data["seconds"], best_step=data.get("best_step"))
 
 
 @dataclass
@@ -90,7 +95,12 @@ class FitResult:
 
     @property
     def val_loss(self) -> float | None:
-        return self.history.val[-1][1] if self.history.val else None
+        """The validation loss of the weights the model ends with: the kept best evaluation's
+        (``FitSettings.keep_best``), else the last one's."""
+        history = self.history
+        if history.best_step is not None:
+            return next(loss for step, loss in history.val if step == history.best_step)
+        return history.val[-1][1] if history.val else None
 
 
 @dataclass(frozen=True)
@@ -175,6 +185,7 @@ class _Run:
         self.validation: list[Batch] = []
         self.on_step: Callable[[StepReport], None] | None = None
         self.sampler: Callable[[torch.nn.Module], str] | None = None
+        self.best: tuple[float, dict] | None = None  # keep_best: (val loss, weights on the CPU)
 
     def resume(self, on_message: Callable[[str], None]) -> None:
         """Continue from the newest readable checkpoint, if there is one (of this run only)."""
@@ -241,7 +252,20 @@ class _Run:
                 val_loss = self.evaluate()
                 self._report(history.train[-1][1], history.train[-1][2], 0.0, val_loss)
             checkpoint = self.save() or checkpoint
+            if not interrupted:
+                self._restore_best()
         return FitResult(self.step, history, interrupted, checkpoint)
+
+    def _restore_best(self) -> None:
+        """keep_best: end with the weights of the best evaluation (the last checkpoint stays
+        the last step's, so a resumed run continues where it was)."""
+        if self.best is None:
+            return
+        best_loss, weights = self.best
+        self.history.best_step = next(step for step, loss in self.history.val
+                                      if loss == best_loss)
+        if self.history.best_step != self.step:
+            self.model.load_state_dict(weights)
 
     def _take_step(self, source: BatchSource) -> StepResult:
         """The optimizer step on this worker's share of the step's global batch."""
@@ -266,6 +290,9 @@ class _Run:
     def evaluate(self) -> float:
         val_loss = evaluate(self.model, self.validation, self.device)
         self.history.val.append((self.step, val_loss))
+        if self.settings.keep_best and (self.best is None or val_loss < self.best[0]):
+            self.best = val_loss, {k: v.detach().cpu().clone()
+                                   for k, v in self.model.state_dict().items()}
         if self.sampler is not None and self.rank == 0:
             self.history.samples.append((self.step, self.sampler(self.model)))
         return val_loss

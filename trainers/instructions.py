@@ -1,12 +1,8 @@
-"""Chat fine-tuning data built from the story corpus, deterministic from a seed.
+"""Chat fine-tuning data from the built-in story generator, deterministic from a seed.
 
 Every generated story carries its facts (hero, friend, place, the object, what went wrong), so
-questions about it have known answers. Conversations mix four kinds:
-
-- questions about a story given in the first message, with follow-up questions in later turns;
-- continuing a story from its opening;
-- telling a story on request (about a named hero at a place);
-- greetings and small talk.
+questions about it have known answers; the conversations are made by the builder the user's own
+documents go through too (``trainers.chat_data``).
 
 Training and held-out conversations come from disjoint story seeds, and both differ from the
 pretraining corpus (seed 0 by default), so held-out accuracy measures reading, not recall.
@@ -15,43 +11,27 @@ pretraining corpus (seed 0 by default), so held-out accuracy measures reading, n
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
+from trainers.chat_data import STORIES, Document, Question, conversation, qa_item
 from trainers.stories import Story, generate_story
 
 # Story seeds far from the pretraining corpus's (which users pick small).
 TRAIN_SEED_OFFSET = 1_000_000
 HELDOUT_SEED_OFFSET = 2_000_000
 
-GREETINGS = [
-    ("Hello!", "Hello! I am Chimera. I know many stories. Ask me about one, or ask me for a "
-               "story."),
-    ("Hi", "Hi! I can answer questions about a story or tell you a new one."),
-    ("Good morning!", "Good morning! Would you like a story?"),
-    ("Who are you?", "I am Chimera, a small language model that loves simple stories."),
-    ("What can you do?", "I can tell short stories, continue a story you start, and answer "
-                         "questions about a story you give me."),
-    ("Thank you!", "You are welcome!"),
-    ("Thanks, bye!", "Goodbye! Come back for another story."),
-]
-
-
-@dataclass(frozen=True)
-class Question:
-    question: str
-    answer: str
-    expected: str  # the fact a correct answer contains
-
 
 def questions_about(story: Story) -> list[Question]:
     """Questions whose answers are facts of the story."""
     f = story.facts
     hero, friend = f["hero"], f["friend"]
+    characters = [name for name in (hero, friend, f.get("met")) if name]
     found = [
-        Question("Who is the story about?", f"The story is about {hero}.", hero),
+        Question("Who is the story about?", f"The story is about {hero}.", hero,
+                 tuple(c for c in characters if c != hero)),
         Question("Where does the story happen?", f"It happens near the {f['place']}.",
                  f["place"]),
-        Question(f"Who is {hero}'s friend?", f"{hero}'s friend is {friend}.", friend),
+        Question(f"Who is {hero}'s friend?", f"{hero}'s friend is {friend}.", friend,
+                 tuple(c for c in characters if c not in (hero, friend))),
         Question("What object is in the story?", f"The {f['object']}.", f["object"]),
         Question("What was the problem?", f"The problem was that {_problem(f)}.", f["problem"]),
         Question("How was the problem solved?", f"{f['resolution'][0].upper()}"
@@ -81,40 +61,12 @@ def _problem(facts: dict) -> str:
     return problem  # "a duck was stuck"
 
 
-def question_prompt(story: Story, question: str) -> str:
-    return f"Read this story.\n\n{story.text}\n\nQuestion: {question}"
-
-
-def _qa_conversation(story: Story, rng: random.Random) -> list[dict]:
-    asked = rng.sample(questions_about(story), k=rng.choice([1, 1, 2, 3]))
-    messages = [{"role": "user", "content": question_prompt(story, asked[0].question)},
-                {"role": "assistant", "content": asked[0].answer}]
-    for follow_up in asked[1:]:
-        messages += [{"role": "user", "content": follow_up.question},
-                     {"role": "assistant", "content": follow_up.answer}]
-    return messages
-
-
-def _continuation(story: Story, rng: random.Random) -> list[dict]:
-    sentences = story.text.split(". ")
-    cut = rng.randint(1, max(1, min(3, len(sentences) - 1)))
-    opening = ". ".join(sentences[:cut]) + "."
-    rest = ". ".join(sentences[cut:])
-    return [{"role": "user", "content": f"Continue this story: {opening}"},
-            {"role": "assistant", "content": rest}]
-
-
-def _tell(story: Story, rng: random.Random) -> list[dict]:
+def story_document(story: Story) -> Document:
     f = story.facts
-    ask = rng.choice([f"Tell me a story about {f['hero']} at the {f['place']}.",
-                      f"Please write a short story about {f['hero']}.",
-                      f"Can you tell me a story with {f['hero']} and {f['friend']}?"])
-    return [{"role": "user", "content": ask}, {"role": "assistant", "content": story.text}]
-
-
-def _greeting(rng: random.Random) -> list[dict]:
-    said, answer = rng.choice(GREETINGS)
-    return [{"role": "user", "content": said}, {"role": "assistant", "content": answer}]
+    requests = (f"Tell me a story about {f['hero']} at the {f['place']}.",
+                f"Please write a short story about {f['hero']}.",
+                f"Can you tell me a story with {f['hero']} and {f['friend']}?")
+    return Document(story.text, tuple(questions_about(story)), requests)
 
 
 def conversations(n: int, seed: int = 0, heldout: bool = False) -> list[dict]:
@@ -122,20 +74,8 @@ def conversations(n: int, seed: int = 0, heldout: bool = False) -> list[dict]:
     ``chimera sft``). ``heldout`` draws them from the held-out stories."""
     offset = HELDOUT_SEED_OFFSET if heldout else TRAIN_SEED_OFFSET
     rng = random.Random(f"chimera-instructions:{seed}:{heldout}")
-    records = []
-    for index in range(n):
-        story = generate_story(seed + offset, index)
-        kind = rng.random()
-        if kind < 0.6:
-            messages = _qa_conversation(story, rng)
-        elif kind < 0.75:
-            messages = _continuation(story, rng)
-        elif kind < 0.9:
-            messages = _tell(story, rng)
-        else:
-            messages = _greeting(rng)
-        records.append({"messages": messages})
-    return records
+    return [{"messages": conversation(story_document(generate_story(seed + offset, index)),
+                                      STORIES, rng)} for index in range(n)]
 
 
 def qa_items(n: int, seed: int = 0) -> list[dict]:
@@ -144,9 +84,7 @@ def qa_items(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(f"chimera-qa:{seed}")
     items = []
     for index in range(n):
-        story = generate_story(seed + HELDOUT_SEED_OFFSET, 100_000 + index)
-        q = rng.choice(questions_about(story)[:4])  # hero, place, friend, object
-        items.append({"messages": [{"role": "user",
-                                    "content": question_prompt(story, q.question)}],
-                      "expected": q.expected})
+        document = story_document(generate_story(seed + HELDOUT_SEED_OFFSET, 100_000 + index))
+        question = rng.choice(document.questions[:4])  # hero, place, friend, object
+        items.append(qa_item(document, question, STORIES))
     return items

@@ -17,7 +17,8 @@ import torch
 from chimera.config import ChimeraConfig
 from chimera.model import Chimera
 from trainers.fit import Batch, FitResult, FitSettings, StepReport, fit
-from trainers.recipe import TrainHparams
+from trainers.recipe import TrainHparams, make_optimizer
+from trainers.steps import Throughput, train_step
 from trainers.store import TokenStore
 
 
@@ -84,3 +85,24 @@ def pretrain(plan: PretrainPlan, store: TokenStore, checkpoint_dir: str | Path |
                  checkpoint_dir, device=device, meta=plan.to_dict(), on_step=on_step,
                  sampler=sampler, stop_after=stop_after, on_message=on_message)
     return model, result
+
+
+def measure_tokens_per_second(config: ChimeraConfig, hparams: TrainHparams, store: TokenStore,
+                              *, device: str | torch.device = "cpu", steps: int = 4,
+                              warmup: int = 2) -> float:
+    """This machine's training speed for ``config`` with ``hparams``' batch: ``steps`` timed
+    optimizer steps after ``warmup`` untimed ones (first-step allocations, kernel loads), on a
+    throwaway copy of the model, so the stages of a budget can be sized in tokens."""
+    torch.manual_seed(0)
+    model = Chimera(config).to(device)
+    optimizer = make_optimizer(model, hparams)
+    batches = StoreBatches(store, hparams, seed=0)
+    throughput = Throughput()
+    for step in range(warmup + steps):
+        if step == warmup:
+            throughput.restart()
+        train_step(model, optimizer, batches.batch(step), hparams, progress=0.0, step=step,
+                   device=torch.device(device))
+        if step >= warmup:
+            throughput.add(hparams.batch_size * hparams.seq_len)
+    return throughput.per_second()

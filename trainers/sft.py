@@ -30,8 +30,10 @@ from chimera.checkpoint import atomic_write
 from chimera.generation import SamplingConfig
 from chimera.model import Chimera, resize_vocabulary
 from chimera.tokenizer import CHAT_TEMPLATE, CHAT_TOKENS
+from trainers.answers import answer_is_right
 from trainers.fit import Batch
 from trainers.recipe import TrainHparams
+from trainers.store import TokenStore
 
 
 class ChatDataError(ValueError):
@@ -115,11 +117,25 @@ def ensure_chat_tokens(model: Chimera, tokenizer) -> tuple[Chimera, list[str]]:
 
 class ChatBatches:
     """Conversations as fixed-length rows (padded, or dropped when longer than a window), each
-    with its loss mask: the targets the assistant wrote. Batches are a function of the step."""
+    with its loss mask: the targets the assistant wrote. Batches are a function of the step.
+
+    With ``plain`` (the pretraining store) and ``pretrain_mix`` > 0, that share of each batch's
+    rows are windows of the store's training split with the loss on every token, as in
+    nanochat's mid-training: the model keeps predicting the corpus while it learns to chat,
+    instead of forgetting it. The validation batches stay conversations only."""
 
     def __init__(self, conversations: Sequence[Sequence[dict]], val: Sequence[Sequence[dict]],
-                 tokenizer, hparams: TrainHparams, seed: int = 0) -> None:
+                 tokenizer, hparams: TrainHparams, seed: int = 0,
+                 plain: TokenStore | None = None, pretrain_mix: float = 0.0) -> None:
+        if not 0.0 <= pretrain_mix < 1.0:
+            raise ValueError(f"pretrain_mix={pretrain_mix}: must be in [0, 1) (a batch needs "
+                             f"conversation rows)")
+        if pretrain_mix and plain is None:
+            raise ValueError("pretrain_mix needs the store whose training text is mixed in")
         self.hparams, self.seed = hparams, seed
+        self.plain = plain
+        # At least one conversation row in every batch, however high the share.
+        self.plain_rows = min(hparams.batch_size - 1, round(hparams.batch_size * pretrain_mix))
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.train_rows, self.dropped = self._encode(conversations, tokenizer)
         self.val_rows, _ = self._encode(val, tokenizer)
@@ -146,12 +162,22 @@ class ChatBatches:
                 torch.from_numpy(np.stack([m for _, m in rows])))
 
     def batch(self, step: int) -> Batch:
-        n, size = len(self.train_rows), self.hparams.batch_size
+        n, size = len(self.train_rows), self.hparams.batch_size - self.plain_rows
         epoch_len = max(1, n // size)
         epoch, position = divmod(step, epoch_len)
         order = np.random.default_rng((self.seed, epoch)).permutation(n)
         picked = [order[(position * size + i) % n] for i in range(size)]
-        return self._stack([self.train_rows[i] for i in picked])
+        rows = [self.train_rows[i] for i in picked]
+        if self.plain_rows:
+            # Drawn as pretraining drew its batches (with the same seed, the windows its first
+            # steps began with): text of the training split only.
+            windows = self.plain.sample("train", self.plain_rows, self.hparams.seq_len,
+                                        self.seed, step).numpy()
+            rows += [(w, np.ones(len(w) - 1, dtype=bool)) for w in windows]
+            # Shuffled in, so that every worker's slice of the batch holds both kinds.
+            rows = [rows[i] for i in np.random.default_rng((self.seed, step)).permutation(
+                len(rows))]
+        return self._stack(rows)
 
     def validation(self) -> list[Batch]:
         size = self.hparams.batch_size
@@ -174,13 +200,14 @@ def fitting(tokenizer, items: Sequence[dict], context: int, max_new_tokens: int 
 
 def qa_accuracy(model: Chimera, tokenizer, items: Sequence[dict], max_new_tokens: int = 24,
                 context: int | None = None) -> float:
-    """Share of questions whose greedy reply contains the expected fact (case-insensitive).
-    Items are ``{"messages": [...], "expected": str}`` (see ``trainers.instructions.qa_items``)."""
+    """Share of questions whose greedy reply gives the expected answer and no other candidate
+    (``trainers.answers.answer_is_right``). Items are ``{"messages": [...], "expected": str,
+    "others": [str, ...]}`` (see ``trainers.chat_data.qa_item``; "others" may be left out)."""
     if not items:
         raise ValueError("no questions to score")
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     correct = 0
     for item in items:
         answer = reply(model, tokenizer, item["messages"], sampling, context)
-        correct += item["expected"].lower() in answer.lower()
+        correct += answer_is_right(item["expected"], answer, item.get("others", ()))
     return correct / len(items)

@@ -408,6 +408,14 @@ class TokenStore:
     def document_offsets(self, split: str) -> np.ndarray:
         return self._offsets[self._check(split)]
 
+    def document_text(self, split: str, index: int, tokenizer) -> str:
+        """Document ``index`` of the split: its tokens, less the end-of-text token, decoded.
+        That is its text exactly for the byte-level BPE and character tokenizers stores train."""
+        offsets = self.document_offsets(split)
+        ids = self.tokens(split)[offsets[index]:offsets[index + 1] - 1]
+        return tokenizer.decode(ids.tolist(), skip_special_tokens=False,
+                                clean_up_tokenization_spaces=False)
+
     def bits_per_byte(self, loss_nats_per_token: float, split: str = "val") -> float:
         """Convert a mean loss in nats per token into bits per byte of this split's text."""
         info = self.info(split)

@@ -90,6 +90,8 @@ non_negative_int = _checked(_int, lambda v: v >= 0, "must be 0 or more, got {tex
 positive_float = _checked(finite_float, lambda v: v > 0, "must be positive, got {text}")
 non_negative_float = _checked(finite_float, lambda v: v >= 0, "must be 0 or more, got {text}")
 fraction = _checked(finite_float, lambda v: 0 <= v <= 1, "must be in [0, 1], got {text}")
+share_below_one = _checked(finite_float, lambda v: 0 <= v < 1,
+                           "must be in [0, 1), got {text}")
 # A TCP port to listen on; 0 lets the system pick a free one.
 port = _checked(_int, lambda v: 0 <= v <= 65535,
                 "port {text} is out of range: use 1 to 65535, or 0 for any free port")

@@ -29,7 +29,7 @@ from cluster.app.promote import (
 )
 from cluster.app.rundir import STORE_DIR
 from cluster.cli import argtypes
-from cluster.cli.argtypes import parse_size
+from cluster.cli.argtypes import parse_duration, parse_size
 from cluster.cli.errors import CommandError, settings_errors
 from cluster.ray.runtime import start_ray
 from search.refine import RefineSettings
@@ -47,10 +47,12 @@ def promote_settings(args: argparse.Namespace) -> PromoteSettings:
         run_dir=args.run, candidate_id=args.genome, out=args.out,
         refine=RefineSettings(trials=args.trials, rungs=args.rungs, parallel=args.parallel),
         refine_tokens=args.refine_tokens, pretrain_tokens=args.pretrain_tokens,
+        budget_seconds=args.budget, refine_share=args.refine_share,
         max_seq_len=args.max_seq_len, sft_steps=args.sft_steps,
         sft_conversations=args.sft_conversations, qa_questions=args.qa_questions,
         sft_hparams=dataclasses.replace(PromoteSettings.sft_hparams, seq_len=args.sft_seq_len,
                                         batch_size=args.sft_batch_size),
+        pretrain_mix=args.pretrain_mix,
         train_workers=args.train_workers, in_process=args.in_process,
         address=args.address, device=args.device, compile=args.compile, seed=args.seed)
 
@@ -278,6 +280,14 @@ def _register_promote(commands) -> None:
                          help="training tokens per trial (default: --pretrain-tokens)")
     promote.add_argument("--pretrain-tokens", type=parse_size,
                          default=PromoteSettings.pretrain_tokens)
+    promote.add_argument("--budget", type=parse_duration, default=None, metavar="TIME",
+                         help="wall clock for the whole promote, e.g. 20m: the stages are sized "
+                              "to it on this machine (replaces --pretrain-tokens and "
+                              "--refine-tokens; --sft-steps becomes a cap)")
+    promote.add_argument("--refine-share", type=argtypes.fraction,
+                         default=PromoteSettings.refine_share, metavar="FRACTION",
+                         help="with --budget: refinement's share of it (default: %(default)s, "
+                              "none)")
     promote.add_argument("--max-seq-len", type=argtypes.positive_int,
                          default=PromoteSettings.max_seq_len,
                          help="the chat model's context")
@@ -290,6 +300,10 @@ def _register_promote(commands) -> None:
                          help="longest conversation, in tokens (longer ones are left out)")
     promote.add_argument("--sft-batch-size", type=argtypes.positive_int,
                          default=PromoteSettings.sft_hparams.batch_size)
+    promote.add_argument("--pretrain-mix", type=argtypes.share_below_one,
+                         default=PromoteSettings.pretrain_mix,
+                         help="share of each fine-tuning batch that is plain corpus text, so "
+                              "the chat model keeps the corpus (0: conversations only)")
     promote.add_argument("--qa-questions", type=argtypes.positive_int,
                          default=PromoteSettings.qa_questions,
                          help="held-out questions for the accuracy in report.md")

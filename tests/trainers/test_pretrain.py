@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from chimera.config import ChimeraConfig
+from chimera.model import Chimera
 from chimera.tokenizer import train_char
 from trainers.checkpoints import CheckpointManager, CheckpointStateError
 from trainers.corpus import CorpusSpec, iter_documents
-from trainers.fit import FitSettings
-from trainers.pretrain import PretrainPlan, pretrain
-from trainers.recipe import TrainHparams, learning_rate_at, lm_loss
+from trainers.fit import FitSettings, fit
+from trainers.pretrain import PretrainPlan, StoreBatches, measure_tokens_per_second, pretrain
+from trainers.recipe import TrainHparams, evaluate, learning_rate_at, lm_loss
 from trainers.store import prepare_store
 
 CORPUS = CorpusSpec("stories", stories_bytes=30_000, seed=0)
@@ -127,3 +128,45 @@ def test_loss_mask_label_smoothing_and_z_loss():
     assert lm_loss(logits, targets, z_loss=0.1) == pytest.approx(
         (lm_loss(logits, targets) + 0.1 * z).item(), rel=1e-5)
     assert lm_loss(logits, targets, label_smoothing=0.1) != lm_loss(logits, targets)
+
+
+class _TurnsToNoise(StoreBatches):
+    """The store's text for the first steps, then uniform random tokens: validation loss on
+    the text falls, then rises as the model unlearns it (a stand-in for overfitting)."""
+
+    def batch(self, step):
+        if step < 6:
+            return super().batch(step)
+        generator = torch.Generator().manual_seed(step)
+        shape = (self.hparams.batch_size, self.hparams.seq_len + 1)
+        return torch.randint(0, self.store.vocab_size, shape, generator=generator), None
+
+
+def test_keep_best_ends_with_the_best_evaluations_weights(store):
+    torch.manual_seed(0)
+    model = Chimera(_plan(store).config)
+    source = _TurnsToNoise(store, HPARAMS, 0)
+    result = fit(model, HPARAMS, source, FitSettings(steps=24, eval_every=3, keep_best=True))
+    losses = dict(result.history.val)
+    best_step = min(losses, key=losses.get)
+    assert best_step < result.step, losses  # the loss did rise: the test means something
+    assert result.history.best_step == best_step
+    assert result.val_loss == losses[best_step] < losses[result.step]
+    again = evaluate(model, source.validation(), torch.device("cpu"))
+    assert again == pytest.approx(losses[best_step], rel=1e-5)
+
+
+def test_without_keep_best_the_last_step_is_kept(store):
+    _, result = pretrain(_plan(store, steps=4, eval_every=2), store)
+    assert result.history.best_step is None
+    assert result.val_loss == result.history.val[-1][1]
+
+
+def test_the_measured_training_speed_counts_only_the_timed_steps(store, monkeypatch):
+    import trainers.pretrain as pretrain_module
+    calls = []
+    real_step = pretrain_module.train_step
+    monkeypatch.setattr(pretrain_module, "train_step",
+                        lambda *a, **k: calls.append(k["step"]) or real_step(*a, **k))
+    rate = measure_tokens_per_second(_plan(store).config, HPARAMS, store, steps=2, warmup=1)
+    assert calls == [0, 1, 2] and rate > 0

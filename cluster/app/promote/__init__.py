@@ -4,6 +4,8 @@
     preflight.py  what is checked before any work; the evaluation's prompts
     records.py    the stage records (promote-state.json)
     stages.py     refinement, pretraining, fine-tuning (shared with chimera train / sft)
+    instruction_data.py  the fine-tuning conversations and held-out questions for the run's
+                  corpus (the story generator's, or made from its own documents)
     pipeline.py   promote(): the stages in order, each skipped when done
     report.py     samples, report.md, metrics.json, loss_curves.png
 

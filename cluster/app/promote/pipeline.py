@@ -19,6 +19,13 @@ from chimera.inference import TOKENIZER_DIR
 from chimera.model import param_counts_analytic
 from chimera.tokenizer import load_tokenizer
 from cluster.app.evolve import EvolveSettings
+from cluster.app.promote.budget import StagePlan, plan_stages
+from cluster.app.promote.instruction_data import (
+    heldout_bpb,
+    sft_conversations,
+    source_of,
+    validation_conversations,
+)
 from cluster.app.promote.preflight import preflight
 from cluster.app.promote.records import StageRecords, stage_settings
 from cluster.app.promote.report import hardware, sample_outputs, write_report
@@ -30,7 +37,6 @@ from cluster.ray.trials import tuned
 from results.db import RunDatabase
 from search.genome import Genome
 from trainers.fit import FitResult, FitSettings, History
-from trainers.instructions import conversations
 from trainers.pretrain import PretrainPlan, steps_for_tokens
 from trainers.recipe import TrainHparams
 from trainers.sft import (
@@ -101,13 +107,17 @@ class _Run:
 
 
 def _promote(settings: PromoteSettings, console: Console) -> dict:
+    started = time.perf_counter()
     candidate_id, genome, run = winner(settings.run_dir, settings.candidate_id)
     store = TokenStore.open(Path(settings.run_dir) / STORE_DIR)
     tokenizer = store.load_tokenizer()
     records = StageRecords(settings.out_dir)
+    config = genome.to_config(store.vocab_size, settings.max_seq_len)
+    if settings.budget_seconds is not None:
+        settings = _budgeted(settings, config, run.hparams, store, records, console,
+                             time.perf_counter() - started)
     evaluation, redo = preflight(settings, run, tokenizer, records, candidate_id, genome)
-    ctx = _Run(settings, console, candidate_id, genome, run, store, tokenizer,
-               genome.to_config(store.vocab_size, settings.max_seq_len), records,
+    ctx = _Run(settings, console, candidate_id, genome, run, store, tokenizer, config, records,
                stage_settings(settings, candidate_id))
     # Saved with the first stage it begins: a failure before that leaves the directory as
     # empty as the preflight found it (and removable, if this call created it).
@@ -120,7 +130,8 @@ def _promote(settings: PromoteSettings, console: Console) -> dict:
     for note in evaluation.notes:
         console.print(f"  note: {note}", markup=False, highlight=False)
 
-    needs_ray = (records.done("refine") is None and not settings.in_process) or \
+    needs_ray = (records.done("refine") is None and not settings.in_process
+                 and not settings.skips_refinement) or \
         (records.done("pretrain") is None and settings.train_workers > 1)
     ray_started = needs_ray and start_ray(settings.address)
     try:
@@ -147,8 +158,35 @@ def _promote(settings: PromoteSettings, console: Console) -> dict:
     return metrics
 
 
+def _budgeted(settings: PromoteSettings, config: ChimeraConfig, hparams: TrainHparams,
+              store: TokenStore, records: StageRecords, console: Console,
+              spent: float) -> PromoteSettings:
+    """``settings`` with the stages sized to ``--budget``: the plan recorded by an earlier
+    attempt with the same budget (its checkpoints belong to it), else one measured now."""
+    recorded = records.budget_plan
+    if recorded and recorded["budget_seconds"] == settings.budget_seconds:
+        plan = StagePlan.from_dict(recorded)
+    else:
+        with console.status("measuring this machine's training speed for the budget"):
+            plan = plan_stages(settings, config, hparams, store, spent)
+        records.keep_budget_plan(plan.to_dict())
+    refine = f"{plan.refine_tokens:,} tokens per trial" if plan.refine_tokens else "none"
+    console.print(f"  budget {plan.budget_seconds:,.0f}s at {plan.tokens_per_second:,.0f} "
+                  f"training tokens/s: pretraining {plan.pretrain_tokens:,} tokens "
+                  f"(~{plan.pretrain_seconds:,.0f}s), refinement {refine}, fine-tuning "
+                  f"{plan.sft_steps} steps", highlight=False)
+    return plan.applied(settings)
+
+
 def _refine(ctx: _Run) -> dict:
-    """1. Refinement: the Optuna study's best hyperparameters (recorded, or found now)."""
+    """1. Refinement: the Optuna study's best hyperparameters (recorded, or found now; none
+    when a budget gives it no share: the search's hyperparameters are kept)."""
+    if ctx.records.done("refine") is None and ctx.settings.skips_refinement:
+        ctx.console.rule("refine")
+        ctx.records.begin("refine", ctx.wanted["refine"])
+        ctx.records.finish("refine", {
+            "best_params": {}, "best_value": None, "complete": 0, "pruned": 0, "failed": 0,
+            "study": None, "seconds": 0.0, "skipped": "no share of --budget (--refine-share)"})
     if ctx.records.done("refine") is None:
         t0 = time.perf_counter()
         ctx.console.rule("refine: Optuna TPE + Hyperband")
@@ -163,6 +201,10 @@ def _refine(ctx: _Run) -> dict:
     else:
         ctx.skipped("refine", f"study {ctx.records.done('refine')['study']}")
     refined = ctx.records.done("refine")
+    if refined.get("skipped"):
+        ctx.console.print(f"  skipped: {refined['skipped']}; the search's hyperparameters",
+                          highlight=False)
+        return refined
     ctx.console.print(f"  best trial {refined['best_value']:.4f} bpb ({refined['complete']} "
                       f"complete, {refined['pruned']} pruned, {refined['failed']} failed): "
                       f"{refined['best_params']}", highlight=False)
@@ -177,10 +219,13 @@ def _pretrain(ctx: _Run, tuned_config: ChimeraConfig, hparams: TrainHparams) -> 
         ctx.console.rule("pretrain")
         ctx.records.begin("pretrain", ctx.wanted["pretrain"])
         steps = steps_for_tokens(settings.pretrain_tokens, hparams)
+        # Evaluated every 1/16 of the way, and the best evaluation's weights kept: on a small
+        # corpus the last epochs of a long budget overfit.
         plan = PretrainPlan(tuned_config, hparams,
-                            FitSettings(steps=steps, eval_every=max(1, steps // 8),
+                            FitSettings(steps=steps, eval_every=max(1, steps // 16),
                                         checkpoint_every=max(1, steps // 8),
-                                        compile=settings.compile), settings.seed)
+                                        compile=settings.compile, keep_best=True),
+                            settings.seed)
         _, pre = run_pretrain(plan, ctx.store, out / BASE_DIR, ctx.console,
                               settings.train_workers, settings.device,
                               out / "checkpoints" / "pretrain",
@@ -198,23 +243,26 @@ def _pretrain(ctx: _Run, tuned_config: ChimeraConfig, hparams: TrainHparams) -> 
 
 
 def _fine_tune(ctx: _Run):
-    """3. Chat fine-tuning on story instructions. The chat model is saved as soon as it is
-    trained, so a failure in the evaluation never costs the fine-tuning. Returns the chat
-    model, its tokenizer (with the chat tokens) and the result."""
+    """3. Chat fine-tuning on instructions made for the run's corpus (the story generator's,
+    or from its own training documents: see instruction_data), with ``--pretrain-mix`` of each
+    batch plain training text. The chat model is saved as soon as it is trained, so a failure
+    in the evaluation never costs the fine-tuning. Returns the chat model, its tokenizer (with
+    the chat tokens) and the result."""
     settings, out, tokenizer = ctx.settings, ctx.out, ctx.tokenizer
     if ctx.records.done("sft") is None:
         t0 = time.perf_counter()
         ctx.console.rule("chat fine-tune")
         ctx.records.begin("sft", ctx.wanted["sft"])
-        train = conversations(settings.sft_conversations, settings.seed)
-        val = conversations(max(64, settings.sft_conversations // 20), settings.seed,
-                            heldout=True)
+        train = sft_conversations(settings, ctx.run, ctx.store, tokenizer,
+                                  settings.sft_conversations)
+        val = sft_conversations(settings, ctx.run, ctx.store, tokenizer,
+                                validation_conversations(settings), heldout=True)
         write_conversations(train, out / "sft-data" / "train.jsonl")
         write_conversations(val, out / "sft-data" / "val.jsonl")
         chat_model, sft, dropped = run_sft(load_model(out / BASE_DIR, device=settings.device),
                                            tokenizer, train, val, settings.sft_hparams,
                                            settings.sft_steps, out, ctx.console, settings.seed,
-                                           settings.device)
+                                           settings.device, ctx.store, settings.pretrain_mix)
         if sft.interrupted:
             raise KeyboardInterrupt
         save_model(chat_model, out)
@@ -222,6 +270,7 @@ def _fine_tune(ctx: _Run):
         ctx.records.finish("sft", {
             "model": ".", "step": sft.step, "history": sft.history.to_dict(),
             "dropped_too_long": dropped, "conversations": len(train),
+            "source": source_of(ctx.run), "pretrain_mix": settings.pretrain_mix,
             "seconds": max(time.perf_counter() - t0, sft.history.seconds)})
     else:
         ctx.skipped("sft", f"the chat model is in {out}")
@@ -235,14 +284,19 @@ def _fine_tune(ctx: _Run):
 def _evaluate(ctx: _Run, evaluation, chat_model, tokenizer, refined: dict,
               tuned_config: ChimeraConfig, hparams: TrainHparams, pre: FitResult,
               sft: FitResult, attempt: int) -> dict:
-    """4. Evaluation: held-out question answering before and after fine-tuning, samples, the
-    report."""
+    """4. Evaluation: held-out question answering and held-out bits per byte (the validation
+    split's text), before and after fine-tuning; samples; the report."""
     settings, out = ctx.settings, ctx.out
     t0 = time.perf_counter()
     ctx.console.rule("evaluate")
     ctx.records.begin("evaluate", ctx.wanted["evaluate"])
     items = evaluation.qa_items
-    base_for_chat, _ = ensure_chat_tokens(load_model(out / BASE_DIR), tokenizer)
+    base = load_model(out / BASE_DIR)
+    bpb = {"base": heldout_bpb(base, ctx.store, hparams),
+           "chat": heldout_bpb(chat_model, ctx.store, hparams)}
+    ctx.console.print(f"  held-out text (validation split): base {bpb['base']:.4f} bpb, chat "
+                      f"{bpb['chat']:.4f} bpb", highlight=False)
+    base_for_chat, _ = ensure_chat_tokens(base, tokenizer)
     qa_base = qa_accuracy(base_for_chat, tokenizer, items, QA_NEW_TOKENS,
                           context=settings.max_seq_len)
     qa_chat = qa_accuracy(chat_model, tokenizer, items, QA_NEW_TOKENS,
@@ -263,7 +317,8 @@ def _evaluate(ctx: _Run, evaluation, chat_model, tokenizer, refined: dict,
                    "complete": refined["complete"], "pruned": refined["pruned"],
                    "failed": refined["failed"], "trials": settings.refine.trials,
                    "tokens_per_trial": settings.refine_tokens or settings.pretrain_tokens,
-                   "study": refined["study"]},
+                   "study": refined["study"], "skipped": refined.get("skipped")},
+        "budget_plan": ctx.records.budget_plan,
         "hparams": dataclasses.asdict(hparams), "dropout": tuned_config.dropout,
         "pretrain": {"steps": pre.step, "tokens": pre.history.tokens,
                      "val_loss": pre.val_loss,
@@ -272,8 +327,12 @@ def _evaluate(ctx: _Run, evaluation, chat_model, tokenizer, refined: dict,
         "sft": {"steps": sft.step, "conversations": fine_tuned["conversations"],
                 "dropped_too_long": fine_tuned["dropped_too_long"],
                 "val_loss_assistant_tokens": sft.val_loss,
+                "source": fine_tuned.get("source"),
+                "pretrain_mix": fine_tuned.get("pretrain_mix", 0.0),
                 "hparams": dataclasses.asdict(settings.sft_hparams)},
-        "qa_accuracy": {"base": qa_base, "chat": qa_chat, "questions": len(items)},
+        "heldout_bpb": bpb,
+        "qa_accuracy": {"base": qa_base, "chat": qa_chat, "questions": len(items),
+                        "source": source_of(ctx.run)},
         "samples": samples, "notes": evaluation.notes, "seconds": timings,
         # The stages' own times as recorded (for training, summed over resumed segments): a
         # resumed promote reports the work, not just the time of its last run.

@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import copy
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from chimera.chat import ConversationError, prompt_ids
 from chimera.inference import TOKENIZER_DIR
 from chimera.tokenizer import CHAT_TEMPLATE, CHAT_TOKENS
+from cluster.app.promote.instruction_data import (
+    from_stories,
+    question_source,
+    run_store,
+    sft_conversations,
+    validation_conversations,
+)
 from cluster.app.promote.records import StageRecords, stage_settings
 from cluster.app.promote.settings import (
     BASE_DIR,
@@ -24,7 +32,7 @@ from cluster.app.promote.settings import (
     PromoteSettings,
 )
 from search.genome import Genome
-from trainers.instructions import conversations, qa_items
+from trainers.instructions import qa_items
 from trainers.sft import (
     ChatDataError,
     encode_conversation,
@@ -100,9 +108,12 @@ def _first_fitting(tokenizer, items: list[dict], want: int, room: int
     return kept, seen, shortest
 
 
-def plan_evaluation(settings: PromoteSettings, tokenizer) -> EvaluationPlan:
+def plan_evaluation(settings: PromoteSettings, tokenizer,
+                    draw_questions: Callable[[int, int], list[dict]] = qa_items
+                    ) -> EvaluationPlan:
     """Choose the evaluation's prompts so that each leaves room for its reply in the context;
-    raise PromoteError when the evaluation could not work at all."""
+    raise PromoteError when the evaluation could not work at all. ``draw_questions(n, seed)``
+    gives held-out questions (see ``instruction_data.question_source``)."""
     context = settings.max_seq_len
     if context < QA_NEW_TOKENS + 8:  # chat.reply_stream needs 8 tokens of prompt room
         raise PromoteError(f"--max-seq-len {context} leaves no room for a question and its "
@@ -127,7 +138,11 @@ def plan_evaluation(settings: PromoteSettings, tokenizer) -> EvaluationPlan:
             questions.append(question)
 
     wanted = settings.qa_questions
-    drawn = qa_items(min(wanted * QA_DRAW_FACTOR, wanted + 400), settings.seed)
+    drawn = draw_questions(min(wanted * QA_DRAW_FACTOR, wanted + 400), settings.seed)
+    if not drawn:
+        raise PromoteError("the run's held-out documents give no question to score (no "
+                           "speaker, name, place or pair of sentences found in them); use a "
+                           "corpus of prose or plays, or a larger validation fraction")
     items, considered, shortest = _first_fitting(tokenizer, drawn, wanted,
                                                  context - QA_NEW_TOKENS)
     if not items:
@@ -141,8 +156,8 @@ def plan_evaluation(settings: PromoteSettings, tokenizer) -> EvaluationPlan:
                      f"{len(items)} scored have shorter stories"
                      + (f" (only {len(items)} of {wanted} asked for fit)"
                         if len(items) < wanted else ""))
-    sample, _, _ = _first_fitting(tokenizer, qa_items(QA_DRAW_FACTOR, settings.seed + 1), 1,
-                                  room)
+    sample, _, _ = _first_fitting(tokenizer, draw_questions(QA_DRAW_FACTOR, settings.seed + 1),
+                                  1, room)
     sample_item_tokens = sample_tokens
     if not sample:
         # Its answer is a short fact: the scored questions' reply length will do.
@@ -165,16 +180,18 @@ def plan_evaluation(settings: PromoteSettings, tokenizer) -> EvaluationPlan:
                           sample_item_tokens, notes)
 
 
-def _check_sft_data(settings: PromoteSettings, tokenizer) -> None:
+def _check_sft_data(settings: PromoteSettings, tokenizer,
+                    draw: Callable[[int, bool], list[dict]]) -> None:
     """At least one training and one validation conversation must fit --sft-seq-len (+1
     tokens: the inputs and the shifted targets), with assistant tokens to learn from. Only the
-    first ``SFT_SCAN`` are looked at: a tenth of them are greetings, the shortest kind, so when
-    none of those fit, fine-tuning would have next to nothing to learn from anyway."""
+    first ``SFT_SCAN`` (``draw(n, heldout)`` makes them) are looked at: a tenth of them are
+    greetings, the shortest kind, so when none of those fit, fine-tuning would have next to
+    nothing to learn from anyway."""
     width = settings.sft_hparams.seq_len + 1
     for heldout, n in ((False, settings.sft_conversations),
-                       (True, max(64, settings.sft_conversations // 20))):
+                       (True, validation_conversations(settings))):
         shortest, n = None, min(n, SFT_SCAN)
-        for record in conversations(n, settings.seed, heldout=heldout):
+        for record in draw(n, heldout):
             try:
                 ids, mask = encode_conversation(tokenizer, record["messages"])
             except (ChatDataError, ConversationError) as err:
@@ -226,10 +243,15 @@ def preflight(settings: PromoteSettings, run, tokenizer, records: StageRecords,
         if records.done(stage) is not None and not needed.exists():
             raise PromoteError(f"{records.path} records {stage} as done but {needed} is "
                                f"missing; restore it, or use another --out to start over")
+    if not 0 <= settings.pretrain_mix < 1:
+        raise PromoteError(f"--pretrain-mix {settings.pretrain_mix}: must be in [0, 1), so "
+                           f"that every fine-tuning batch holds conversations")
     probe = _probe_tokenizer(tokenizer)
+    store = None if from_stories(run) else run_store(settings)
     if records.done("sft") is None:
-        _check_sft_data(settings, probe)
-    plan = plan_evaluation(settings, probe)
+        _check_sft_data(settings, probe, lambda n, heldout: sft_conversations(
+            settings, run, store, probe, n, heldout))
+    plan = plan_evaluation(settings, probe, question_source(settings, run, store, probe))
     return plan, redo
 
 

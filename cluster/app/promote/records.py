@@ -17,8 +17,10 @@ def stage_settings(settings: PromoteSettings, candidate_id: int) -> dict[str, di
     Left out on purpose: --parallel, --train-workers, --device, --address, --in-process,
     --compile (how the work is run, not what it computes; data-parallel pretraining follows the
     same trajectory on any number of workers; a checkpoint still refuses a changed --compile)."""
+    budget = {"--budget": settings.budget_seconds, "--refine-share": settings.refine_share} \
+        if settings.budget_seconds is not None else {}
     return {
-        "refine": {"--genome": candidate_id, "--trials": settings.refine.trials,
+        "refine": {**budget, "--genome": candidate_id, "--trials": settings.refine.trials,
                    "--rungs": settings.refine.rungs,
                    "--refine-tokens": settings.refine_tokens or settings.pretrain_tokens,
                    "--seed": settings.seed},
@@ -27,7 +29,8 @@ def stage_settings(settings: PromoteSettings, candidate_id: int) -> dict[str, di
         "sft": {"--sft-steps": settings.sft_steps,
                 "--sft-conversations": settings.sft_conversations,
                 "--sft-seq-len": settings.sft_hparams.seq_len,
-                "--sft-batch-size": settings.sft_hparams.batch_size},
+                "--sft-batch-size": settings.sft_hparams.batch_size,
+                "--pretrain-mix": settings.pretrain_mix},
         "evaluate": {"--qa-questions": settings.qa_questions},
     }
 
@@ -40,6 +43,7 @@ class StageRecords:
     def __init__(self, out: Path) -> None:
         self.path = out / STATE_FILE
         self.data: dict = {}
+        self._new_plan: dict | None = None
         if self.path.exists():
             try:
                 self.data = json.loads(self.path.read_text())
@@ -54,6 +58,15 @@ class StageRecords:
     @property
     def exists(self) -> bool:
         return bool(self.data)
+
+    @property
+    def budget_plan(self) -> dict | None:
+        """The stage plan of ``--budget`` (``cluster.app.promote.budget``), recorded or new."""
+        return self.data.get("budget_plan", self._new_plan)
+
+    def keep_budget_plan(self, plan: dict) -> None:
+        """Record ``plan`` with the attempt (``start_attempt``), once the checks passed."""
+        self._new_plan = plan
 
     def check(self, candidate_id: int, genome: Genome, wanted: dict[str, dict],
               out: Path) -> list[str]:
@@ -92,6 +105,8 @@ class StageRecords:
             self.data = {"version": 1, "run": str(Path(run_dir).resolve()),
                          "candidate_id": candidate_id, "genome": genome.to_dict(),
                          "attempts": 0, "stages": {}}
+        if self._new_plan is not None:
+            self.data["budget_plan"] = self._new_plan
         self.data["attempts"] += 1
         return self.data["attempts"]
 

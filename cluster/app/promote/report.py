@@ -88,24 +88,23 @@ Genome: `{m['genome_summary']}` ({m['params'] / 1e6:.2f}M parameters)
 | search validation bpb (short budget) | {search_bpb} |
 | pretrained validation bpb ({m['pretrain']['tokens']:,} tokens) | {m['pretrain']['val_bpb']:.4f} |
 | SFT validation loss, assistant tokens (nats) | {m['sft']['val_loss_assistant_tokens']:.4f} |
+| held-out text bpb (validation split), base model | {m['heldout_bpb']['base']:.4f} |
+| held-out text bpb (validation split), chat model | {m['heldout_bpb']['chat']:.4f} |
 | held-out question answering, base model | {m['qa_accuracy']['base']:.1%} |
 | held-out question answering, chat model | {m['qa_accuracy']['chat']:.1%} |
-| questions | {m['qa_accuracy']['questions']} |
+| questions (from {m['qa_accuracy']['source']}) | {m['qa_accuracy']['questions']} |
 
 ![loss curves](loss_curves.png)
 
-## Hyperparameters (refined by Optuna)
+## Hyperparameters
 
-Study `{m['refine']['study']}` in the run's database: {m['refine']['complete']} trials complete,
-{m['refine']['pruned']} pruned, {m['refine']['failed']} failed, {m['refine']['tokens_per_trial']:,}
-tokens per trial; best trial {m['refine']['best_trial_bpb']:.4f} bpb.
+{_refinement(m)}
 
 | hyperparameter | value |
 |---|---|
 {hp}
 
-Chat fine-tuning: {m['sft']['steps']} steps on {m['sft']['conversations']} conversations
-({m['sft']['dropped_too_long']} too long, left out), loss on assistant tokens only.
+{_fine_tuning(m['sft'])}
 
 ## Samples
 
@@ -126,3 +125,23 @@ Chat model:
 {seconds}; total {m['total_seconds'] / 60:.1f} min on {m['hardware']}{attempts}.
 {notes}"""
     atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text))
+
+
+def _refinement(m: dict) -> str:
+    """The refinement stage in a sentence: the study, or why there was none."""
+    refined, seconds = m["refine"], m["seconds"]
+    share = f"{seconds.get('refine', 0.0) / max(m['total_seconds'], 1e-9):.0%} of the promote"
+    if refined.get("skipped"):
+        return f"Not refined ({refined['skipped']}): the search's hyperparameters."
+    return (f"Refined by Optuna ({share}): study `{refined['study']}` in the run's database, "
+            f"{refined['complete']} trials complete, {refined['pruned']} pruned, "
+            f"{refined['failed']} failed, {refined['tokens_per_trial']:,} tokens per trial; "
+            f"best trial {refined['best_trial_bpb']:.4f} bpb.")
+
+
+def _fine_tuning(sft: dict) -> str:
+    """The fine-tuning stage in a sentence: its data and how the loss was taken."""
+    return (f"Chat fine-tuning: {sft['steps']} steps on {sft['conversations']} conversations "
+            f"made from {sft['source']} ({sft['dropped_too_long']} too long, left out), loss "
+            f"on assistant tokens only; {sft['pretrain_mix']:.0%} of each batch's rows plain "
+            f"training text, loss on every token.")

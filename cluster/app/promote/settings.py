@@ -40,12 +40,21 @@ class PromoteSettings:
     # are where it saves compute.
     refine_tokens: int | None = None
     pretrain_tokens: int = 1_200_000
+    # A wall clock for the whole promote (``--budget``): the stages' tokens and steps are then
+    # sized to it on this machine (cluster.app.promote.budget), replacing pretrain_tokens,
+    # refine_tokens and sft_steps (the last becomes a cap).
+    budget_seconds: float | None = None
+    # Under a budget, refinement's share of it (0: none; its gain at CPU budgets, BENCHMARKS.md).
+    refine_share: float = 0.0
     max_seq_len: int = 512  # the chat model's context
     sft_steps: int = 400
     sft_conversations: int = 4000
     sft_hparams: TrainHparams = TrainHparams(learning_rate=1e-3, warmup_fraction=0.05,
                                              batch_size=16, seq_len=320, eval_batches=4,
                                              weight_decay=0.0)
+    # Share of each fine-tuning batch's rows that are plain windows of the corpus's training
+    # text (loss on every token), so the chat model keeps the corpus it was pretrained on.
+    pretrain_mix: float = 0.5
     qa_questions: int = 100
     train_workers: int = 1  # Ray Train workers for pretraining; 1: in this process
     in_process: bool = False  # refinement trials in this process instead of on Ray actors
@@ -53,6 +62,17 @@ class PromoteSettings:
     device: str = "cpu"
     compile: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.budget_seconds is not None and not self.budget_seconds > 0:
+            raise ValueError(f"budget_seconds must be positive, got {self.budget_seconds}")
+        if not 0 <= self.refine_share < 0.8:
+            raise ValueError(f"refine_share must be in [0, 0.8), got {self.refine_share}")
+
+    @property
+    def skips_refinement(self) -> bool:
+        """A budget that gives refinement no share: the search's hyperparameters are kept."""
+        return self.budget_seconds is not None and self.refine_tokens is None
 
     @property
     def out_dir(self) -> Path:

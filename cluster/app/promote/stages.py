@@ -140,10 +140,12 @@ def _notice(console: Console):
 
 def run_sft(model: Chimera, tokenizer, train: list[dict], val: list[dict],
             hparams: TrainHparams, steps: int, out: Path, console: Console, seed: int = 0,
-            device: str = "cpu") -> tuple[Chimera, FitResult, int]:
-    """Fine-tune on conversations (resuming from ``out/checkpoints/sft``); returns the model
-    (its vocabulary grown if the tokenizer lacked the chat tokens), the result and how many
-    conversations were too long for ``hparams.seq_len`` and left out."""
+            device: str = "cpu", plain: TokenStore | None = None,
+            pretrain_mix: float = 0.0) -> tuple[Chimera, FitResult, int]:
+    """Fine-tune on conversations (resuming from ``out/checkpoints/sft``), with
+    ``pretrain_mix`` of each batch's rows windows of ``plain``'s training text; returns the
+    model (its vocabulary grown if the tokenizer lacked the chat tokens), the result and how
+    many conversations were too long for ``hparams.seq_len`` and left out."""
     model, added = ensure_chat_tokens(model, tokenizer)
     if added:
         console.print(f"  added chat tokens {added}; vocabulary now {model.config.vocab_size}")
@@ -151,11 +153,12 @@ def run_sft(model: Chimera, tokenizer, train: list[dict], val: list[dict],
         raise PromoteError(f"SFT seq_len {hparams.seq_len} exceeds the model's max_seq_len "
                            f"{model.config.max_seq_len}")
     batches = ChatBatches([r["messages"] for r in train], [r["messages"] for r in val],
-                          tokenizer, hparams, seed)
+                          tokenizer, hparams, seed, plain, pretrain_mix)
     settings = FitSettings(steps=steps, eval_every=max(1, steps // 4),
                            checkpoint_every=max(1, steps // 4))
     meta = {"hparams": dataclasses.asdict(hparams), "steps": steps, "seed": seed,
-            "config": model.config.to_dict(), "conversations": len(train)}
+            "config": model.config.to_dict(), "conversations": len(train),
+            "pretrain_mix": pretrain_mix}
     with StepProgress(console, "sft", steps, None) as progress:
         result = fit(model.to(device), hparams, batches, settings, out / "checkpoints" / "sft",
                      device=device, meta=meta, on_step=progress, on_message=_notice(console))

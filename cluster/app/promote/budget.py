@@ -1,0 +1,80 @@
+"""``chimera promote --budget``: the stages sized to a wall clock.
+
+A user gives promote the time they have, not token counts. The plan splits it: fine-tuning
+and the evaluation get fixed shares, refinement the share asked for (none by default: at CPU
+budgets its best trial was the search's own defaults, so it bought nothing; see BENCHMARKS.md),
+and pretraining everything else, less what the promote already spent getting there. Tokens and
+steps follow from this machine's training speed for the model, measured here on a few steps of
+the model itself (the search's figure was measured beside other workers, on one thread).
+
+The plan is made once and kept in the stage records, so a rerun of an interrupted promote
+resumes the same plan (its checkpoints belong to it) instead of measuring again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from chimera.config import ChimeraConfig
+from cluster.app.promote.settings import PromoteSettings
+from trainers.pretrain import measure_tokens_per_second
+from trainers.recipe import TrainHparams
+from trainers.store import TokenStore
+
+SFT_SHARE = 0.15
+EVALUATE_SHARE = 0.05
+# Refinement's trials stop early (Hyperband), so a study of N trials at T tokens trains about
+# this many times N * T tokens.
+REFINE_COST_PER_TRIAL = 0.5
+MIN_PRETRAIN_STEPS = 20
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What a budget buys on this machine: tokens and steps per stage."""
+
+    budget_seconds: float
+    tokens_per_second: float  # of this model's training, measured here
+    pretrain_seconds: float
+    pretrain_tokens: int
+    refine_tokens: int | None  # per trial; None: no refinement
+    sft_steps: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StagePlan:
+        return cls(**data)
+
+    def applied(self, settings: PromoteSettings) -> PromoteSettings:
+        """``settings`` with the plan's tokens and steps."""
+        return dataclasses.replace(settings, pretrain_tokens=self.pretrain_tokens,
+                                   refine_tokens=self.refine_tokens,
+                                   sft_steps=self.sft_steps)
+
+
+def plan_stages(settings: PromoteSettings, config: ChimeraConfig, hparams: TrainHparams,
+                store: TokenStore, spent_seconds: float) -> StagePlan:
+    """Split ``settings.budget_seconds`` (of which ``spent_seconds`` are gone) over the stages
+    for ``config`` trained with ``hparams``."""
+    budget = settings.budget_seconds
+    rate = measure_tokens_per_second(config, hparams, store, device=settings.device)
+    refine_seconds = settings.refine_share * budget
+    pretrain_seconds = budget * (1 - SFT_SHARE - EVALUATE_SHARE) - refine_seconds \
+        - spent_seconds
+    step_tokens = hparams.batch_size * hparams.seq_len
+    if pretrain_seconds * rate < MIN_PRETRAIN_STEPS * step_tokens:
+        raise ValueError(f"--budget {budget:.0f}s leaves {max(pretrain_seconds, 0):.0f}s for "
+                         f"pretraining, under {MIN_PRETRAIN_STEPS} steps of this model at "
+                         f"{rate:,.0f} tokens/s here; give a larger --budget")
+    refine_tokens = None
+    if refine_seconds > 0:
+        # Trials train side by side, each on its share of the machine.
+        per_trial = refine_seconds * rate / (settings.refine.trials * REFINE_COST_PER_TRIAL)
+        refine_tokens = max(step_tokens * settings.refine.rungs, int(per_trial))
+    sft_step_tokens = settings.sft_hparams.batch_size * settings.sft_hparams.seq_len
+    sft_steps = max(1, min(settings.sft_steps, int(SFT_SHARE * budget * rate / sft_step_tokens)))
+    return StagePlan(budget, rate, pretrain_seconds, int(pretrain_seconds * rate),
+                     refine_tokens, sft_steps)

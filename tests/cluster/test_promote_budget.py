@@ -1,0 +1,86 @@
+"""``chimera promote --budget``: the stages sized to a wall clock, the plan kept for a rerun."""
+
+import json
+
+import pytest
+
+import cluster.app.promote.budget as budget_module
+from chimera.config import ChimeraConfig
+from cluster.app.promote.budget import EVALUATE_SHARE, SFT_SHARE, plan_stages
+from cluster.app.promote.settings import PromoteSettings
+from cluster.cli import main
+from trainers.recipe import TrainHparams
+
+TINY_RUN = ["--corpus-size", "60KB", "--tokenizer", "bpe", "--vocab-size", "400",
+            "--batch-size", "4", "--seq-len", "32", "--population", "4", "--tournament", "2",
+            "--in-process", "--max-candidates", "2", "--candidate-steps", "5", "--no-live"]
+TINY_SFT = ["--max-seq-len", "512", "--sft-steps", "4", "--sft-conversations", "40",
+            "--sft-seq-len", "256", "--sft-batch-size", "4", "--qa-questions", "3"]
+CONFIG = ChimeraConfig(vocab_size=400, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                       window_size=16, max_seq_len=64)
+HPARAMS = TrainHparams(batch_size=16, seq_len=128)
+RATE = 10_000.0  # tokens per second
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    monkeypatch.setattr(budget_module, "measure_tokens_per_second", lambda *a, **k: RATE)
+
+
+def test_pretraining_gets_what_fine_tuning_evaluation_and_the_setup_leave(measured):
+    settings = PromoteSettings(run_dir="run", budget_seconds=600)
+    plan = plan_stages(settings, CONFIG, HPARAMS, None, spent_seconds=10)
+    assert plan.pretrain_seconds == pytest.approx(600 * (1 - SFT_SHARE - EVALUATE_SHARE) - 10)
+    assert plan.pretrain_tokens == int(plan.pretrain_seconds * RATE)
+    assert plan.refine_tokens is None  # refinement has no share by default
+    # SFT: its share of the budget in steps of 16 x 320 tokens, at most --sft-steps.
+    assert plan.sft_steps == int(SFT_SHARE * 600 * RATE / (16 * 320)) < settings.sft_steps
+    applied = plan.applied(settings)
+    assert applied.pretrain_tokens == plan.pretrain_tokens and applied.skips_refinement
+
+
+def test_a_refinement_share_comes_out_of_pretraining(measured):
+    settings = PromoteSettings(run_dir="run", budget_seconds=600, refine_share=0.2)
+    plan = plan_stages(settings, CONFIG, HPARAMS, None, spent_seconds=0)
+    assert plan.pretrain_seconds == pytest.approx(600 * (1 - SFT_SHARE - EVALUATE_SHARE - 0.2))
+    trials = settings.refine.trials
+    assert plan.refine_tokens == int(0.2 * 600 * RATE / (trials * budget_module.
+                                                         REFINE_COST_PER_TRIAL))
+    assert not plan.applied(settings).skips_refinement
+
+
+def test_a_budget_too_small_to_pretrain_is_refused_naming_the_flag(measured):
+    settings = PromoteSettings(run_dir="run", budget_seconds=5)
+    with pytest.raises(ValueError, match="--budget 5s leaves"):
+        plan_stages(settings, CONFIG, HPARAMS, None, spent_seconds=3)
+
+
+def test_a_budgeted_promote_runs_records_its_plan_and_a_rerun_keeps_it(tmp_path, monkeypatch,
+                                                                       capsys):
+    run = tmp_path / "run"
+    assert main(["evolve", "--run-dir", str(run), *TINY_RUN]) == 0
+    command = ["promote", str(run), "--budget", "20s", *TINY_SFT]
+    assert main(command) == 0
+    out = run / "promoted"
+    metrics = json.loads((out / "metrics.json").read_text())
+    plan = metrics["budget_plan"]
+    assert plan["budget_seconds"] == 20 and plan["tokens_per_second"] > 0
+    assert metrics["pretrain"]["tokens"] <= plan["pretrain_tokens"]
+    assert metrics["refine"]["skipped"] and metrics["refine"]["complete"] == 0
+    assert metrics["sft"]["steps"] == min(4, plan["sft_steps"])
+    assert "Not refined" in (out / "report.md").read_text()
+    state = json.loads((out / "promote-state.json").read_text())
+    assert state["budget_plan"] == plan
+
+    # A rerun of the same command keeps the recorded plan: it does not measure again.
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("the rerun measured again")
+
+    monkeypatch.setattr(budget_module, "measure_tokens_per_second", no_measuring)
+    capsys.readouterr()
+    assert main(command) == 0
+    assert "nothing left to do" in capsys.readouterr().out
+    # Another budget is another promote: refused, naming the flag.
+    monkeypatch.undo()
+    assert main(["promote", str(run), "--budget", "30s", *TINY_SFT]) == 2
+    assert "--budget" in capsys.readouterr().err
