@@ -289,37 +289,7 @@ def promote_command(run_dir: Path, out: Path, seed: int, sizing: list[str]) -> l
             "--seed", str(seed), *sizing]
 
 
-def promote_takes_budget() -> bool:
-    help_text = subprocess.run([sys.executable, "-m", "cluster.cli", "promote", "--help"],
-                               cwd=REPO, capture_output=True, text=True, check=True).stdout
-    return re.search(r"--budget\b", help_text) is not None
-
-
-def promote_sizing(seconds: float, takes_budget: bool, run_dir: Path) -> list[str]:
-    """How promote is told to fit in ``seconds``: its own --budget, or else (older promote)
-    stage sizes from the winner's training speed in the search: ~40% of the time pretraining,
-    4 refinement trials of a quarter of that each on 2 workers, ~10% fine-tuning."""
-    if takes_budget:
-        return ["--budget", f"{max(1, round(seconds))}s"]
-    from cluster.app.promote import PromoteSettings
-    from results.db import RunDatabase
-
-    warnings.warn("chimera promote has no --budget: its stages are sized from a throughput "
-                  "estimate and may not fit the budget", stacklevel=2)
-    db = RunDatabase(str(run_dir / "results.db"), readonly=True)
-    try:
-        speed = db.leaderboard_records()[0].tokens_per_second or 1000.0
-    finally:
-        db.close()
-    pretrain = max(10_000, int(0.4 * seconds * speed))
-    sft = PromoteSettings.sft_hparams
-    return ["--pretrain-tokens", str(pretrain), "--refine-tokens", str(pretrain // 4),
-            "--trials", "4", "--qa-questions", "20", "--sft-steps",
-            str(max(10, int(0.1 * seconds * speed / (sft.batch_size * sft.seq_len))))]
-
-
-def run_chimera(job: Job, work: Path, launched: float, deadline: float, bench: dict,
-                takes_budget: bool) -> dict:
+def run_chimera(job: Job, work: Path, launched: float, deadline: float, bench: dict) -> dict:
     scratch = work / "runs" / job.stem
     shutil.rmtree(scratch, ignore_errors=True)  # an unfinished attempt: its time is lost
     run_dir, out = scratch / "run", scratch / "promoted"
@@ -334,7 +304,7 @@ def run_chimera(job: Job, work: Path, launched: float, deadline: float, bench: d
     if left < MIN_PROMOTE_SECONDS:
         warnings.warn(f"evolve left {left:.0f}s; promote gets {MIN_PROMOTE_SECONDS}s and the "
                       f"method overruns its budget", stacklevel=2)
-    sizing = promote_sizing(max(left, MIN_PROMOTE_SECONDS), takes_budget, run_dir)
+    sizing = ["--budget", f"{max(1, round(max(left, MIN_PROMOTE_SECONDS)))}s"]
     _run_stage(promote_command(run_dir, out, job.seed, sizing), "chimera promote")
     wall = time.time() - launched
     return {**score_promoted(out, held_out_documents(work)), "wall_seconds": wall,
@@ -379,14 +349,13 @@ def run_job(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog=f"end_to_end.py {JOB_FLAG}")
     for name, kind in (("name", str), ("seed", int), ("work", Path), ("launched", float)):
         parser.add_argument(name, type=kind)
-    parser.add_argument("--promote-budget", action="store_true")
     args = parser.parse_args(argv)
     bench = json.loads((args.work / BENCH_FILE).read_text())
     deadline = args.launched + bench["identity"]["budget_seconds"]
     method = next(j.method for j in jobs_for(list(METHODS), [args.seed]) if j.name == args.name)
     job = Job(args.name, method, args.seed)
     if job.name == "chimera":
-        result = run_chimera(job, args.work, args.launched, deadline, bench, args.promote_budget)
+        result = run_chimera(job, args.work, args.launched, deadline, bench)
     else:
         result = run_baseline(job, args.work, args.launched, deadline)
     result.update(job=job.name, method=job.method, seed=job.seed)
@@ -522,15 +491,11 @@ def run_pending(pending: list[Job], work: Path, budget: float, console: Console)
         store = prepare_baseline_store(work)
         console.print(f"baselines' store: {store.info('train').tokens:,} training tokens "
                       f"({time.time() - began:.0f}s, outside the budgets)", highlight=False)
-    takes_budget = any(job.name == "chimera" for job in pending) and promote_takes_budget()
-    if any(job.name == "chimera" for job in pending) and not takes_budget:
-        console.print("[yellow]chimera promote has no --budget yet: its stages are sized from "
-                      "a throughput estimate instead[/yellow]")
     for job in pending:
         console.rule(f"{job.stem} ({budget:.0f}s)")
         command = [sys.executable, str(Path(__file__).resolve()), JOB_FLAG, job.name,
                    str(job.seed), str(work), repr(time.time())]
-        code = subprocess.run(command + ["--promote-budget"] * takes_budget, cwd=REPO).returncode
+        code = subprocess.run(command, cwd=REPO).returncode
         if code:
             console.print(f"[red]{job.stem} failed (exit {code}); run again to retry[/red]")
 

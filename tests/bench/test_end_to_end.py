@@ -104,8 +104,7 @@ def test_chimera_commands_split_the_budget(tmp_path):
     assert flags["--budget"] == "14s" and flags["--separator"] == "eot"
     assert flags["--tokenizer"] == "bpe" and flags["--vocab-size"] == "1024"
     assert flags["--seed"] == "3" and "--no-live" in evolve
-    sizing = e2e.promote_sizing(100.4, takes_budget=True, run_dir=tmp_path / "run")
-    promote = e2e.promote_command(tmp_path / "run", tmp_path / "out", 3, sizing)
+    promote = e2e.promote_command(tmp_path / "run", tmp_path / "out", 3, ["--budget", "100s"])
     assert promote[3:5] == ["promote", str(tmp_path / "run")]
     assert promote[-2:] == ["--budget", "100s"]
 
