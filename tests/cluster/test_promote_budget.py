@@ -19,7 +19,8 @@ TINY_SFT = ["--max-seq-len", "512", "--sft-steps", "4", "--sft-conversations", "
 CONFIG = ChimeraConfig(vocab_size=400, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
                        window_size=16, max_seq_len=64)
 HPARAMS = TrainHparams(batch_size=16, seq_len=128)
-RATE = 10_000.0  # tokens per second
+RATE = 10_000.0  # tokens per second, measured
+LOOP_RATE = RATE * budget_module.LOOP_EFFICIENCY
 
 
 @pytest.fixture
@@ -31,10 +32,10 @@ def test_pretraining_gets_what_fine_tuning_evaluation_and_the_setup_leave(measur
     settings = PromoteSettings(run_dir="run", budget_seconds=600)
     plan = plan_stages(settings, CONFIG, HPARAMS, None, spent_seconds=10)
     assert plan.pretrain_seconds == pytest.approx(600 * (1 - SFT_SHARE - EVALUATE_SHARE) - 10)
-    assert plan.pretrain_tokens == int(plan.pretrain_seconds * RATE)
+    assert plan.pretrain_tokens == int(plan.pretrain_seconds * LOOP_RATE)
     assert plan.refine_tokens is None  # refinement has no share by default
     # SFT: its share of the budget in steps of 16 x 320 tokens, at most --sft-steps.
-    assert plan.sft_steps == int(SFT_SHARE * 600 * RATE / (16 * 320)) < settings.sft_steps
+    assert plan.sft_steps == int(SFT_SHARE * 600 * LOOP_RATE / (16 * 320)) < settings.sft_steps
     applied = plan.applied(settings)
     assert applied.pretrain_tokens == plan.pretrain_tokens and applied.skips_refinement
 
@@ -44,8 +45,8 @@ def test_a_refinement_share_comes_out_of_pretraining(measured):
     plan = plan_stages(settings, CONFIG, HPARAMS, None, spent_seconds=0)
     assert plan.pretrain_seconds == pytest.approx(600 * (1 - SFT_SHARE - EVALUATE_SHARE - 0.2))
     trials = settings.refine.trials
-    assert plan.refine_tokens == int(0.2 * 600 * RATE / (trials * budget_module.
-                                                         REFINE_COST_PER_TRIAL))
+    assert plan.refine_tokens == int(0.2 * 600 * LOOP_RATE / (trials * budget_module.
+                                                              REFINE_COST_PER_TRIAL))
     assert not plan.applied(settings).skips_refinement
 
 

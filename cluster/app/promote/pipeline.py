@@ -187,6 +187,9 @@ def _refine(ctx: _Run) -> dict:
         ctx.records.finish("refine", {
             "best_params": {}, "best_value": None, "complete": 0, "pruned": 0, "failed": 0,
             "study": None, "seconds": 0.0, "skipped": "no share of --budget (--refine-share)"})
+        ctx.console.print("  skipped: no share of --budget (--refine-share); the search's "
+                          "hyperparameters", highlight=False)
+        return ctx.records.done("refine")
     if ctx.records.done("refine") is None:
         t0 = time.perf_counter()
         ctx.console.rule("refine: Optuna TPE + Hyperband")
@@ -199,11 +202,10 @@ def _refine(ctx: _Run) -> dict:
             "complete": outcome.complete, "pruned": outcome.pruned, "failed": outcome.failed,
             "study": study.study_name, "seconds": time.perf_counter() - t0})
     else:
-        ctx.skipped("refine", f"study {ctx.records.done('refine')['study']}")
+        refined = ctx.records.done("refine")
+        ctx.skipped("refine", refined.get("skipped") or f"study {refined['study']}")
     refined = ctx.records.done("refine")
     if refined.get("skipped"):
-        ctx.console.print(f"  skipped: {refined['skipped']}; the search's hyperparameters",
-                          highlight=False)
         return refined
     ctx.console.print(f"  best trial {refined['best_value']:.4f} bpb ({refined['complete']} "
                       f"complete, {refined['pruned']} pruned, {refined['failed']} failed): "
