@@ -88,8 +88,8 @@ def pretrain(plan: PretrainPlan, store: TokenStore, checkpoint_dir: str | Path |
 
 
 def measure_tokens_per_second(config: ChimeraConfig, hparams: TrainHparams, store: TokenStore,
-                              *, device: str | torch.device = "cpu", steps: int = 4,
-                              warmup: int = 2) -> float:
+                              *, device: str | torch.device = "cpu", steps: int = 8,
+                              warmup: int = 3) -> float:
     """This machine's training speed for ``config`` with ``hparams``' batch: ``steps`` timed
     optimizer steps after ``warmup`` untimed ones (first-step allocations, kernel loads), on a
     throwaway copy of the model, so the stages of a budget can be sized in tokens."""
