@@ -10,8 +10,10 @@ import pyarrow.parquet as pq
 from cluster.cli import main
 from results.db import RunDatabase
 
+# A name and a place, so that promote can ask held-out questions about the documents.
 BOOK = "\n\n".join(f"Part {i}. A small boat sailed past the {i % 4} lighthouses before the "
-                   f"storm, and nobody saw it go." for i in range(80))
+                   f"storm, and Mara watched it go from the harbour. Later Mara waited at the "
+                   f"harbour." for i in range(80))
 TINY = ["--separator", "blank", "--tokenizer", "char", "--batch-size", "4", "--seq-len", "32",
         "--in-process", "--candidate-steps", "3", "--no-live", "--no-warm-start"]
 TINY_PROMOTE = ["--in-process", "--trials", "2", "--rungs", "2", "--refine-tokens", "2K",
