@@ -137,7 +137,7 @@ def prepare_bench(args: argparse.Namespace, work: Path) -> dict:
                     CorpusSpec(args.val, separator=detect_separator(args.val))),
                 "quick": args.quick,
                 "budget_seconds": args.budget, "evolve_share": args.evolve_share,
-                "split_seed": args.split_seed}
+                "split_seed": args.split_seed, "evolve_args": args.evolve_args}
     if (work / BENCH_FILE).is_file():
         bench = json.loads((work / BENCH_FILE).read_text())
         differs = [k for k, v in identity.items() if bench["identity"].get(k) != v]
@@ -298,7 +298,8 @@ def run_chimera(job: Job, work: Path, launched: float, deadline: float, bench: d
     evolve = evolve_command(work / TRAIN_FILE, run_dir, identity["evolve_share"]
                             * identity["budget_seconds"], job.seed)
     # A smoke run's search has seconds: candidates small enough to finish in them.
-    _run_stage(evolve + QUICK_EVOLVE_FLAGS * identity["quick"], "chimera evolve")
+    _run_stage(evolve + QUICK_EVOLVE_FLAGS * identity["quick"]
+               + shlex.split(identity.get("evolve_args") or ""), "chimera evolve")
     evolve_seconds = time.time() - began
     left = deadline - time.time()
     if left < MIN_PROMOTE_SECONDS:
@@ -453,6 +454,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--evolve-share", type=float, default=0.35,
                         help="chimera: the share of the budget its search gets")
     parser.add_argument("--split-seed", type=int, default=0, help="which documents are held out")
+    parser.add_argument("--evolve-args", default=None, metavar="FLAGS",
+                        help="chimera: more flags for chimera evolve (an experiment; part of "
+                             "the WORK's identity), e.g. '--candidate-tokens 100000'")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: {QUICK_BUDGET} per method, the first "
                              f"{QUICK_CORPUS_BYTES // 1000} KB of the corpus")

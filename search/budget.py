@@ -38,14 +38,17 @@ class ComputeBudget:
     def __init__(self, wall_seconds: float | None = None, flops_limit: float | None = None,
                  flops_of: Callable[[Genome, int], float] | None = None,
                  hurdles: Hurdles | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 known_seconds: float | None = None) -> None:
         """``wall_seconds``, ``flops_limit``: the limits (None: none); ``flops_of(genome,
         rung)``: the FLOPs of training ``genome`` to the end of ``rung`` (needed by a FLOPs
-        limit); ``hurdles``: the rungs every candidate trains in (None: one)."""
+        limit); ``hurdles``: the rungs every candidate trains in (None: one);
+        ``known_seconds``: a candidate's training time when its budget is one (the expectation
+        until candidates have finished)."""
         if flops_limit is not None and flops_of is None:
             raise ValueError("a FLOPs budget needs the FLOPs of training a genome (train_flops)")
         self.wall_seconds, self.flops_limit, self.flops_of = wall_seconds, flops_limit, flops_of
-        self.hurdles, self.clock = hurdles, clock
+        self.hurdles, self.clock, self.known_seconds = hurdles, clock, known_seconds
         self.start_time = 0.0
         self.deadline = math.inf
         self.durations: dict[int, list[float]] = {}  # rung -> seconds each finished one took
@@ -75,12 +78,13 @@ class ComputeBudget:
 
     def expected_seconds(self, rung: int) -> float:
         """How long training ``rung`` will take: the median of that rung so far, else the first
-        rung's median scaled by the steps the rung adds (a rung-2 continuation is 6x rung 0)."""
+        rung's median scaled by the steps the rung adds (a rung-2 continuation is 6x rung 0),
+        else ``known_seconds`` (or 0: unknown)."""
         if self.durations.get(rung):
             return statistics.median(self.durations[rung])
         if rung and self.durations.get(0):
             return statistics.median(self.durations[0]) * self.hurdles.relative_cost(rung)
-        return 0.0
+        return self.known_seconds or 0.0
 
     def seconds_per_candidate(self) -> float:
         """A new candidate's expected training time, its continuations included: with hurdles

@@ -144,8 +144,11 @@ class SearchLoop:
                  on_tick: Callable[[], None] | None = None, poll_seconds: float = 0.5,
                  hurdles: Hurdles | None = None, objectives: Objectives | None = None,
                  rung_history: list[tuple[int, float]] = (),
-                 train_flops: Callable[[Genome, int], float] | None = None) -> None:
-        """``hurdles``: train every candidate in budget rungs, continuing only those that clear
+                 train_flops: Callable[[Genome, int], float] | None = None,
+                 candidate_seconds: float | None = None) -> None:
+        """``candidate_seconds``: how long a candidate trains, when its budget is a time (then
+        even the first is launched only if it fits what is left).
+        ``hurdles``: train every candidate in budget rungs, continuing only those that clear
         each rung's hurdle (the evaluator must support ``rung``); ``rung_history``: the (rung,
         bits per byte) results of an earlier session, which keep setting the bars on resume.
         ``objectives``: what the strategy is told (default: bits per byte alone).
@@ -155,7 +158,7 @@ class SearchLoop:
         self.limits, self.objectives = limits, objectives
         self.on_tick, self.poll = on_tick, poll_seconds
         self.budget = ComputeBudget(limits.wall_seconds, limits.train_flops, train_flops,
-                                    hurdles, clock)
+                                    hurdles, clock, candidate_seconds)
         self.scheduler = HurdleScheduler(hurdles, rung_history) if hurdles else None
         self.report = SearchReport()
         self.proposals: dict[int, Proposal] = {}  # candidate id -> its proposal, until final

@@ -66,7 +66,11 @@ class Document:
 
 
 def question_prompt(document: Document, question: str, register: Register) -> str:
-    return f"Read this {register.noun}.\n\n{document.text}\n\nQuestion: {question}"
+    """The question before the document and after it: a recurrent layer reads the document
+    knowing what to keep (as in "Just read twice", Arora et al. 2024). On tinyshakespeare it
+    took a 1.5M-parameter chat model's held-out accuracy from 16% to 30% (BENCHMARKS.md)."""
+    return (f"Question: {question}\n\nRead this {register.noun}.\n\n{document.text}\n\n"
+            f"Question: {question}")
 
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:

@@ -46,7 +46,7 @@ class BatchSource(Protocol):
 
 @dataclass(frozen=True)
 class FitSettings:
-    steps: int
+    steps: int  # at most this many optimizer steps (with ``seconds``: a cap, and the cadence's)
     grad_accum: int = 1  # micro-batches per optimizer step (per worker)
     eval_every: int = 0  # 0: evaluate only at the end
     sample_every: int = 0  # 0: sample only at the end (when a sampler is given)
@@ -57,10 +57,18 @@ class FitSettings:
     # step's: on a corpus a budget sees many times over, the last epochs overfit, and the model
     # the user keeps is the best one (early stopping, as a careful user of any recipe does).
     keep_best: bool = False
+    # A wall clock instead of a step count: training stops once this many seconds of it are
+    # spent (evaluations included; summed over resumed segments) and the learning-rate schedule
+    # follows the clock, so a stage given N seconds uses them whatever the machine's speed (a
+    # plan's speed measured on a few steps was 0.8-1.3x the loop's). ``steps`` then caps it,
+    # and ``eval_every``/``checkpoint_every`` count steps as before.
+    seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.seconds is not None and not self.seconds > 0:
+            raise ValueError(f"seconds must be positive, got {self.seconds}")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be at least 1, got {self.grad_accum}")
 
@@ -154,7 +162,8 @@ def fit(model: torch.nn.Module, hparams: TrainHparams, source: BatchSource,
         sampler: Callable[[torch.nn.Module], str] | None = None,
         stop_after: int | None = None,
         on_message: Callable[[str], None] | None = None) -> FitResult:
-    """Train ``model`` (already on ``device``) for ``settings.steps`` optimizer steps.
+    """Train ``model`` (already on ``device``) for ``settings.steps`` optimizer steps (or
+    ``settings.seconds`` of wall clock, at most that many steps).
 
     With ``checkpoint_dir`` holding checkpoints, training resumes from the newest readable one
     (whose ``meta`` must equal this run's); an unreadable newer one is skipped with a warning.
@@ -186,6 +195,7 @@ class _Run:
         self.on_step: Callable[[StepReport], None] | None = None
         self.sampler: Callable[[torch.nn.Module], str] | None = None
         self.best: tuple[float, dict] | None = None  # keep_best: (val loss, weights on the CPU)
+        self.segment = Throughput()  # this call's stretch of training (its clock)
 
     def resume(self, on_message: Callable[[str], None]) -> None:
         """Continue from the newest readable checkpoint, if there is one (of this run only)."""
@@ -230,17 +240,20 @@ class _Run:
         interrupted, checkpoint = False, None
         with _StopRequest().installed() as stop:
             throughput = Throughput()
-            while self.step < settings.steps:
-                taken = self._take_step(source)
+            self.segment = throughput
+            progress = self._progress()
+            while progress < 1.0:
+                taken = self._take_step(source, progress)
                 throughput.add(self.hparams.batch_size * self.hparams.seq_len)
+                progress = self._progress()
+                last = progress >= 1.0
                 val_loss = None
-                if settings.eval_every and self.step % settings.eval_every == 0 \
-                        and self.step < settings.steps:
+                if settings.eval_every and self.step % settings.eval_every == 0 and not last:
                     val_loss = self.evaluate()
                 self._report(taken.loss, taken.learning_rate, throughput.per_second(), val_loss)
                 stopping = stop.requested or (stop_after is not None and self.step >= stop_after)
                 if settings.checkpoint_every and self.step % settings.checkpoint_every == 0 \
-                        and self.step < settings.steps and not stopping:
+                        and not last and not stopping:
                     history.seconds += throughput.seconds
                     checkpoint = self.save()
                     throughput.restart()
@@ -267,13 +280,35 @@ class _Run:
         if self.history.best_step != self.step:
             self.model.load_state_dict(weights)
 
-    def _take_step(self, source: BatchSource) -> StepResult:
+    def _progress(self) -> float:
+        """Where the schedule stands before the next step, in [0, 1] (1: done): steps taken of
+        ``steps``, or with ``seconds`` the larger of that and the clock's share. Every worker
+        takes rank 0's clock, so all take the same steps at the same rates."""
+        settings = self.settings
+        progress = self.step / settings.steps
+        if settings.seconds is not None:
+            clock = torch.tensor([(self.history.seconds + self.segment.seconds)
+                                  / settings.seconds], dtype=torch.float64)
+            if self.world > 1:
+                dist.broadcast(clock, src=0)
+            progress = max(progress, float(clock))
+        return min(progress, 1.0)
+
+    def _expected_steps(self) -> int:
+        """The run's length in steps, as far as it is known: ``steps``, or on a clock the pace
+        so far extrapolated (for progress displays)."""
+        if self.settings.seconds is None or not self.step:
+            return self.settings.steps
+        spent = (self.history.seconds + self.segment.seconds) / self.settings.seconds
+        return min(self.settings.steps, max(self.step, round(self.step / max(spent, 1e-9))))
+
+    def _take_step(self, source: BatchSource, progress: float) -> StepResult:
         """The optimizer step on this worker's share of the step's global batch."""
         tokens, mask = source.batch(self.step)
         mine = slice(self.rank * self.share_rows, (self.rank + 1) * self.share_rows)
         batch = tokens[mine], None if mask is None else mask[mine]
         taken = train_step(self.model, self.optimizer, batch, self.hparams,
-                           progress=self.step / self.settings.steps, step=self.step,
+                           progress=progress, step=self.step,
                            device=self.device, grad_accum=self.settings.grad_accum,
                            trained=self.trained, world=self.world)
         self.step += 1
@@ -284,7 +319,7 @@ class _Run:
     def _report(self, loss: float, lr: float, tokens_per_second: float,
                 val_loss: float | None) -> None:
         if self.on_step is not None and self.rank == 0:
-            self.on_step(StepReport(self.step, self.settings.steps, loss, lr,
+            self.on_step(StepReport(self.step, self._expected_steps(), loss, lr,
                                     self.history.tokens, tokens_per_second, val_loss))
 
     def evaluate(self) -> float:

@@ -22,6 +22,7 @@ from rich.live import Live
 from chimera.checkpoint import atomic_write
 from chimera.kernels import fused_ops
 from chimera.model import training_flops_per_token
+from cluster.app.candidate_budget import default_candidate_budget
 from cluster.app.rundir import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -73,7 +74,8 @@ class EvolveSettings:
     space: str = "cpu"
     evolution: EvolutionConfig = EvolutionConfig()
     limits: SearchLimits = SearchLimits(wall_seconds=180)
-    candidate_budget: TrainBudget = TrainBudget(BudgetKind.TOKENS, 100_000)
+    # None: equal time on a wall clock, else tokens (cluster.app.candidate_budget)
+    candidate_budget: TrainBudget | None = None
     hparams: TrainHparams = TrainHparams()
     seed: int = 0  # the search's: proposals, initial weights, batch order
     # The built-in stories and the train/validation split. Apart from ``seed`` so that runs with
@@ -95,6 +97,10 @@ class EvolveSettings:
     hurdles: Hurdles | None = None  # successive halving over budget rungs; None: one budget
 
     def __post_init__(self) -> None:
+        if self.candidate_budget is None:  # frozen: set once, here, like a default
+            object.__setattr__(self, "candidate_budget", default_candidate_budget(
+                self.limits.wall_seconds, self.limits.train_flops, self.hurdles is not None,
+                self.workers, self.cpus_per_candidate))
         Objectives(self.objectives)  # validates the names
         if self.max_params is not None and self.max_params < 1:
             raise ValueError(f"max_params must be positive, got {self.max_params}")
@@ -345,17 +351,40 @@ def training_flops(settings: EvolveSettings, vocab_size: int) -> Callable[[Genom
 
 
 def run_evolve(settings: EvolveSettings, console: Console | None = None,
-               live: bool = True) -> EvolveOutcome:
+               live: bool = True, spent_seconds: float = 0.0) -> EvolveOutcome:
+    """Run (or resume) the search. ``spent_seconds``: of the wall clock, what the command spent
+    before this call (its start-up): a ``--budget`` is the command's wall clock, so that and
+    the setting up here (the store, Ray, the kernels) come out of the search's time."""
+    began = time.monotonic() - spent_seconds
     run_dir = Path(settings.run_dir)
     # The outermost folder this call creates (runs/ too, for a first runs/<timestamp>).
     created = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
     run_dir.mkdir(parents=True, exist_ok=True)
     with exclusive_run(run_dir):
-        return _evolve(settings, console or Console(), live, created)
+        return _evolve(settings, console or Console(), live, created, began)
 
 
-def _evolve(settings: EvolveSettings, console: Console, live: bool, created: Path | None
-            ) -> EvolveOutcome:
+def _candidate_settings(settings: EvolveSettings, store: TokenStore) -> CandidateSettings:
+    """How every worker trains a candidate of this run."""
+    return CandidateSettings(
+        store_dir=str(store.root), budget=settings.candidate_budget, hparams=settings.hparams,
+        seed=settings.seed, vocab_size=store.vocab_size,
+        threads=max(1, int(settings.cpus_per_candidate)), rung_steps=_rung_steps(settings),
+        checkpoint_dir=str(Path(settings.run_dir) / CHECKPOINT_DIR),
+        device="cuda" if settings.gpus_per_candidate > 0 else "cpu")
+
+
+def _time_left(limits: SearchLimits, began: float) -> SearchLimits:
+    """``limits`` less what the command spent since ``began`` (a ``time.monotonic()``): its
+    start-up and the setting up (the store, Ray, the kernels) come out of the search's time."""
+    if limits.wall_seconds is None:
+        return limits
+    return dataclasses.replace(limits, wall_seconds=max(
+        1.0, limits.wall_seconds - (time.monotonic() - began)))
+
+
+def _evolve(settings: EvolveSettings, console: Console, live: bool, created: Path | None,
+            began: float) -> EvolveOutcome:
     run_dir = Path(settings.run_dir)
     try:  # what can fail on bad input fails here, before the run is recorded
         db = RunDatabase(settings.database_target)  # a bad URL, a damaged database
@@ -372,13 +401,7 @@ def _evolve(settings: EvolveSettings, console: Console, live: bool, created: Pat
     _write_json_atomic(run_dir / CONFIG_FILE, settings.to_dict())
     db.set_config(settings.to_dict() | {"store": store.meta})
     strategy, already, relaunch = build_strategy(settings, store.vocab_size, db)
-    candidate = CandidateSettings(
-        store_dir=str(store.root), budget=settings.candidate_budget, hparams=settings.hparams,
-        seed=settings.seed, vocab_size=store.vocab_size,
-        threads=max(1, int(settings.cpus_per_candidate)),
-        rung_steps=_rung_steps(settings), checkpoint_dir=str(run_dir / CHECKPOINT_DIR),
-        device="cuda" if settings.gpus_per_candidate > 0 else "cpu")
-    evaluator, started_ray = _make_evaluator(settings, candidate)
+    evaluator, started_ray = _make_evaluator(settings, _candidate_settings(settings, store))
     started = time.monotonic()
 
     flops_budget, already_flops = settings.limits.train_flops, db.train_flops_spent()
@@ -401,11 +424,14 @@ def _evolve(settings: EvolveSettings, console: Console, live: bool, created: Pat
     display = Live(view(), console=console, refresh_per_second=4, transient=True) \
         if live else None
     recorder = db if live else EventLog(db, console)
-    loop = SearchLoop(strategy, evaluator, recorder, settings.limits, hurdles=settings.hurdles,
+    loop = SearchLoop(strategy, evaluator, recorder, _time_left(settings.limits, began),
+                      hurdles=settings.hurdles,
                       objectives=Objectives(settings.objectives), rung_history=_rung_history(db),
                       on_tick=(lambda: display.update(view())) if display else None,
                       train_flops=training_flops(settings, store.vocab_size)
-                      if settings.limits.train_flops else None)
+                      if settings.limits.train_flops else None,
+                      candidate_seconds=settings.candidate_budget.amount
+                      if settings.candidate_budget.kind is BudgetKind.SECONDS else None)
     try:
         if display:
             display.start()

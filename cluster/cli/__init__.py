@@ -7,6 +7,8 @@
     runs.py      chimera evolve, leaderboard, export, plot
     models.py    chimera promote, train, sft, generate, chat
     serving.py   chimera serve
+    dashboard.py chimera dashboard
+    listening.py around a server: bind, say where, warn beyond loopback, serve until Ctrl+C
 """
 
 from cluster.cli.main import main

@@ -30,6 +30,7 @@ from cluster.app.promote import (
 from cluster.app.rundir import STORE_DIR
 from cluster.cli import argtypes
 from cluster.cli.argtypes import parse_duration, parse_size
+from cluster.cli.clock import seconds_since_launch
 from cluster.cli.errors import CommandError, settings_errors
 from cluster.ray.runtime import start_ray
 from search.refine import RefineSettings
@@ -60,7 +61,7 @@ def promote_settings(args: argparse.Namespace) -> PromoteSettings:
 def cmd_promote(args: argparse.Namespace, console: Console) -> int:
     try:
         settings = promote_settings(args)
-        metrics = promote(settings, console)
+        metrics = promote(settings, console, seconds_since_launch())
     except settings_errors() as err:
         raise CommandError(str(err)) from None
     except KeyboardInterrupt:
@@ -68,9 +69,10 @@ def cmd_promote(args: argparse.Namespace, console: Console) -> int:
                       "again to resume")
         return 130
     qa = metrics["qa_accuracy"]
+    answered = f"question answering {qa['base']:.0%} -> {qa['chat']:.0%}" \
+        if qa["base"] is not None else "question answering not measured (report.md says why)"
     console.print(f"[bold green]promoted[/bold green] -> {settings.out_dir}  pretrained "
-                  f"{metrics['pretrain']['val_bpb']:.4f} bpb, question answering "
-                  f"{qa['base']:.0%} -> {qa['chat']:.0%}, "
+                  f"{metrics['pretrain']['val_bpb']:.4f} bpb, {answered}, "
                   f"{metrics['total_seconds'] / 60:.1f} min. Talk to it: chimera chat "
                   f"{settings.out_dir}")
     return 0

@@ -16,6 +16,7 @@ from rich.console import Console, Group
 from rich.live import Live
 
 from chimera.checkpoint import atomic_write
+from cluster.app.candidate_budget import TOKENS_PER_CANDIDATE
 from cluster.app.evolve import (
     STRATEGIES,
     EvolveSettings,
@@ -26,6 +27,7 @@ from cluster.app.evolve import (
 from cluster.app.rundir import DATABASE_FILE, check_new_run_dir
 from cluster.cli import argtypes
 from cluster.cli.argtypes import parse_duration, parse_flops
+from cluster.cli.clock import seconds_since_launch
 from cluster.cli.data import add_corpus_options, corpus_spec
 from cluster.cli.errors import CommandError
 from cluster.ray.node_store import DEFAULT_CACHE_ROOT, StoreTransfer
@@ -58,11 +60,10 @@ def evolve_settings(args: argparse.Namespace) -> EvolveSettings:
         return dataclasses.replace(settings, limits=limits, workers=args.workers,
                                    address=args.address, in_process=args.in_process,
                                    faults=_fault_policy(args, settings.faults))
-    kind, amount = next(((k, v) for k, v in ((BudgetKind.TOKENS, args.candidate_tokens),
-                                             (BudgetKind.STEPS, args.candidate_steps),
-                                             (BudgetKind.SECONDS, args.candidate_seconds))
-                         if v is not None), (EvolveSettings.candidate_budget.kind,
-                                 EvolveSettings.candidate_budget.amount))
+    # None: EvolveSettings chooses (equal time on a wall clock, else tokens)
+    candidate_budget = next((TrainBudget(k, v) for k, v in (
+        (BudgetKind.TOKENS, args.candidate_tokens), (BudgetKind.STEPS, args.candidate_steps),
+        (BudgetKind.SECONDS, args.candidate_seconds)) if v is not None), None)
     run_dir = args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
     check_new_run_dir(run_dir)  # never overwrite a run, or mix a new one into another's files
     return EvolveSettings(
@@ -72,7 +73,7 @@ def evolve_settings(args: argparse.Namespace) -> EvolveSettings:
                                   tournament_size=args.tournament,
                                   gene_pool_fraction=args.gene_pool,
                                   population_fraction=args.population_fraction or None),
-        limits=limits, candidate_budget=TrainBudget(kind, amount),
+        limits=limits, candidate_budget=candidate_budget,
         hparams=TrainHparams(learning_rate=args.lr, batch_size=args.batch_size,
                              seq_len=args.seq_len),
         seed=args.seed, data_seed=args.data_seed, warm_start=not args.no_warm_start,
@@ -103,7 +104,8 @@ def cmd_evolve(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[bold]chimera evolve[/bold] -> {settings.run_dir} "
                       f"({settings.space} space, candidates train "
                       f"{settings.candidate_budget.describe()} each)")
-        outcome = run_evolve(settings, console, live=not args.no_live)
+        outcome = run_evolve(settings, console, live=not args.no_live,
+                             spent_seconds=seconds_since_launch())
     except (ValueError, FileNotFoundError) as err:  # the settings' own validation
         raise CommandError(str(err)) from None
     print_outcome(outcome, settings.run_dir, console)
@@ -325,6 +327,11 @@ def _add_search_options(evolve) -> None:
 def _add_candidate_training_options(evolve) -> None:
     candidates = evolve.add_argument_group("candidate training")
     per = candidates.add_mutually_exclusive_group()
+    candidates.description = (
+        "each candidate's training (default: with a wall clock, equal seconds each, from 20 s "
+        "for 3 minutes on 2 workers up to 120 s, so that candidates are ranked by what they "
+        f"reach in equal time on this machine; without one, or with --hurdles or --flops, "
+        f"{TOKENS_PER_CANDIDATE:,} tokens each)")
     per.add_argument("--candidate-tokens", type=argtypes.positive_int)
     per.add_argument("--candidate-steps", type=argtypes.positive_int)
     per.add_argument("--candidate-seconds", type=argtypes.positive_float)

@@ -1,5 +1,5 @@
-"""``chimera serve``: load a model directory and serve its chat page and API (127.0.0.1 unless
-told otherwise)."""
+"""``chimera serve``: load a model directory and serve its chat page and OpenAI-compatible API
+(127.0.0.1 unless told otherwise)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from rich.console import Console
 
 from chimera.generation import SamplingConfig
 from chimera.inference import load_pretrained
-from cluster.cli import argtypes
+from cluster.cli import argtypes, listening
 from cluster.cli.errors import CommandError, settings_errors
 from cluster.serve import ChatService, Limits, make_server
 
@@ -26,31 +26,20 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
                               defaults)
     except settings_errors() as err:
         raise CommandError(str(err)) from None
-    try:  # apart from loading: a missing model directory is an OSError too, but not this one
-        server = make_server(service, args.host, args.port)
-    except OSError as err:
-        raise CommandError(f"cannot listen on {args.host}:{args.port}: "
-                           f"{err.strerror or err}") from None
-    console.print(f"[bold]Wyrd[/bold] serving {args.model} on {server.own_origin()}/ "
-                  f"(Ctrl+C stops)")
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        console.print("[yellow]listening beyond this machine: anyone who can reach it can use "
-                      "the model[/yellow]")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        console.print("stopped")
-    finally:
-        server.server_close()
-    return 0
-
+    # bound apart from loading: a missing model directory is an OSError too, not a taken port
+    server = listening.bind(lambda host, port: make_server(service, host, port),
+                            args.host, args.port)
+    return listening.serve(server, console, f"[bold]Wyrd[/bold] serving {args.model}",
+                           "anyone who can reach it can use the model",
+                           [f"OpenAI-compatible API: {server.own_origin()}/v1, "
+                            f"model {service.name!r}"])
 
 def register(commands) -> None:
     """Add ``chimera serve`` to the main parser."""
     serve = commands.add_parser(
-        "serve", help="a web chat page (Wyrd) and a streaming JSON API for a model",
-        description="Serve one chat page and its API (see README: Web chat). Binds to "
-                    "127.0.0.1 unless told otherwise.")
+        "serve", help="a web chat page (Wyrd) and an OpenAI-compatible API for a model",
+        description="Serve one chat page and an OpenAI-compatible API, /v1/chat/completions "
+                    "(see README: Web chat). Binds to 127.0.0.1 unless told otherwise.")
     serve.add_argument("model", metavar="MODEL")
     serve.add_argument("--host", default="127.0.0.1",
                        help="the address to listen on; requests must name it (or localhost) "

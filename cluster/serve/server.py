@@ -1,72 +1,98 @@
-"""``chimera serve``: Wyrd, a web chat page for a model directory, and the HTTP API behind it.
+"""``chimera serve``: Wyrd, a web chat page for a model directory, and an OpenAI-compatible API.
 
-Standard library HTTP (a thread per connection), no framework: one page, three endpoints.
+An ASGI app (Starlette) served by uvicorn; ``ChatService`` (``service.py``) is the engine.
+Starlette rather than FastAPI: the service checks every request itself (so that each error
+names its field, in OpenAI's shape), which leaves nothing for FastAPI's pydantic models to do
+but answer some errors in a second, different shape.
 
-    GET  /             the chat page (Wyrd)
-    GET  /api/info     the model, its context, the limits and the default sampling
-    POST /api/chat     {"messages": [{"role", "content"}...], "temperature", "top_p",
-                        "max_tokens", "seed", "stream": true}   (Content-Type: application/json)
-                       streaming: Server-Sent Events, one ``data: {"delta": "..."}`` per piece
-                       of text, then ``data: {"done": true, "trimmed": N, "pieces": P,
-                       "finish_reason": R}``; otherwise one JSON object ``{"reply", "trimmed",
-                       "pieces", "finish_reason"}``. R is "stop" (the model ended its turn) or
-                       "length" (it used its budget: max_tokens, or the rest of the context).
+    GET  /                      the chat page (Wyrd), and GET /app.js its script
+    GET  /api/info              for the page: the model, its context, the limits, the defaults
+    GET  /v1/models             {"object": "list", "data": [{"id", "object": "model",
+                                "created", "owned_by": "chimera"}]}: the one model served; its
+                                id is the model directory's name (``ChatService.name``)
+    GET  /v1/models/{id}        that model, or 404
+    POST /v1/chat/completions   OpenAI's chat completion (Content-Type: application/json)
+
+A chat completion takes ``messages`` ([{"role": "system" | "user" | "assistant", "content"}];
+"developer" is taken for "system", content may be a list of text parts; the last message must
+be the user's), ``model`` (optional; when sent it must be the served id, else 404
+``model_not_found``), ``temperature`` [0, 2], ``top_p`` (0, 1], ``max_tokens`` (or its newer
+name ``max_completion_tokens``) up to the server's limit, ``stop`` (a string or up to 4),
+``seed``, ``stream`` and ``stream_options`` ({"include_usage"}). A field sent as null takes its
+default (``GET /api/info``'s defaults, not OpenAI's). The answer is a ``chat.completion`` (id,
+object, created, model, choices[{index, message{role, content}, logprobs: null,
+finish_reason}], usage{prompt_tokens, completion_tokens, total_tokens}); streamed, Server-Sent
+Events of ``chat.completion.chunk``s: the role first, then one content delta per piece of text,
+then an empty delta with the finish_reason (and, with ``include_usage``, a chunk with no
+choices and the usage), then ``data: [DONE]``. finish_reason is "stop" (the model ended its
+turn, or a stop string came: the text ends before it) or "length" (max_tokens ran out, or the
+rest of the context). One extension: ``trimmed``, in the answer and in the finish_reason chunk,
+says how many of the oldest messages were left out to fit the context.
+
+Other OpenAI fields: ``user``, ``metadata``, ``store``, ``service_tier``, ``safety_identifier``,
+the ``prompt_cache_*`` ones and ``parallel_tool_calls`` are ignored (they change nothing here;
+nothing is stored). Features this server lacks (``n`` > 1, ``tools``, ``functions``,
+``logprobs``, penalties, ``logit_bias``, ``response_format`` other than text, audio, ...) are
+accepted only when they ask for nothing (null or the API's default) and refused otherwise with a
+400 naming the field (code ``unsupported_parameter``); any other field is a 400 too
+(``unknown_parameter``): a typo is named, not ignored.
 
 The server keeps no conversations: each client sends its whole history, so concurrent users
 never see each other's, and the history is trimmed from the oldest turn to leave room for
-``max_tokens`` (``trimmed`` says how many messages were left out). Any ``max_tokens`` up to the
-advertised limit is accepted even when it is as large as the context: the newest message is
-then kept alone and the reply stops where the context ends (see ``chimera.chat.fit_prompt``).
-Message content is data: text that spells a chat marker is encoded as plain characters, so no
-one can forge another role's turn.
+``max_tokens``. Any ``max_tokens`` up to the advertised limit is accepted even when it is as large
+as the context: the newest message is then kept alone and the reply stops where the context ends
+(see ``chimera.chat.fit_prompt``). Message content is data: text that spells a chat marker is
+encoded as plain characters, so no one can forge another role's turn.
 
-Every error is a 4xx (503 when busy) with ``{"error": "..."}`` naming the field or header at
-fault, and so are http.server's own (a malformed request line, say); a bug would be a 500 and
-one line in the log, never a dropped connection or a traceback. Sampling values are checked by
-``SamplingConfig``; the server adds JSON types (a bool is not a number, ``stream`` must be a
-boolean, unknown fields are named rather than ignored) and its own limits. A client that
-disconnects stops its generation at the next piece, streaming or not (a non-streaming client is
-watched for a closed socket between pieces), so it frees its place among the
-``max_concurrent``. A connection that stalls for 30 s is answered 408 or dropped.
-
-Only the page's own requests are served: a POST must be ``application/json`` (415 otherwise; a
-cross-site HTML form cannot send that, and a cross-site script that tries needs a CORS
-preflight, which is refused); a request whose ``Origin`` is not the server's own is refused
-(403: it must be ``http://`` and the Host asked for); and the ``Host`` header must name this
-server (421), which stops DNS rebinding. Accepted hosts are 127.0.0.1, localhost and [::1] plus
-the address it was bound to, each with the port (bare on port 80). Bound to every interface
-(0.0.0.0 or ::) the server cannot know the names it is reached by and accepts any Host: the
-Origin check still stops cross-site use, but not DNS rebinding, a risk that choice takes on
-along with exposing the model to the network.
+Every error is JSON in OpenAI's shape, with a 4xx status and a message naming the field at
+fault (a bad value or JSON type 400: a bool is not a number, a NaN is not JSON), behind the
+checks that ``guard.py`` makes of every request (Host, Origin, JSON only, size and time limits;
+see there). Once a stream has begun, an error comes as a ``data: {"error": ...}`` event instead;
+a client that stops reading its stream for ``guard.IO_TIMEOUT`` (30 s) is dropped. The model
+runs in a worker thread per generation (the event loop stays free to serve others); at most
+``max_concurrent`` generate at once and the next one is answered 503 at once (with
+Retry-After). A client that disconnects stops its generation at the next piece, streaming or
+not (the server checks between pieces), and frees its place. The API asks for no key: anyone
+who can reach the port can use the model (clients such as ``openai`` need some key; any will
+do).
 
 The page inserts all text with ``textContent`` (never as HTML) and is served with a
 Content-Security-Policy that allows only its own script.
+
+``chimera dashboard`` (``dashboard.py``) serves its own routes behind the same checks and
+server (``guard.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import re
-import select
-import socket
-import sys
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib import resources
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from chimera.chat import Reply
-from cluster.serve.service import ApiError, ChatService
+from cluster.serve import guard
+from cluster.serve.guard import (
+    STOPPING,
+    LocalServer,
+    error_body,
+    guarded_app,
+    internal_error,
+    static_files,
+)
+from cluster.serve.service import ApiError, ChatService, Generation
 
 WEB_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
              "/app.js": ("app.js", "text/javascript; charset=utf-8")}
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-       "connect-src 'self'; img-src 'self' data:")
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
-EVERY_INTERFACE = ("", "0.0.0.0", "::")
-# Seconds a connection may stall while we read its request or write to it: a client that
-# sends half a request (or stops reading a stream) cannot hold a thread forever. Generating a
-# reply is not I/O, so a slow model is not cut short by it.
-IO_TIMEOUT = 30.0
 
 
 def _reject_constant(name: str):
@@ -84,263 +110,229 @@ def _decode_json(raw: bytes):
                        f"the body is not valid JSON: {str(err):.100}") from None
 
 
-class WyrdHandler(BaseHTTPRequestHandler):
-    """One connection's requests; the service is the server's (``WyrdServer.service``)."""
 
-    protocol_version = "HTTP/1.1"
-    server_version = "Wyrd"
-    timeout = IO_TIMEOUT
+class _Running:
+    """A generation running in a worker thread, its pieces passed to the event loop through a
+    queue. ``stop()`` makes the worker stop at its next piece; the worker then closes the
+    generation, which frees its slot."""
 
-    def log_message(self, format, *args):  # quiet; the CLI prints the address
-        pass
+    _END = object()
 
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str,
-              extra: dict | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for key, value in (extra or {}).items():
-            self.send_header(key, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+    def __init__(self, generation: Generation, pool: ThreadPoolExecutor) -> None:
+        self.generation = generation
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.halt = threading.Event()
+        pool.submit(self._work)
 
-    def _json(self, status: HTTPStatus, data: dict, extra: dict | None = None) -> None:
-        self._send(status, json.dumps(data).encode(), "application/json", extra)
-
-    def send_error(self, code, message=None, explain=None) -> None:
-        """http.server's own errors (malformed request line, headers too long, unknown
-        method...) as JSON like all the others, and the connection closed."""
-        self.close_connection = True
+    def _work(self) -> None:
+        outcome = self._END
         try:
-            status = HTTPStatus(code)
-        except ValueError:
-            status = HTTPStatus.BAD_REQUEST
-        self._json(status, {"error": message or status.phrase})
-
-    def _guarded(self, handle) -> None:
-        """Run one request's handler: errors become their JSON answer, a client that left
-        ends the request quietly, and anything unexpected is one line in the log and a 500
-        (never a dropped connection with a traceback)."""
-        self._body_read = self._answered = False
-        try:
-            handle()
-        except ApiError as err:
-            if not self._body_read:  # an unread body would be taken for the next request
-                self.close_connection = True
-            self._answer_error(err.status, str(err))
-        except (ConnectionError, TimeoutError):
-            self.close_connection = True  # the client left or stalled: nobody to answer
-        except Exception as err:  # noqa: BLE001 - the last line of defence, logged
-            sys.stderr.write(f"wyrd: {self.command} {self.path:.100}: internal error: "
-                             f"{type(err).__name__}: {err}\n")
-            self.close_connection = True
-            self._answer_error(HTTPStatus.INTERNAL_SERVER_ERROR,
-                               f"internal error ({type(err).__name__})")
-
-    def _answer_error(self, status: HTTPStatus, message: str) -> None:
-        if self._answered:
-            return  # a stream already began: the closed connection says it ended badly
-        try:
-            self._json(status, {"error": message})
-        except (ConnectionError, TimeoutError):
-            self.close_connection = True
-
-    def _check_origin(self) -> None:
-        """The Host must name this server and an Origin, when sent, must be its own."""
-        hosts = self.headers.get_all("Host") or []
-        if len(hosts) != 1:
-            raise ApiError(HTTPStatus.BAD_REQUEST,
-                           "the Host header is missing" if not hosts else
-                           "more than one Host header")
-        host = hosts[0].strip().lower()
-        if not self.server.allows_host(host):
-            raise ApiError(HTTPStatus.MISDIRECTED_REQUEST,
-                           f"Host {host!r:.80} is not this server; use "
-                           f"{self.server.own_origin()}/")
-        origin = self.headers.get("Origin")
-        if origin is not None and origin.strip().lower() != f"http://{host}":
-            raise ApiError(HTTPStatus.FORBIDDEN,
-                           f"Origin {origin!r:.80} is not this server's; requests from "
-                           f"other sites are refused")
-
-    def do_GET(self) -> None:
-        self._guarded(self._get)
-
-    def do_HEAD(self) -> None:
-        self._guarded(self._get)
-
-    def _get(self) -> None:
-        self._check_origin()
-        if self.path == "/api/info":
-            return self._json(HTTPStatus.OK, self.server.service.info())
-        if self.path in WEB_FILES:
-            name, content_type = WEB_FILES[self.path]
-            body = resources.files("cluster.serve").joinpath("web", name).read_bytes()
-            return self._send(HTTPStatus.OK, body, content_type,
-                              {"Content-Security-Policy": CSP, "Cache-Control": "no-store"})
-        raise ApiError(HTTPStatus.NOT_FOUND, f"no such page: {self.path:.100}")
-
-    def _not_allowed(self) -> None:
-        self.close_connection = True
-        self._json(HTTPStatus.METHOD_NOT_ALLOWED,
-                   {"error": f"method {self.command} is not allowed; use GET or POST"},
-                   {"Allow": "GET, HEAD, POST"})
-
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
-
-    def do_POST(self) -> None:
-        self._guarded(self._post)
-
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding") is not None:
-            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "Transfer-Encoding is not "
-                           "supported; send the body with a Content-Length header")
-        lengths = self.headers.get_all("Content-Length") or []
-        if not lengths:
-            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required")
-        if len(set(lengths)) > 1:
-            raise ApiError(HTTPStatus.BAD_REQUEST, "conflicting Content-Length headers")
-        text = lengths[0].strip()
-        if not re.fullmatch(r"[0-9]+", text):  # not -1 (read to EOF), not "abc"
-            raise ApiError(HTTPStatus.BAD_REQUEST,
-                           f"Content-Length {text!r:.40} is not a number of bytes")
-        if len(text) > 15 or int(text) > self.server.service.limits.max_body_bytes:
-            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                           f"body of {text:.20} bytes (Content-Length): at most "
-                           f"{self.server.service.limits.max_body_bytes}")
-        length = int(text)
-        try:
-            raw = self.rfile.read(length)
-        except TimeoutError:
-            raise ApiError(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within "
-                                                       f"{IO_TIMEOUT:g} s") from None
-        self._body_read = True
-        if len(raw) < length:
-            self.close_connection = True
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"the body ended after {len(raw)} of "
-                                                   f"its {length} bytes (Content-Length)")
-        return raw
-
-    def _post(self) -> None:
-        self._check_origin()
-        if self.path != "/api/chat":
-            raise ApiError(HTTPStatus.NOT_FOUND, f"no such endpoint: {self.path:.100}")
-        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
-        if content_type.lower() != "application/json":
-            raise ApiError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                           f"Content-Type must be application/json, not "
-                           f"{content_type or 'missing'!r:.60}")
-        body = _decode_json(self._read_body())
-        messages, sampling, streaming = self.server.service.parse(body)
-        reply = self.server.service.prepare(messages, sampling)
-        pieces = self.server.service.pieces(reply)
-        if streaming:
-            return self._stream(pieces, reply)
-        text = []
-        try:
-            for piece in pieces:
-                text.append(piece)
-                if self._client_gone():  # nobody would read the reply: stop generating
-                    self.close_connection = True
-                    return
+            for piece in self.generation.pieces():
+                if self.halt.is_set():
+                    break
+                self._put(piece)
+        except Exception as err:  # noqa: BLE001 - handed to the request, which logs it
+            outcome = err
         finally:
-            pieces.close()
-        self._json(HTTPStatus.OK, {"reply": "".join(text), "trimmed": reply.trimmed,
-                                   "pieces": len(text),
-                                   "finish_reason": reply.finish_reason})
+            self.generation.close()
+            self._put(outcome)
 
-    def _client_gone(self) -> bool:
-        """Whether the client has closed its end: its socket reads as at end of file. (A
-        client that only half-closes, shutting down its sending side while it waits, looks
-        the same; HTTP clients do not do that.) Pipelined bytes of a next request are data,
-        so they do not count."""
-        sock = self.connection
+    def _put(self, item) -> None:
         try:
-            if hasattr(select, "poll"):  # no FD_SETSIZE limit, unlike select()
-                poller = select.poll()
-                poller.register(sock, select.POLLIN)
-                if not poller.poll(0):
-                    return False
-            elif not select.select([sock], [], [], 0)[0]:
-                return False
-            return sock.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):  # reset by the peer, or already closed
-            return True
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop has closed (the server stopped): nobody reads
+            self.halt.set()
 
-    def _stream(self, pieces, reply: Reply) -> None:
+    async def pieces(self, request: Request):
+        """The reply's text pieces, until it ends or the client leaves. Checked between pieces
+        for both kinds of answer: uvicorn's send() to a client that has gone returns quietly,
+        so only this check notices a stream nobody reads."""
+        while True:
+            item = await self.queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+            if await request.is_disconnected():
+                return
+
+    def stop(self) -> None:
+        self.halt.set()
+
+
+class _Answer:
+    """The OpenAI objects for one reply: the completion, or the chunks of its stream."""
+
+    def __init__(self, model: str, reply: Reply, generation: Generation,
+                 include_usage: bool = False) -> None:
+        self.model, self.reply, self.generation = model, reply, generation
+        self.include_usage = include_usage
+        self.id = f"chatcmpl-{secrets.token_hex(12)}"
+        self.created = int(time.time())
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def usage(self) -> dict:
+        prompt, completion = len(self.reply.prompt), self.generation.completion_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
+
+    def completion(self, text: str) -> dict:
+        return {**self._head("chat.completion"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": None, "finish_reason": self.generation.finish_reason}],
+                "usage": self.usage(), "trimmed": self.reply.trimmed}
+
+    def chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
+        chunk = {**self._head("chat.completion.chunk"),
+                 "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                              "finish_reason": finish_reason}]}
+        if finish_reason is not None:
+            chunk["trimmed"] = self.reply.trimmed
+        if self.include_usage:  # every chunk says usage: null but the last
+            chunk["usage"] = None
+        return chunk
+
+    def usage_chunk(self) -> dict:
+        return {**self._head("chat.completion.chunk"), "choices": [], "usage": self.usage()}
+
+
+def _event(data) -> dict:
+    text = data if isinstance(data, str) else json.dumps(data)
+    return {"type": "http.response.body", "body": f"data: {text}\n\n".encode(),
+            "more_body": True}
+
+
+class EventStream:
+    """The Server-Sent Events answer to a streaming request. A plain ASGI callable rather than
+    Starlette's StreamingResponse: its ``finally`` always stops the generation, also when the
+    client leaves before the first event (a cancelled StreamingResponse can leave its body
+    iterator suspended, and with it the generation's slot, until garbage collection)."""
+
+    def __init__(self, running: _Running, request: Request, answer: _Answer) -> None:
+        self.running, self.request, self.answer = running, request, answer
+
+    async def __call__(self, scope, receive, send) -> None:
+        timed, error = _timed(send), None
         try:
-            first = next(pieces, None)  # a busy server answers 503 before any byte is sent
-            self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Accel-Buffering", "no")
-            self.send_header("Connection", "close")
-            self.close_connection = True  # the stream ends with the connection
-            self.end_headers()
-            self._answered = True
-            sent = 0
-            if first is not None:
-                self._event({"delta": first})
-                sent += 1
-            for piece in pieces:
-                if self._client_gone():
-                    return
-                self._event({"delta": piece})
-                sent += 1
-            self._event({"done": True, "trimmed": reply.trimmed, "pieces": sent,
-                         "finish_reason": reply.finish_reason})
-        except (ConnectionError, TimeoutError):
-            pass  # the client left (or stopped reading): stop generating
+            await timed({"type": "http.response.start", "status": 200,
+                         "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
+                                     (b"cache-control", b"no-store"),
+                                     (b"x-accel-buffering", b"no")]})
+            await timed(_event(self.answer.chunk({"role": "assistant", "content": ""})))
+            async for piece in self.running.pieces(self.request):
+                await timed(_event(self.answer.chunk({"content": piece})))
+            reason = self.running.generation.finish_reason
+            if reason is not None:  # None: the client left, so nobody reads the end
+                await timed(_event(self.answer.chunk({}, reason)))
+                if self.answer.include_usage:
+                    await timed(_event(self.answer.usage_chunk()))
+                await timed(_event("[DONE]"))
+        except _ClientStalled:
+            return  # uvicorn closes a connection whose answer was left unfinished
+        except Exception as err:  # noqa: BLE001 - headers are sent: an error event instead
+            error = error_body(internal_error(scope, err))
+        except asyncio.CancelledError:  # uvicorn stopping: see guard.STOPPING
+            # uvicorn does not wait for the requests it cancels (asyncio.run cancels them again
+            # at once), so the end goes out with send() itself, which writes without waiting
+            # unless the client is behind, rather than with timed(), which waits on a task.
+            timed, error = send, error_body(STOPPING)
         finally:
-            pieces.close()
+            self.running.stop()
+        try:
+            if error is not None:
+                await timed(_event(error))
+            await timed({"type": "http.response.body", "body": b"", "more_body": False})
+        except _ClientStalled:
+            pass
 
-    def _event(self, data: dict) -> None:
-        self.wfile.write(f"data: {json.dumps(data)}\n\n".encode())
-        self.wfile.flush()
+
+class _ClientStalled(Exception):
+    """The client has taken nothing of its stream for ``guard.IO_TIMEOUT`` seconds."""
 
 
-class WyrdServer(ThreadingHTTPServer):
-    """The HTTP server, knowing the Host names it answers to."""
+def _timed(send):
+    """``send``, given up after ``guard.IO_TIMEOUT``: uvicorn waits for a client to read what it
+    was sent before it takes more (flow control), and would wait for ever on one that stopped
+    reading."""
 
-    daemon_threads = True
+    async def timed(message) -> None:
+        try:
+            await asyncio.wait_for(send(message), guard.IO_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise _ClientStalled from None
 
-    def __init__(self, host: str, port: int, service: ChatService) -> None:
-        # An IPv6 literal needs an IPv6 socket (http.server's default is IPv4 only).
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        super().__init__((host, port), WyrdHandler)
+    return timed
+
+
+def build_app(service: ChatService, hosts: frozenset[str] | None, origin: str,
+              pool: ThreadPoolExecutor) -> Starlette:
+    """The ASGI app: the page, its info, the OpenAI API; ``hosts``: the Host values accepted
+    (None: any), ``origin``: the server's own, named in refusals; ``pool``: the threads that
+    run generations (``service.limits.max_concurrent`` of them)."""
+
+    page = static_files("web", WEB_FILES)
+
+    async def info(request: Request) -> Response:
+        return JSONResponse(service.info())
+
+    def model_card() -> dict:
+        return {"id": service.name, "object": "model", "created": service.created,
+                "owned_by": "chimera"}
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def model(request: Request) -> Response:
+        service.check_model(request.path_params["model"])
+        return JSONResponse(model_card())
+
+    async def chat_completions(request: Request):
+        chat = service.parse(_decode_json(await request.body()))
+        # encoding and trimming a long history is CPU work too: off the event loop
+        reply = await run_in_threadpool(service.prepare, chat.messages, chat.sampling)
+        generation = service.start(reply, chat.stop)  # 503 here, before any byte is sent
+        try:
+            running = _Running(generation, pool)
+        except BaseException:
+            generation.close()
+            raise
+        answer = _Answer(service.name, reply, generation, chat.include_usage)
+        if chat.stream:
+            return EventStream(running, request, answer)
+        try:
+            text = "".join([piece async for piece in running.pieces(request)])
+        finally:
+            running.stop()
+        return JSONResponse(answer.completion(text))
+
+    routes = [Route("/", page), Route("/app.js", page), Route("/api/info", info),
+              Route("/v1/models", models), Route("/v1/models/{model:path}", model),
+              Route("/v1/chat/completions", chat_completions, methods=["POST"])]
+    return guarded_app(routes, hosts, origin, service.limits.max_body_bytes)
+
+
+class WyrdServer(LocalServer):
+    """``chimera serve``'s server: the chat app, its generations in a pool of threads."""
+
+    def __init__(self, service: ChatService, host: str = "127.0.0.1", port: int = 8000) -> None:
         self.service = service
-        self.bound_host = host
-        port = self.server_address[1]
-        if host in EVERY_INTERFACE:
-            self.allowed_hosts = None  # any: see the module docstring
-        else:
-            names = {*LOOPBACK_HOSTS, f"[{host}]" if ":" in host else host.lower()}
-            self.allowed_hosts = frozenset({f"{name}:{port}" for name in names}
-                                           | (names if port == 80 else set()))
+        self.pool = ThreadPoolExecutor(service.limits.max_concurrent,
+                                       thread_name_prefix="wyrd-generate")
+        super().__init__(lambda hosts, origin: build_app(service, hosts, origin, self.pool),
+                         host, port)
 
-    def allows_host(self, host: str) -> bool:
-        return self.allowed_hosts is None or host in self.allowed_hosts
-
-    def own_origin(self) -> str:
-        host = self.bound_host if self.bound_host not in EVERY_INTERFACE else "127.0.0.1"
-        host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.server_address[1]}"
-
-    def handle_error(self, request, client_address) -> None:
-        """A connection that failed outside a request's handler (reset while its request line
-        was read, say): one line in the log, not a traceback."""
-        err = sys.exc_info()[1]
-        if isinstance(err, (ConnectionError, TimeoutError)):
-            return  # the client went away: nothing to report
-        sys.stderr.write(f"wyrd: connection from {client_address[0]}: "
-                         f"{type(err).__name__}: {err}\n")
+    def server_close(self) -> None:
+        super().server_close()
+        # Every generation has been told to stop by now (its request ended or was cancelled),
+        # so this waits for one token at most: afterwards no thread is generating.
+        self.pool.shutdown(wait=True)
 
 
 def make_server(service: ChatService, host: str = "127.0.0.1", port: int = 8000
                 ) -> WyrdServer:
-    """The HTTP server (not yet serving); port 0 picks a free port."""
-    return WyrdServer(host, port, service)
+    """The server, bound but not yet serving; port 0 picks a free port."""
+    return WyrdServer(service, host, port)

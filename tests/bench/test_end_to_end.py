@@ -29,7 +29,7 @@ def _documents(count: int, words: int, seed: int = 0) -> list[str]:
 
 def _args(corpus: Path, **changes) -> argparse.Namespace:
     values = dict(corpus=str(corpus), val=None, separator="auto", quick=False, budget=3.0,
-                  evolve_share=0.35, split_seed=0)
+                  evolve_share=0.35, split_seed=0, evolve_args=None)
     return argparse.Namespace(**{**values, **changes})
 
 
@@ -91,8 +91,9 @@ def test_a_baseline_trains_for_its_budget_and_is_scored(tmp_path, name):
     e2e.prepare_bench(_args(corpus), work)
     e2e.prepare_baseline_store(work, tokenizer="char")
     launched = time.time()
-    result = e2e.run_baseline(e2e.Job(name, "x", 0), work, launched, launched + 3.0)
-    assert result["wall_seconds"] < 10.0 and result["steps"] > 0
+    # 6 s: the first evaluation and a step must fit even on a busy machine.
+    result = e2e.run_baseline(e2e.Job(name, "x", 0), work, launched, launched + 6.0)
+    assert result["wall_seconds"] < 15.0 and result["steps"] > 0
     assert 0 < result["bpb"] < 8 and math.isfinite(result["val_bpb"])
     assert result["tokens_per_second"] > 0 and result["documents"] == 40
 

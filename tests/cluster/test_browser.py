@@ -1,14 +1,14 @@
-"""Wyrd in headless Chromium: load the page, send a message, watch the reply stream in, start a
-new chat; markup typed by the user stays text. A screenshot is saved as a test artifact
-(``$ARTIFACTS_DIR`` or ``test-artifacts/``)."""
+"""Wyrd in headless Chromium: load the page, send a message, watch the reply stream in (from
+/v1/chat/completions), start a new chat; markup typed by the user stays text. A screenshot is
+saved as a test artifact (``$ARTIFACTS_DIR`` or ``test-artifacts/``)."""
 
 import os
-import shutil
-import threading
 from pathlib import Path
 
 import pytest
 import torch
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 from chimera.chat import stop_token_ids
 from chimera.checkpoint import save_model
@@ -17,17 +17,6 @@ from chimera.inference import TOKENIZER_DIR, load_pretrained
 from chimera.model import Chimera
 from chimera.tokenizer import train_char
 from cluster.serve import ChatService, make_server
-
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-if not (CHROMIUM and CHROMEDRIVER):
-    if os.environ.get("CI"):  # CI installs them (scripts/browser_deps.sh): missing is a failure
-        raise RuntimeError("chromium and chromedriver are missing; run scripts/browser_deps.sh")
-    pytest.skip("needs Debian's chromium and chromium-driver (scripts/browser_deps.sh)",
-                allow_module_level=True)
-
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 ARTIFACTS = Path(os.environ.get("ARTIFACTS_DIR", "test-artifacts"))
 
@@ -62,27 +51,11 @@ def url(tmp_path_factory):
     model, tokenizer = load_pretrained(directory)
     service = ChatService(NeverStops(model, stop_token_ids(tokenizer)), tokenizer,
                           "browser-test")
-    httpd = make_server(service, "127.0.0.1", 0)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
-    httpd.shutdown()
-    httpd.server_close()
+    with make_server(service, "127.0.0.1", 0) as httpd:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
 
 
-@pytest.fixture(scope="module")
-def browser():
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                 "--window-size=1000,800"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER),
-                              options=options)
-    yield driver
-    driver.quit()
-
-
-def test_send_a_message_and_see_the_reply_stream(url, browser):
+def test_send_a_message_and_see_the_reply_stream(browser, url):  # (browser: skips first)
     browser.get(url)
     wait = WebDriverWait(browser, 60, poll_frequency=0.02)
     wait.until(lambda d: "parameters" in d.find_element(By.ID, "model").text)

@@ -70,3 +70,29 @@ def test_every_option_of_evolve_reaches_the_settings(tmp_path, monkeypatch):
         assert getattr(changed, field) != getattr(base, field), argv
         assert dataclasses.replace(changed, **{field: getattr(base, field)},
                                    run_dir=base.run_dir) == base, argv
+
+
+def test_a_search_on_a_wall_clock_ranks_candidates_at_equal_time(tmp_path, monkeypatch):
+    from cluster.app.candidate_budget import (
+        CANDIDATE_SECONDS_RANGE,
+        TOKENS_PER_CANDIDATE,
+        candidate_seconds_for,
+    )
+    from trainers.candidate import BudgetKind, TrainBudget
+
+    monkeypatch.chdir(tmp_path)
+    budgeted = evolve_settings(parse("evolve", "--budget", "10m", "--workers", "2"))
+    assert budgeted.candidate_budget == TrainBudget(BudgetKind.SECONDS,
+                                                    round(candidate_seconds_for(600, 2), 1))
+    # Longer searches train longer candidates, within bounds.
+    times = [candidate_seconds_for(wall, 2) for wall in (10, 180, 600, 3600, 10**6)]
+    assert times == sorted(times) and times[1] == 20.0
+    assert (times[0], times[-1]) == CANDIDATE_SECONDS_RANGE
+    # No wall clock, hurdles or a FLOPs budget: a step count is needed, tokens it is.
+    tokens = TrainBudget(BudgetKind.TOKENS, TOKENS_PER_CANDIDATE)
+    for argv in (["--max-candidates", "3"], ["--budget", "1m", "--hurdles", "3"],
+                 ["--budget", "1m", "--flops", "1e12"]):
+        assert evolve_settings(parse("evolve", *argv)).candidate_budget == tokens, argv
+    # A flag wins.
+    given = evolve_settings(parse("evolve", "--budget", "1m", "--candidate-tokens", "5000"))
+    assert given.candidate_budget == TrainBudget(BudgetKind.TOKENS, 5000)

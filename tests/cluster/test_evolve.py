@@ -301,3 +301,26 @@ def test_flops_parse():
         parse_flops("lots")
     with pytest.raises(Exception, match="not a positive number of FLOPs"):
         parse_flops("0")
+
+
+def test_a_budget_is_the_commands_wall_clock_its_start_up_included(tmp_path, monkeypatch):
+    """What the command spent before the search (its start-up, the store) comes out of the
+    search's time: with all but a second of a 20-second budget gone, no candidate fits."""
+    from rich.console import Console
+
+    import cluster.cli.clock as clock
+    from cluster.app.evolve import EvolveSettings, run_evolve
+    from search.loop import SearchLimits
+    from trainers.corpus import CorpusSpec
+
+    monkeypatch.setattr(sys, "argv", ["chimera"])
+    assert clock.seconds_since_launch() > 0  # this process has run a while
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    assert clock.seconds_since_launch() == 0  # inside another program: nothing to count
+
+    settings = EvolveSettings(run_dir=str(tmp_path / "run"), tokenizer="char",
+                              corpus=CorpusSpec("stories", stories_bytes=60_000),
+                              limits=SearchLimits(wall_seconds=20), in_process=True)
+    outcome = run_evolve(settings, Console(quiet=True), live=False, spent_seconds=19)
+    assert outcome.report.launched == 0
+    assert "time budget" in outcome.report.stop_reason

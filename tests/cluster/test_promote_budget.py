@@ -6,7 +6,12 @@ import pytest
 
 import cluster.app.promote.budget as budget_module
 from chimera.config import ChimeraConfig
-from cluster.app.promote.budget import EVALUATE_SHARE, SFT_SHARE, plan_stages
+from cluster.app.promote.budget import (
+    EVALUATE_SHARE,
+    SFT_SHARE,
+    STEP_CAP,
+    plan_stages,
+)
 from cluster.app.promote.settings import PromoteSettings
 from cluster.cli import main
 from trainers.recipe import TrainHparams
@@ -34,10 +39,13 @@ def test_pretraining_gets_what_fine_tuning_evaluation_and_the_setup_leave(measur
     assert plan.pretrain_seconds == pytest.approx(600 * (1 - SFT_SHARE - EVALUATE_SHARE) - 10)
     assert plan.pretrain_tokens == int(plan.pretrain_seconds * LOOP_RATE)
     assert plan.refine_tokens is None  # refinement has no share by default
-    # SFT: its share of the budget in steps of 16 x 320 tokens, at most --sft-steps.
-    assert plan.sft_steps == int(SFT_SHARE * 600 * LOOP_RATE / (16 * 320)) < settings.sft_steps
+    # SFT: its share of the budget on the clock, at most --sft-steps or 3x the steps expected.
+    assert plan.sft_seconds == pytest.approx(SFT_SHARE * 600)
+    expected = int(SFT_SHARE * 600 * LOOP_RATE / (16 * 320))
+    assert plan.sft_steps == min(settings.sft_steps, STEP_CAP * expected)
     applied = plan.applied(settings)
     assert applied.pretrain_tokens == plan.pretrain_tokens and applied.skips_refinement
+    assert applied.pretrain_seconds == plan.pretrain_seconds  # pretraining runs on the clock
 
 
 def test_a_refinement_share_comes_out_of_pretraining(measured):
@@ -60,14 +68,19 @@ def test_a_budgeted_promote_runs_records_its_plan_and_a_rerun_keeps_it(tmp_path,
                                                                        capsys):
     run = tmp_path / "run"
     assert main(["evolve", "--run-dir", str(run), *TINY_RUN]) == 0
-    command = ["promote", str(run), "--budget", "20s", *TINY_SFT]
+    command = ["promote", str(run), "--budget", "40s", *TINY_SFT]
     assert main(command) == 0
     out = run / "promoted"
     metrics = json.loads((out / "metrics.json").read_text())
     plan = metrics["budget_plan"]
-    assert plan["budget_seconds"] == 20 and plan["tokens_per_second"] > 0
-    assert metrics["pretrain"]["tokens"] <= plan["pretrain_tokens"]
+    assert plan["budget_seconds"] == 40 and plan["tokens_per_second"] > 0
+    # Pretraining ran on the clock: its planned seconds, whatever the tokens came to.
+    assert plan["pretrain_seconds"] <= metrics["seconds"]["pretrain"] \
+        <= plan["pretrain_seconds"] + 15
+    assert metrics["pretrain"]["tokens"] <= STEP_CAP * plan["pretrain_tokens"]
     assert metrics["refine"]["skipped"] and metrics["refine"]["complete"] == 0
+    # Fine-tuning on the clock too, at most --sft-steps (4: the cap ends it here).
+    assert plan["sft_seconds"] == pytest.approx(SFT_SHARE * 40)
     assert metrics["sft"]["steps"] == min(4, plan["sft_steps"])
     assert "Not refined" in (out / "report.md").read_text()
     state = json.loads((out / "promote-state.json").read_text())
@@ -83,5 +96,5 @@ def test_a_budgeted_promote_runs_records_its_plan_and_a_rerun_keeps_it(tmp_path,
     assert "nothing left to do" in capsys.readouterr().out
     # Another budget is another promote: refused, naming the flag.
     monkeypatch.undo()
-    assert main(["promote", str(run), "--budget", "30s", *TINY_SFT]) == 2
+    assert main(["promote", str(run), "--budget", "50s", *TINY_SFT]) == 2
     assert "--budget" in capsys.readouterr().err

@@ -78,3 +78,37 @@ def test_built_in_stories_keep_the_generator_data(run):
     assert question_source(settings, stories, None, None) is qa_items
     first = sft_conversations(settings, stories, None, None, 3)[0]["messages"]
     assert first[-1]["role"] == "assistant"
+
+
+def test_documents_with_nothing_to_ask_skip_question_answering_with_a_note(run):
+    settings, _ = run
+    tokenizer = run_store(settings).load_tokenizer()
+    plan = plan_evaluation(settings, tokenizer, lambda n, seed: [])
+    assert plan.qa_items == [] and plan.sample_item is None
+    assert any("question answering not measured" in note for note in plan.notes)
+    assert plan.questions  # the samples of the report are still made
+
+
+def test_a_corpus_with_nothing_to_ask_is_promoted_without_question_answering(tmp_path,
+                                                                              monkeypatch):
+    from cluster.cli import main
+
+    # Lower-case word lists: no speaker, name, place, object or sentence to ask about.
+    words = "apple river stone cloud bread lamp field wind".split()
+    corpus = tmp_path / "lists.txt"
+    corpus.write_text("\n\n".join(" ".join(words[(i + k) % 8] for k in range(12))
+                                  for i in range(80)) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["evolve", "--run-dir", "run", "--corpus", str(corpus), "--separator", "blank",
+                 "--tokenizer", "char", "--batch-size", "4", "--seq-len", "32", "--in-process",
+                 "--candidate-steps", "3", "--no-live", "--no-warm-start",
+                 "--max-candidates", "1"]) == 0
+    assert main(["promote", "run", "--in-process", "--trials", "2", "--rungs", "2",
+                 "--refine-tokens", "2K", "--pretrain-tokens", "3K", "--max-seq-len", "512",
+                 "--sft-steps", "2", "--sft-conversations", "16", "--sft-seq-len", "320",
+                 "--sft-batch-size", "2", "--qa-questions", "2"]) == 0
+    metrics = json.loads((tmp_path / "run" / "promoted" / "metrics.json").read_text())
+    assert metrics["qa_accuracy"]["base"] is None and metrics["qa_accuracy"]["chat"] is None
+    assert metrics["heldout_bpb"]["chat"] > 0  # the rest of the evaluation was done
+    report = (tmp_path / "run" / "promoted" / "report.md").read_text()
+    assert "not measured" in report and "give no question" in report

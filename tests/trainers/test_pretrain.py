@@ -170,3 +170,56 @@ def test_the_measured_training_speed_counts_only_the_timed_steps(store, monkeypa
                         lambda *a, **k: calls.append(k["step"]) or real_step(*a, **k))
     rate = measure_tokens_per_second(_plan(store).config, HPARAMS, store, steps=2, warmup=1)
     assert calls == [0, 1, 2] and rate > 0
+
+
+class _Clock:
+    """A stand-in for ``time.perf_counter`` that each training batch moves on a second, so a
+    clock-budgeted run's length and schedule are exact."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class _TimedBatches(StoreBatches):
+    def __init__(self, store, hparams, seed, clock: _Clock) -> None:
+        super().__init__(store, hparams, seed)
+        self.clock = clock
+
+    def batch(self, step):
+        self.clock.now += 1.0  # the step's second
+        return super().batch(step)
+
+
+def _timed_fit(store, monkeypatch, settings, checkpoints=None, stop_after=None):
+    import trainers.steps as steps_module
+    clock = _Clock()
+    monkeypatch.setattr(steps_module, "time", clock)
+    torch.manual_seed(0)
+    model = Chimera(_plan(store).config)
+    return fit(model, HPARAMS, _TimedBatches(store, HPARAMS, 0, clock), settings, checkpoints,
+               stop_after=stop_after)
+
+
+def test_a_clock_budget_trains_until_its_seconds_are_spent_on_a_schedule_that_follows_them(
+        store, monkeypatch):
+    result = _timed_fit(store, monkeypatch, FitSettings(steps=1000, seconds=10))
+    assert result.step == 10  # a second a step: the clock, not the 1000 steps, ended it
+    # Step k ran where the clock stood before it, k-1 seconds of 10: the schedule of 10 steps.
+    lrs = [lr for _, _, lr in result.history.train]
+    assert lrs == pytest.approx([learning_rate_at(k / 10, HPARAMS) for k in range(10)])
+    # The step count caps a clock that would run on.
+    assert _timed_fit(store, monkeypatch, FitSettings(steps=4, seconds=10)).step == 4
+
+
+def test_a_resumed_clock_budget_continues_the_clock_it_saved(store, monkeypatch, tmp_path):
+    settings = FitSettings(steps=1000, seconds=10, checkpoint_every=1)
+    straight = _timed_fit(store, monkeypatch, settings, tmp_path / "a")
+    first = _timed_fit(store, monkeypatch, settings, tmp_path / "b", stop_after=4)
+    assert first.interrupted and first.step == 4
+    resumed = _timed_fit(store, monkeypatch, settings, tmp_path / "b")
+    assert resumed.step == straight.step == 10
+    assert [lr for *_, lr in resumed.history.train] == \
+        pytest.approx([lr for *_, lr in straight.history.train])

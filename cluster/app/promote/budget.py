@@ -6,6 +6,12 @@ budgets its best trial was the search's own defaults, so it bought nothing; see 
 and pretraining everything else, less what the promote already spent getting there. Tokens and
 steps follow from this machine's training speed for the model, measured here on a few steps of
 the model itself (the search's figure was measured beside other workers, on one thread).
+Pretraining and fine-tuning then run on the clock: each stops when its seconds are spent, its
+learning-rate schedule following them, so a measurement that reads the speed low or high moves
+only the evaluations' cadence, not the time the model trains (the measured 8 steps were 0.75x
+the loop's speed in one 10-minute bench run: a step-sized plan ended pretraining with a quarter
+of its time unused; and fine-tuning's longer sequences train at another speed than pretraining's
+measured one).
 
 The plan is made once and kept in the stage records, so a rerun of an interrupted promote
 resumes the same plan (its checkpoints belong to it) instead of measuring again.
@@ -14,6 +20,7 @@ resumes the same plan (its checkpoints belong to it) instead of measuring again.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 
 from chimera.config import ChimeraConfig
@@ -34,18 +41,23 @@ MIN_PRETRAIN_STEPS = 20
 # bench/end_to_end.py on tinyshakespeare: 0.82x, 1.07x, 0.99x). Now 8 steps are measured, and
 # the plan takes 0.9 of them: a promote had better end a little early than overrun.
 LOOP_EFFICIENCY = 0.9
+# A stage on the clock is capped at this many times the steps the plan expects: a loop runs
+# faster than its measurement, not this much faster, and a cap keeps a stalled clock finite.
+STEP_CAP = 3
 
 
 @dataclass(frozen=True)
 class StagePlan:
-    """What a budget buys on this machine: tokens and steps per stage."""
+    """What a budget buys on this machine: tokens and steps per stage (pretraining's tokens
+    are what its seconds are expected to train)."""
 
     budget_seconds: float
     tokens_per_second: float  # of this model's training loop, measured here
     pretrain_seconds: float
     pretrain_tokens: int
     refine_tokens: int | None  # per trial; None: no refinement
-    sft_steps: int
+    sft_steps: int  # at most: --sft-steps, or the clock's cap
+    sft_seconds: float | None = None  # None: a plan made before fine-tuning ran on the clock
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -57,8 +69,9 @@ class StagePlan:
     def applied(self, settings: PromoteSettings) -> PromoteSettings:
         """``settings`` with the plan's tokens and steps."""
         return dataclasses.replace(settings, pretrain_tokens=self.pretrain_tokens,
+                                   pretrain_seconds=self.pretrain_seconds,
                                    refine_tokens=self.refine_tokens,
-                                   sft_steps=self.sft_steps)
+                                   sft_steps=self.sft_steps, sft_seconds=self.sft_seconds)
 
 
 def plan_stages(settings: PromoteSettings, config: ChimeraConfig, hparams: TrainHparams,
@@ -66,8 +79,10 @@ def plan_stages(settings: PromoteSettings, config: ChimeraConfig, hparams: Train
     """Split ``settings.budget_seconds`` (of which ``spent_seconds`` are gone) over the stages
     for ``config`` trained with ``hparams``."""
     budget = settings.budget_seconds
+    began = time.perf_counter()
     rate = LOOP_EFFICIENCY * measure_tokens_per_second(config, hparams, store,
                                                        device=settings.device)
+    spent_seconds += time.perf_counter() - began  # the measurement is part of the budget
     refine_seconds = settings.refine_share * budget
     pretrain_seconds = budget * (1 - SFT_SHARE - EVALUATE_SHARE) - refine_seconds \
         - spent_seconds
@@ -82,6 +97,7 @@ def plan_stages(settings: PromoteSettings, config: ChimeraConfig, hparams: Train
         per_trial = refine_seconds * rate / (settings.refine.trials * REFINE_COST_PER_TRIAL)
         refine_tokens = max(step_tokens * settings.refine.rungs, int(per_trial))
     sft_step_tokens = settings.sft_hparams.batch_size * settings.sft_hparams.seq_len
-    sft_steps = max(1, min(settings.sft_steps, int(SFT_SHARE * budget * rate / sft_step_tokens)))
+    sft_seconds = SFT_SHARE * budget
+    expected = max(1, int(sft_seconds * rate / sft_step_tokens))
     return StagePlan(budget, rate, pretrain_seconds, int(pretrain_seconds * rate),
-                     refine_tokens, sft_steps)
+                     refine_tokens, min(settings.sft_steps, STEP_CAP * expected), sft_seconds)

@@ -19,7 +19,7 @@ from chimera.inference import TOKENIZER_DIR
 from chimera.model import param_counts_analytic
 from chimera.tokenizer import load_tokenizer
 from cluster.app.evolve import EvolveSettings
-from cluster.app.promote.budget import StagePlan, plan_stages
+from cluster.app.promote.budget import STEP_CAP, StagePlan, plan_stages
 from cluster.app.promote.instruction_data import (
     heldout_bpb,
     sft_conversations,
@@ -47,13 +47,14 @@ from trainers.sft import (
 from trainers.store import TokenStore
 
 
-def promote(settings: PromoteSettings, console: Console) -> dict:
+def promote(settings: PromoteSettings, console: Console, spent_seconds: float = 0.0) -> dict:
     """Run every stage not yet done; returns the metrics (also in OUT/metrics.json and
-    OUT/report.md). A failure before anything is written into an output directory this call
-    created removes that directory again (and the parents it created), and nothing else."""
+    OUT/report.md). ``spent_seconds``: of ``--budget``, what the command spent before this
+    call (its start-up). A failure before anything is written into an output directory this
+    call created removes that directory again (and the parents it created), and nothing else."""
     created = _missing_directories(settings.out_dir)
     try:
-        return _promote(settings, console)
+        return _promote(settings, console, spent_seconds)
     except BaseException:
         _remove_if_empty(created)
         raise
@@ -106,8 +107,8 @@ class _Run:
                            f"({what}); skipped", markup=False, highlight=False)
 
 
-def _promote(settings: PromoteSettings, console: Console) -> dict:
-    started = time.perf_counter()
+def _promote(settings: PromoteSettings, console: Console, spent_seconds: float) -> dict:
+    started = time.perf_counter() - spent_seconds
     candidate_id, genome, run = winner(settings.run_dir, settings.candidate_id)
     store = TokenStore.open(Path(settings.run_dir) / STORE_DIR)
     tokenizer = store.load_tokenizer()
@@ -172,9 +173,10 @@ def _budgeted(settings: PromoteSettings, config: ChimeraConfig, hparams: TrainHp
         records.keep_budget_plan(plan.to_dict())
     refine = f"{plan.refine_tokens:,} tokens per trial" if plan.refine_tokens else "none"
     console.print(f"  budget {plan.budget_seconds:,.0f}s at {plan.tokens_per_second:,.0f} "
-                  f"training tokens/s: pretraining {plan.pretrain_tokens:,} tokens "
-                  f"(~{plan.pretrain_seconds:,.0f}s), refinement {refine}, fine-tuning "
-                  f"{plan.sft_steps} steps", highlight=False)
+                  f"training tokens/s: pretraining {plan.pretrain_seconds:,.0f}s "
+                  f"(~{plan.pretrain_tokens:,} tokens), refinement {refine}, fine-tuning "
+                  f"{plan.sft_seconds or 0:,.0f}s (at most {plan.sft_steps} steps)",
+                  highlight=False)
     return plan.applied(settings)
 
 
@@ -221,12 +223,15 @@ def _pretrain(ctx: _Run, tuned_config: ChimeraConfig, hparams: TrainHparams) -> 
         ctx.console.rule("pretrain")
         ctx.records.begin("pretrain", ctx.wanted["pretrain"])
         steps = steps_for_tokens(settings.pretrain_tokens, hparams)
+        clock = settings.pretrain_seconds
         # Evaluated every 1/16 of the way, and the best evaluation's weights kept: on a small
-        # corpus the last epochs of a long budget overfit.
+        # corpus the last epochs of a long budget overfit. Under a budget, on the clock.
         plan = PretrainPlan(tuned_config, hparams,
-                            FitSettings(steps=steps, eval_every=max(1, steps // 16),
+                            FitSettings(steps=steps * (STEP_CAP if clock else 1),
+                                        eval_every=max(1, steps // 16),
                                         checkpoint_every=max(1, steps // 8),
-                                        compile=settings.compile, keep_best=True),
+                                        compile=settings.compile, keep_best=True,
+                                        seconds=clock),
                             settings.seed)
         _, pre = run_pretrain(plan, ctx.store, out / BASE_DIR, ctx.console,
                               settings.train_workers, settings.device,
@@ -264,7 +269,8 @@ def _fine_tune(ctx: _Run):
         chat_model, sft, dropped = run_sft(load_model(out / BASE_DIR, device=settings.device),
                                            tokenizer, train, val, settings.sft_hparams,
                                            settings.sft_steps, out, ctx.console, settings.seed,
-                                           settings.device, ctx.store, settings.pretrain_mix)
+                                           settings.device, ctx.store, settings.pretrain_mix,
+                                           settings.sft_seconds)
         if sft.interrupted:
             raise KeyboardInterrupt
         save_model(chat_model, out)
@@ -299,12 +305,14 @@ def _evaluate(ctx: _Run, evaluation, chat_model, tokenizer, refined: dict,
     ctx.console.print(f"  held-out text (validation split): base {bpb['base']:.4f} bpb, chat "
                       f"{bpb['chat']:.4f} bpb", highlight=False)
     base_for_chat, _ = ensure_chat_tokens(base, tokenizer)
-    qa_base = qa_accuracy(base_for_chat, tokenizer, items, QA_NEW_TOKENS,
-                          context=settings.max_seq_len)
-    qa_chat = qa_accuracy(chat_model, tokenizer, items, QA_NEW_TOKENS,
-                          context=settings.max_seq_len)
-    ctx.console.print(f"  held-out question answering: base {qa_base:.0%}, chat "
-                      f"{qa_chat:.0%} ({len(items)} questions)", highlight=False)
+    qa_base = qa_chat = None  # None: not measured (the preflight's notes say why)
+    if items:
+        qa_base = qa_accuracy(base_for_chat, tokenizer, items, QA_NEW_TOKENS,
+                              context=settings.max_seq_len)
+        qa_chat = qa_accuracy(chat_model, tokenizer, items, QA_NEW_TOKENS,
+                              context=settings.max_seq_len)
+        ctx.console.print(f"  held-out question answering: base {qa_base:.0%}, chat "
+                          f"{qa_chat:.0%} ({len(items)} questions)", highlight=False)
     samples = sample_outputs(base_for_chat, chat_model, tokenizer, settings.seed, evaluation)
     timings = {stage: ctx.records.done(stage)["seconds"] for stage in STAGES[:3]}
     timings["evaluate"] = time.perf_counter() - t0

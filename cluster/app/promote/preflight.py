@@ -47,8 +47,8 @@ class EvaluationPlan:
     story_prompt: list[int]  # token ids of STORY_PROMPT (its tail, if trimmed)
     story_text: str  # what those ids stand for, as report.md shows it
     questions: list[str]  # the SAMPLE_QUESTIONS whose prompt fits
-    qa_items: list[dict]  # the held-out questions scored
-    sample_item: dict  # the held-out question shown in report.md
+    qa_items: list[dict]  # the held-out questions scored (none: the documents give none)
+    sample_item: dict | None  # the held-out question shown in report.md
     sample_tokens: int  # new tokens per sample
     sample_item_tokens: int  # new tokens for the held-out question's reply
     notes: list[str] = field(default_factory=list)  # what was skipped or trimmed, and why
@@ -140,9 +140,12 @@ def plan_evaluation(settings: PromoteSettings, tokenizer,
     wanted = settings.qa_questions
     drawn = draw_questions(min(wanted * QA_DRAW_FACTOR, wanted + 400), settings.seed)
     if not drawn:
-        raise PromoteError("the run's held-out documents give no question to score (no "
-                           "speaker, name, place or pair of sentences found in them); use a "
-                           "corpus of prose or plays, or a larger validation fraction")
+        # A corpus with nothing to ask about (tables, code, a synthetic text) still gets its
+        # model, its chat model and the held-out bits per byte; only the accuracy is missing.
+        notes.append("question answering not measured: the run's held-out documents give no "
+                     "question (no speaker, name, place or pair of sentences found in them)")
+        return _plan(tokenizer, story, story_text, questions, [], None, sample_tokens,
+                     sample_tokens, notes)
     items, considered, shortest = _first_fitting(tokenizer, drawn, wanted,
                                                  context - QA_NEW_TOKENS)
     if not items:
@@ -166,6 +169,14 @@ def plan_evaluation(settings: PromoteSettings, tokenizer,
                      f"{sample_tokens} tokens for the reply: report.md shows a scored one, "
                      f"with {QA_NEW_TOKENS}")
 
+    return _plan(tokenizer, story, story_text, questions, items, sample[0], sample_tokens,
+                 sample_item_tokens, notes)
+
+
+def _plan(tokenizer, story: list[int], story_text: str, questions: list[str],
+          items: list[dict], sample_item: dict | None, sample_tokens: int,
+          sample_item_tokens: int, notes: list[str]) -> EvaluationPlan:
+    """The plan, with a note on the characters its prompts need that the tokenizer lacks."""
     texts = [STORY_PROMPT, *SAMPLE_QUESTIONS, *(m["content"] for i in items
                                                 for m in i["messages"])]
     template = tokenizer.apply_chat_template([{"role": "user", "content": ""}],
@@ -176,7 +187,7 @@ def plan_evaluation(settings: PromoteSettings, tokenizer,
     if unknown:
         notes.append(f"the tokenizer lacks {', '.join(repr(c) for c in unknown)} (used by the "
                      f"prompts or the chat template): they become {tokenizer.unk_token}")
-    return EvaluationPlan(story, story_text, questions, items, sample[0], sample_tokens,
+    return EvaluationPlan(story, story_text, questions, items, sample_item, sample_tokens,
                           sample_item_tokens, notes)
 
 

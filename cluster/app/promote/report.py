@@ -40,6 +40,10 @@ def sample_outputs(base: Chimera, chat: Chimera, tokenizer, seed: int,
     return {"base_story": evaluation.story_text + story, "chat": chats}
 
 
+def _share(value: float | None) -> str:
+    return "not measured (see the notes)" if value is None else f"{value:.1%}"
+
+
 def hardware(device: str) -> str:
     text = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     if device.startswith("cuda") and torch.cuda.is_available():
@@ -90,8 +94,8 @@ Genome: `{m['genome_summary']}` ({m['params'] / 1e6:.2f}M parameters)
 | SFT validation loss, assistant tokens (nats) | {m['sft']['val_loss_assistant_tokens']:.4f} |
 | held-out text bpb (validation split), base model | {m['heldout_bpb']['base']:.4f} |
 | held-out text bpb (validation split), chat model | {m['heldout_bpb']['chat']:.4f} |
-| held-out question answering, base model | {m['qa_accuracy']['base']:.1%} |
-| held-out question answering, chat model | {m['qa_accuracy']['chat']:.1%} |
+| held-out question answering, base model | {_share(m['qa_accuracy']['base'])} |
+| held-out question answering, chat model | {_share(m['qa_accuracy']['chat'])} |
 | questions (from {m['qa_accuracy']['source']}) | {m['qa_accuracy']['questions']} |
 
 ![loss curves](loss_curves.png)

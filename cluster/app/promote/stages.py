@@ -59,11 +59,13 @@ class StepProgress:
             self.val = f" val {report.val_loss:.3f}"
         speed = f" {report.tokens_per_second:,.0f} tok/s" if report.tokens_per_second else ""
         stats = f"loss {report.loss:.3f}{bpb}{self.val}{speed}"
-        self.progress.update(self.task, completed=report.step, stats=stats)
+        # On a clock the run's length is the pace so far extrapolated (report.total_steps).
+        self.progress.update(self.task, completed=report.step, total=report.total_steps,
+                             stats=stats)
         if self.lines and (report.val_loss is not None
                            or report.step % max(1, self.total // 10) == 0):
-            self.console.print(f"  {self.label} step {report.step}/{self.total}: {stats}",
-                               highlight=False)
+            self.console.print(f"  {self.label} step {report.step}/{report.total_steps}: "
+                               f"{stats}", highlight=False)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -141,9 +143,11 @@ def _notice(console: Console):
 def run_sft(model: Chimera, tokenizer, train: list[dict], val: list[dict],
             hparams: TrainHparams, steps: int, out: Path, console: Console, seed: int = 0,
             device: str = "cpu", plain: TokenStore | None = None,
-            pretrain_mix: float = 0.0) -> tuple[Chimera, FitResult, int]:
+            pretrain_mix: float = 0.0, seconds: float | None = None
+            ) -> tuple[Chimera, FitResult, int]:
     """Fine-tune on conversations (resuming from ``out/checkpoints/sft``), with
-    ``pretrain_mix`` of each batch's rows windows of ``plain``'s training text; returns the
+    ``pretrain_mix`` of each batch's rows windows of ``plain``'s training text, for ``steps``
+    (or ``seconds`` of wall clock, at most ``steps``: see FitSettings); returns the
     model (its vocabulary grown if the tokenizer lacked the chat tokens), the result and how
     many conversations were too long for ``hparams.seq_len`` and left out."""
     model, added = ensure_chat_tokens(model, tokenizer)
@@ -155,8 +159,9 @@ def run_sft(model: Chimera, tokenizer, train: list[dict], val: list[dict],
     batches = ChatBatches([r["messages"] for r in train], [r["messages"] for r in val],
                           tokenizer, hparams, seed, plain, pretrain_mix)
     settings = FitSettings(steps=steps, eval_every=max(1, steps // 4),
-                           checkpoint_every=max(1, steps // 4))
-    meta = {"hparams": dataclasses.asdict(hparams), "steps": steps, "seed": seed,
+                           checkpoint_every=max(1, steps // 4), seconds=seconds)
+    meta = {"hparams": dataclasses.asdict(hparams), "steps": steps, "seconds": seconds,
+            "seed": seed,
             "config": model.config.to_dict(), "conversations": len(train),
             "pretrain_mix": pretrain_mix}
     with StepProgress(console, "sft", steps, None) as progress:
