@@ -12,8 +12,9 @@ def seconds_since_launch() -> float:
     """Seconds since this process started, when it is the ``chimera`` command (the console
     script, or ``python -m cluster.cli``); 0 inside another program (a test calling ``main``),
     whose start has nothing to do with the command's budget."""
-    if Path(sys.argv[0]).name not in ("chimera", "__main__.py"):
-        return 0.0
+    module = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+    if Path(sys.argv[0]).name != "chimera" and module != "cluster.cli.__main__":
+        return 0.0  # e.g. `python -m pytest`, whose argv[0] is also a __main__.py
     try:  # Linux: the process's start in clock ticks after boot, against the uptime
         started = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])
         uptime = float(Path("/proc/uptime").read_text().split()[0])
