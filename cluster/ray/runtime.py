@@ -7,12 +7,13 @@ import os
 
 
 def start_ray(address: str | None = None) -> bool:
-    """Connect to Ray (an embedded local one unless an address is given). True if this call
-    started it, so the caller shuts it down again."""
+    """Connect to Ray: ``address``, else the cluster a Ray job runs on (``RAY_ADDRESS``), else an
+    embedded local one. True if this call started it, so the caller shuts it down again."""
     import ray
 
     if ray.is_initialized():
         return False
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     else:
@@ -21,6 +22,8 @@ def start_ray(address: str | None = None) -> bool:
         # ports. Ray cannot bind them to loopback: its servers listen on every interface, and
         # it turns a loopback node address (_node_ip_address="127.0.0.1") into the machine's
         # own, so a firewall is the way to close them on a shared network.
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
+        # address="local": Ray would otherwise join whatever /tmp/ray/ray_current_cluster names
+        # (a cluster started by `ray start`, or one long dead) and then refuse num_cpus.
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
                  logging_level=logging.WARNING, log_to_driver=False)
     return True

@@ -138,7 +138,7 @@ def test_a_bad_search_option_is_a_clean_error(tmp_path, capsys):
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -29,9 +29,9 @@ CHAR_RUN = ["--corpus-size", "60KB", "--tokenizer", "char", "--batch-size", "4",
             "3", "--candidate-steps", "5", "--no-live"]
 # Enough steps in pretraining and fine-tuning that a kill lands between two checkpoints.
 PROMOTE = ["--genome", "1", "--trials", "3", "--rungs", "2", "--parallel", "1", "--in-process",
-           "--refine-tokens", "3K", "--pretrain-tokens", "2K", "--max-seq-len", "512",
+           "--refine-tokens", "3K", "--pretrain-tokens", "2K", "--max-seq-len", "640",
            "--sft-steps", "40", "--sft-conversations", "40", "--sft-seq-len", "256",
-           "--sft-batch-size", "4", "--qa-questions", "3"]
+           "--sft-batch-size", "4", "--qa-questions", "4"]
 MODEL_FILES = ("model.safetensors", "config.json", "tokenizer/tokenizer.json", "report.md",
                "metrics.json", "loss_curves.png", "base/model.safetensors",
                "base/tokenizer/tokenizer.json", "sft-data/train.jsonl", STATE_FILE)
@@ -204,9 +204,9 @@ def test_a_damaged_newest_pretrain_checkpoint_resumes_from_the_one_before(
 def test_char_tokenizer_evaluation_notes_what_did_not_fit(killed_in_every_stage):
     out, _, _ = killed_in_every_stage
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["qa_accuracy"]["questions"] == 3
+    assert metrics["qa_accuracy"]["questions"] == 4
     report = (out / "report.md").read_text()
-    assert "## Notes" in report and "too long for --max-seq-len 512" in report
+    assert "## Notes" in report and "too long for --max-seq-len 640" in report
     assert len(metrics["samples"]["chat"]) == 4  # three questions and a held-out one
 
 
@@ -221,11 +221,11 @@ def test_a_finished_promote_refuses_other_settings_and_reevaluates_only(
     assert "refine was done with --trials 3, this command asks --trials 4" in err
     assert str(out / STATE_FILE) in err
     fewer = list(args)
-    fewer[fewer.index("--qa-questions") + 1] = "2"
+    fewer[fewer.index("--qa-questions") + 1] = "3"
     assert main(fewer) == 0
     said = capsys.readouterr().out
     assert "the evaluation is done again" in said and "pretrain: done in attempt 3" in said
-    assert json.loads((out / "metrics.json").read_text())["qa_accuracy"]["questions"] == 2
+    assert json.loads((out / "metrics.json").read_text())["qa_accuracy"]["questions"] == 3
     assert _state(out)["stages"]["sft"]["finished_in_attempt"] == 4
 
 
