@@ -30,7 +30,8 @@ sys.path[0] = str(REPO)  # import the packages, not a sibling script named like 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from chimera.checkpoint import load_model  # noqa: E402
+from chimera.checkpoint import load_model, save_model  # noqa: E402
+from chimera.inference import TOKENIZER_DIR  # noqa: E402
 from cluster.app.promote import BASE_DIR, PromoteSettings  # noqa: E402
 from cluster.app.promote.instruction_data import (  # noqa: E402
     heldout_bpb,
@@ -74,6 +75,9 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="the run directory it was promoted from")
     parser.add_argument("--settings", nargs="+", default=[""],
                         help="steps=N,mix=F,lr=X per setting (default: the promote defaults)")
+    parser.add_argument("--save", type=Path, default=None,
+                        help="keep the chat model of each setting: SAVE/<setting> (a model "
+                             "directory, e.g. for bench/preference.py)")
     args = parser.parse_args()
     console = Console()
     defaults = PromoteSettings(run_dir=args.run)
@@ -104,6 +108,10 @@ def main() -> None:
                                  settings.sft_hparams, settings.sft_steps, Path(out), console,
                                  settings.seed, "cpu", store, settings.pretrain_mix)
         seconds = time.time() - began
+        if args.save is not None:
+            kept = args.save / (text or "defaults")
+            save_model(chat, kept)
+            tokenizer.save_pretrained(str(kept / TOKENIZER_DIR))
         chat_bpb = heldout_bpb(chat, store, pretrained)
         chat_qa = qa_accuracy(chat, tokenizer, items, QA_NEW_TOKENS, context=settings.max_seq_len)
         table.add_row(str(settings.sft_steps), f"{settings.pretrain_mix:g}",

@@ -7,6 +7,7 @@ that the stored tensors are exactly the ones the stored (or expected) config bui
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -21,6 +22,12 @@ from chimera.model import Chimera
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+CHIMERA_FIELDS = frozenset(f.name for f in dataclasses.fields(ChimeraConfig))
+# What transformers needs in config.json to pick the class (chimera.hf registers it), and the
+# prefix its wrapper gives the weights (save_pretrained writes "model.embed.weight").
+HF_MODEL_TYPE = "chimera"
+HF_ARCHITECTURE = "ChimeraForCausalLM"
+HF_WEIGHT_PREFIX = "model."
 
 
 class CheckpointError(ValueError):
@@ -46,7 +53,9 @@ def save_model(model: Chimera, directory: str | Path) -> Path:
     state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     atomic_write(directory / WEIGHTS_FILE,
                  lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    config_json = model.config.to_json() + "\n"
+    config_json = json.dumps({**model.config.to_dict(), "model_type": HF_MODEL_TYPE,
+                              "architectures": [HF_ARCHITECTURE]}, indent=2, sort_keys=True)
+    config_json += "\n"
     atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_json))
     return directory
 
@@ -56,7 +65,12 @@ def load_config(directory: str | Path) -> ChimeraConfig:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file; is {directory} a Chimera model directory?")
     try:
-        return ChimeraConfig.from_dict(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and data.pop("model_type", None) == HF_MODEL_TYPE:
+            # Written by save_model or by transformers' save_pretrained, which adds its own
+            # keys (transformers_version, dtype...): the genes are what makes the model.
+            data = {k: v for k, v in data.items() if k in CHIMERA_FIELDS}
+        return ChimeraConfig.from_dict(data)
     except (json.JSONDecodeError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: not a valid Chimera config: {err}") from None
 
@@ -77,6 +91,8 @@ def load_model(directory: str | Path, expected_config: ChimeraConfig | None = No
         state = load_file(weights_path, device=str(device))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights_path}: unreadable safetensors file: {err}") from None
+    if state and all(name.startswith(HF_WEIGHT_PREFIX) for name in state):  # save_pretrained's
+        state = {name.removeprefix(HF_WEIGHT_PREFIX): t for name, t in state.items()}
 
     model = Chimera(config).to(device)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}

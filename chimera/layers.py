@@ -66,13 +66,21 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float, ntk_scale: float = 1.0,
                  table_length: int = 0) -> None:
         super().__init__()
-        base = theta * ntk_scale ** (head_dim / (head_dim - 2)) if ntk_scale > 1 else theta
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.head_dim, self.table_length = head_dim, table_length
+        self.base = theta * ntk_scale ** (head_dim / (head_dim - 2)) if ntk_scale > 1 else theta
         # Derived constants, not state: rebuilt from the config, so kept out of checkpoints.
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        cos, sin = self._angles(0, table_length, inv_freq)
-        self.register_buffer("cos_table", cos, persistent=False)
-        self.register_buffer("sin_table", sin, persistent=False)
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+        self.register_buffer("cos_table", torch.empty(table_length, head_dim), persistent=False)
+        self.register_buffer("sin_table", torch.empty(table_length, head_dim), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Compute the tables (again: transformers builds models on the meta device, and loads
+        only what checkpoints hold)."""
+        device = self.inv_freq.device
+        steps = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+        self.inv_freq = 1.0 / self.base ** (steps / self.head_dim)
+        self.cos_table, self.sin_table = self._angles(0, self.table_length, self.inv_freq)
 
     @staticmethod
     def _angles(start: int, length: int, inv_freq: Tensor) -> tuple[Tensor, Tensor]:

@@ -103,6 +103,12 @@ class Chimera(nn.Module):
     def forward(self, tokens: Tensor, cache: ChimeraCache | None = None
                 ) -> tuple[Tensor, ChimeraCache | None]:
         """tokens: (B, T) int64 -> logits (B, T, vocab), and the updated cache (or None)."""
+        hidden, cache = self.hidden_states(tokens, cache)
+        return F.linear(hidden, self.output_weight), cache
+
+    def hidden_states(self, tokens: Tensor, cache: ChimeraCache | None = None
+                      ) -> tuple[Tensor, ChimeraCache | None]:
+        """The final-normed hidden states (B, T, d_model) the output head reads."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, time), got shape {tuple(tokens.shape)}")
         position = 0 if cache is None else cache.position
@@ -114,10 +120,10 @@ class Chimera(nn.Module):
         for i, block in enumerate(self.blocks):
             x, layer_cache = block(x, position, None if cache is None else cache.layers[i])
             new_layers.append(layer_cache)
-        logits = F.linear(self.final_norm(x), self.output_weight)
+        hidden = self.final_norm(x)
         if cache is None:
-            return logits, None
-        return logits, ChimeraCache(tuple(new_layers), position + tokens.shape[1])
+            return hidden, None
+        return hidden, ChimeraCache(tuple(new_layers), position + tokens.shape[1])
 
     def param_counts(self) -> ParamCounts:
         return count_params(self)

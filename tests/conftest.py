@@ -37,3 +37,21 @@ def make_model_dir():
         return directory
 
     return make
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any connection beyond this machine fails the test: nothing may download anything."""
+    import socket
+
+    real_connect = socket.socket.connect
+
+    def connect(sock, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if sock.family == socket.AF_UNIX or host in ("127.0.0.1", "::1", "localhost"):
+            return real_connect(sock, address)
+        raise AssertionError(f"a test tried to reach {address}: nothing may use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield

@@ -54,6 +54,9 @@ class Question:
     # Other candidate answers from the same document (other names, other places): a reply that
     # names one of them is wrong (see trainers.answers).
     others: tuple[str, ...] = ()
+    # What is asked ("hero", "place", "speaker"...): a wrong reply of the same kind from another
+    # document is a plausible one (trainers.preferences).
+    kind: str = ""
 
 
 @dataclass(frozen=True)

@@ -169,9 +169,9 @@ def _single_most(counts: Counter) -> str | None:
     return ranked[0][0]
 
 
-def _question(question: str, answer: str, expected: str, candidates) -> Question:
+def _question(question: str, answer: str, expected: str, candidates, kind: str) -> Question:
     others = [c for c in candidates if c != expected]
-    return Question(question, answer, expected, without_asked(others, question))
+    return Question(question, answer, expected, without_asked(others, question), kind)
 
 
 # ----------------------------------------------------------------------------- questions
@@ -186,26 +186,27 @@ def document_questions(text: str, register: Register = PASSAGES,
         first = labels[0]
         asked = f"Who speaks in this {noun}?" if len(set(labels)) == 1 else \
             f"Who speaks first in this {noun}?"
-        found.append(_question(asked, f"{first} speaks.", first, set(labels)))
+        found.append(_question(asked, f"{first} speaks.", first, set(labels), "speaker"))
     named = names(text, ordinary)
     main = _single_most(named)
     if main is not None and (len(named) == 1 or named[main] > 1):
         asked = f"Who is the {noun} about?" if len(named) > 1 else \
             f"Who is mentioned in the {noun}?"
         found.append(_question(asked, f"It is about {main}." if len(named) > 1 else
-                               f"{main} is mentioned.", main, named))
+                               f"{main} is mentioned.", main, named, "name"))
     place_counts, preposition = places(text)
     place = _single_most(place_counts)
     # Places and objects named twice at least: a phrase after "in the" once is as often a state
     # ("in the business") as a place, one after "bring the" an idea as a thing.
     if place is not None and place_counts[place] > 1:
         found.append(_question(f"Where does the {noun} happen?",
-                               f"It happens {preposition[place]} {place}.", place, place_counts))
+                               f"It happens {preposition[place]} {place}.", place, place_counts,
+                               "place"))
     things = objects(text)
     thing = _single_most(things)
     if thing is not None and things[thing] > 1:
         found.append(_question(f"What object is in the {noun}?", f"The {thing}.", thing,
-                               things))
+                               things, "object"))
     sequence = _sequence_question(text, register, rng)
     if sequence is not None:
         found.append(sequence)
@@ -231,7 +232,7 @@ def _sequence_question(text: str, register: Register, rng: random.Random | None
         return None
     quoted, following = rng.choice(pairs) if rng is not None else pairs[0]
     return Question(f'In the {register.noun}, what comes after "{quoted}"?',
-                    " ".join(following.split()), following)
+                    " ".join(following.split()), following, kind="sequence")
 
 
 def requests_for(text: str, register: Register = PASSAGES,

@@ -27,28 +27,32 @@ def questions_about(story: Story) -> list[Question]:
     characters = [name for name in (hero, friend, f.get("met")) if name]
     found = [
         Question("Who is the story about?", f"The story is about {hero}.", hero,
-                 tuple(c for c in characters if c != hero)),
+                 tuple(c for c in characters if c != hero), kind="hero"),
         Question("Where does the story happen?", f"It happens near the {f['place']}.",
-                 f["place"]),
+                 f["place"], kind="place"),
         Question(f"Who is {hero}'s friend?", f"{hero}'s friend is {friend}.", friend,
-                 tuple(c for c in characters if c not in (hero, friend))),
-        Question("What object is in the story?", f"The {f['object']}.", f["object"]),
-        Question("What was the problem?", f"The problem was that {_problem(f)}.", f["problem"]),
+                 tuple(c for c in characters if c not in (hero, friend)), kind="friend"),
+        Question("What object is in the story?", f"The {f['object']}.", f["object"],
+                 kind="object"),
+        Question("What was the problem?", f"The problem was that {_problem(f)}.", f["problem"],
+                 kind="problem"),
         Question("How was the problem solved?", f"{f['resolution'][0].upper()}"
-                                                f"{f['resolution'][1:]}.", f["resolution"]),
+                                                f"{f['resolution'][1:]}.", f["resolution"],
+                 kind="resolution"),
     ]
     if "found_at" in f:
         found.append(Question(f"Where was the {f['object']} found?",
-                              f"It was found {f['found_at']}.", f["found_at"]))
+                              f"It was found {f['found_at']}.", f["found_at"], kind="found_at"))
     if "fear" in f:
         found.append(Question(f"What was {hero} afraid of?", f"{hero} was afraid of {f['fear']}.",
-                              f["fear"]))
+                              f["fear"], kind="fear"))
     if "animal" in f:
         found.append(Question("What animal needed help?", f"A little {f['animal']}.",
-                              f["animal"]))
+                              f["animal"], kind="animal"))
     if "activity" in f:
         found.append(Question(f"What did {hero} want to do?",
-                              f"{hero} wanted to {f['activity']}.", f["activity"]))
+                              f"{hero} wanted to {f['activity']}.", f["activity"],
+                              kind="activity"))
     return found
 
 

@@ -9,6 +9,7 @@ from cluster.app.rundir import RunDirError
 from results.db import RunDatabaseError
 from trainers.checkpoints import CheckpointStateError
 from trainers.corpus import CorpusError
+from trainers.preferences import PreferenceDataError
 from trainers.sft import ChatDataError
 from trainers.store import StoreError
 
@@ -21,7 +22,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     """The library's errors that mean bad input (a file, a flag, a URL), not a bug."""
     return (CommandError, RunDirError, PromoteError, RunDatabaseError, CorpusError, StoreError,
             TokenizerError, CheckpointError, CheckpointStateError, ChatDataError,
-            ConversationError)
+            ConversationError, PreferenceDataError)
 
 
 def settings_errors() -> tuple[type[Exception], ...]:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from rich.console import Console
 from rich.markup import escape
 
-from cluster.cli import dashboard, data, models, runs, serving
+from cluster.cli import alignment, dashboard, data, evaluation, models, runs, serving
 from cluster.cli.errors import user_errors
 
 EXIT_USAGE = 2
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distributed evolutionary search for small hybrid recurrent/attention "
                     "language models.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for group in (data, runs, models, serving, dashboard):
+    for group in (data, runs, models, alignment, evaluation, serving, dashboard):
         group.register(commands)
     return parser
 

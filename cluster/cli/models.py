@@ -54,6 +54,9 @@ def promote_settings(args: argparse.Namespace) -> PromoteSettings:
         sft_hparams=dataclasses.replace(PromoteSettings.sft_hparams, seq_len=args.sft_seq_len,
                                         batch_size=args.sft_batch_size),
         pretrain_mix=args.pretrain_mix,
+        dpo=args.dpo, dpo_pairs=args.dpo_pairs,
+        dpo_settings=dataclasses.replace(PromoteSettings.dpo_settings, steps=args.dpo_steps,
+                                         learning_rate=args.dpo_lr, beta=args.dpo_beta),
         train_workers=args.train_workers, in_process=args.in_process,
         address=args.address, device=args.device, compile=args.compile, seed=args.seed)
 
@@ -69,13 +72,23 @@ def cmd_promote(args: argparse.Namespace, console: Console) -> int:
                       "again to resume")
         return 130
     qa = metrics["qa_accuracy"]
-    answered = f"question answering {qa['base']:.0%} -> {qa['chat']:.0%}" \
+    preference = metrics.get("preference_accuracy")  # with --dpo: base -> SFT -> SFT+DPO
+    answered = "question answering " + _progression(qa, preference is not None) \
         if qa["base"] is not None else "question answering not measured (report.md says why)"
+    if preference is not None:
+        answered += f", preference accuracy {_progression(preference, True)}"
     console.print(f"[bold green]promoted[/bold green] -> {settings.out_dir}  pretrained "
                   f"{metrics['pretrain']['val_bpb']:.4f} bpb, {answered}, "
                   f"{metrics['total_seconds'] / 60:.1f} min. Talk to it: chimera chat "
                   f"{settings.out_dir}")
     return 0
+
+
+def _progression(shares: dict, dpo: bool) -> str:
+    """Accuracies along the stages: base -> chat, or with --dpo base -> SFT -> SFT+DPO."""
+    if not dpo:
+        return f"{shares['base']:.0%} -> {shares['chat']:.0%}"
+    return f"base {shares['base']:.0%} -> SFT {shares['sft']:.0%} -> DPO {shares['chat']:.0%}"
 
 
 # ----------------------------------------------------------------------------- train
@@ -308,7 +321,9 @@ def _register_promote(commands) -> None:
                               "the chat model keeps the corpus (0: conversations only)")
     promote.add_argument("--qa-questions", type=argtypes.positive_int,
                          default=PromoteSettings.qa_questions,
-                         help="held-out questions for the accuracy in report.md")
+                         help="held-out questions for the accuracy in report.md (with --dpo: "
+                              "as many held-out preference pairs)")
+    _add_dpo(promote)
     promote.add_argument("--train-workers", type=argtypes.positive_int,
                          default=PromoteSettings.train_workers,
                          help="Ray Train workers for pretraining (DDP); 1: this process")
@@ -319,6 +334,30 @@ def _register_promote(commands) -> None:
     promote.add_argument("--compile", action="store_true", help="torch.compile pretraining")
     promote.add_argument("--seed", type=argtypes.seed, default=PromoteSettings.seed)
     promote.set_defaults(handler=cmd_promote)
+
+
+def _add_dpo(promote: argparse.ArgumentParser) -> None:
+    """``chimera promote``'s preference-tuning flags."""
+    dpo = promote.add_argument_group(
+        "preference tuning", "with --dpo: DPO of the chat model after fine-tuning, on pairs of "
+        "the right and a wrong answer to reading questions about the run's corpus; the "
+        "SFT+DPO model is OUT's chat model, the SFT one is kept in OUT/sft (not sized by "
+        "--budget)")
+    dpo.add_argument("--dpo", action="store_true", help="add the DPO stage")
+    dpo.add_argument("--dpo-steps", type=argtypes.positive_int,
+                     default=PromoteSettings.dpo_settings.steps,
+                     help=f"optimizer steps of {PromoteSettings.dpo_settings.batch_size} pairs "
+                          f"(default: %(default)s)")
+    dpo.add_argument("--dpo-lr", type=argtypes.positive_float,
+                     default=PromoteSettings.dpo_settings.learning_rate,
+                     help="learning rate (default: %(default)s)")
+    dpo.add_argument("--dpo-beta", type=argtypes.positive_float,
+                     default=PromoteSettings.dpo_settings.beta,
+                     help="DPO's beta: a larger one keeps the model closer to the SFT model "
+                          "(default: %(default)s)")
+    dpo.add_argument("--dpo-pairs", type=argtypes.positive_int,
+                     default=PromoteSettings.dpo_pairs,
+                     help="training preference pairs (default: %(default)s)")
 
 
 def _register_train(commands) -> None:

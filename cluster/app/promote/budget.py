@@ -13,6 +13,10 @@ the loop's speed in one 10-minute bench run: a step-sized plan ended pretraining
 of its time unused; and fine-tuning's longer sequences train at another speed than pretraining's
 measured one).
 
+With ``--dpo``, preference tuning is not in the plan: it runs its ``--dpo-steps`` after the
+budgeted stages (TRL's loop has no wall clock to stop on, and its step, two sequences per pair
+through the policy and the frozen reference, trains at another speed than the one measured).
+
 The plan is made once and kept in the stage records, so a rerun of an interrupted promote
 resumes the same plan (its checkpoints belong to it) instead of measuring again.
 """

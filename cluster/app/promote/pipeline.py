@@ -1,5 +1,5 @@
-"""The promote pipeline: refine -> pretrain -> fine-tune -> evaluate, each stage skipped when its
-record says it is done."""
+"""The promote pipeline: refine -> pretrain -> fine-tune -> (with --dpo: preference-tune) ->
+evaluate, each stage skipped when its record says it is done."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from rich.console import Console
 from chimera.checkpoint import load_model, save_model
 from chimera.config import ChimeraConfig
 from chimera.inference import TOKENIZER_DIR
-from chimera.model import param_counts_analytic
+from chimera.model import Chimera, param_counts_analytic
 from chimera.tokenizer import load_tokenizer
 from cluster.app.evolve import EvolveSettings
 from cluster.app.promote.budget import STEP_CAP, StagePlan, plan_stages
+from cluster.app.promote.dpo_stage import dpo_metrics, evaluate_dpo, run_dpo, sft_dir
 from cluster.app.promote.instruction_data import (
     heldout_bpb,
     sft_conversations,
@@ -144,16 +145,18 @@ def _promote(settings: PromoteSettings, console: Console, spent_seconds: float) 
             import ray  # only when this promote started it
 
             ray.shutdown()
-    chat_model, tokenizer, sft = _fine_tune(ctx)
+    sft_model, tokenizer, sft = _fine_tune(ctx)
+    chat_model, dpo = run_dpo(ctx, sft_model, tokenizer) if settings.dpo else (sft_model, None)
     finished = records.done("evaluate")
     if finished is not None and "evaluate" not in redo and (ctx.out / "metrics.json").is_file():
         ctx.skipped("evaluate", f"{ctx.out / 'report.md'}")
         console.print("  nothing left to do", highlight=False)
         return json.loads((ctx.out / "metrics.json").read_text())
     if "evaluate" in redo:
-        console.print("  --qa-questions changed: the evaluation is done again", highlight=False)
-    metrics = _evaluate(ctx, evaluation, chat_model, tokenizer, refined, tuned_config, hparams,
-                        pre, sft, attempt)
+        changed = " and ".join(records.changed("evaluate", ctx.wanted["evaluate"]))
+        console.print(f"  {changed} changed: the evaluation is done again", highlight=False)
+    trained = _Trained(refined, tuned_config, hparams, pre, sft, sft_model, dpo)
+    metrics = _evaluate(ctx, evaluation, chat_model, tokenizer, trained, attempt)
     for leftover in (ctx.out / "checkpoints", ctx.out / BASE_DIR / "ray-train"):
         shutil.rmtree(leftover, ignore_errors=True)  # the models are saved
     return metrics
@@ -175,8 +178,9 @@ def _budgeted(settings: PromoteSettings, config: ChimeraConfig, hparams: TrainHp
     console.print(f"  budget {plan.budget_seconds:,.0f}s at {plan.tokens_per_second:,.0f} "
                   f"training tokens/s: pretraining {plan.pretrain_seconds:,.0f}s "
                   f"(~{plan.pretrain_tokens:,} tokens), refinement {refine}, fine-tuning "
-                  f"{plan.sft_seconds or 0:,.0f}s (at most {plan.sft_steps} steps)",
-                  highlight=False)
+                  f"{plan.sft_seconds or 0:,.0f}s (at most {plan.sft_steps} steps)"
+                  + (f"; DPO is not sized by it ({settings.dpo_settings.steps} steps, "
+                     f"--dpo-steps)" if settings.dpo else ""), highlight=False)
     return plan.applied(settings)
 
 
@@ -281,20 +285,34 @@ def _fine_tune(ctx: _Run):
             "source": source_of(ctx.run), "pretrain_mix": settings.pretrain_mix,
             "seconds": max(time.perf_counter() - t0, sft.history.seconds)})
     else:
-        ctx.skipped("sft", f"the chat model is in {out}")
-        chat_model = load_model(out, device=settings.device)
+        where = out / sft_dir(ctx.records)  # sft/ once a DPO stage took the top level
+        ctx.skipped("sft", f"the {'SFT' if where != out else 'chat'} model is in {where}")
+        chat_model = load_model(where, device=settings.device)
         tokenizer = load_tokenizer(out / TOKENIZER_DIR)  # with the chat tokens SFT added
     fine_tuned = ctx.records.done("sft")
     return chat_model, tokenizer, FitResult(fine_tuned["step"],
                                             History.from_dict(fine_tuned["history"]))
 
 
-def _evaluate(ctx: _Run, evaluation, chat_model, tokenizer, refined: dict,
-              tuned_config: ChimeraConfig, hparams: TrainHparams, pre: FitResult,
-              sft: FitResult, attempt: int) -> dict:
-    """4. Evaluation: held-out question answering and held-out bits per byte (the validation
-    split's text), before and after fine-tuning; samples; the report."""
-    settings, out = ctx.settings, ctx.out
+@dataclass
+class _Trained:
+    """What the training stages made, for the evaluation."""
+
+    refined: dict
+    tuned_config: ChimeraConfig
+    hparams: TrainHparams
+    pre: FitResult
+    sft: FitResult
+    sft_model: Chimera
+    dpo: dict | None  # the dpo stage's record; None without --dpo
+
+
+def _evaluate(ctx: _Run, evaluation, chat_model, tokenizer, trained: _Trained,
+              attempt: int) -> dict:
+    """5. Evaluation: held-out question answering and held-out bits per byte (the validation
+    split's text), before and after fine-tuning (with --dpo, after it too, and the preference
+    accuracy of each model); samples; the report."""
+    settings, out, hparams = ctx.settings, ctx.out, trained.hparams
     t0 = time.perf_counter()
     ctx.console.rule("evaluate")
     ctx.records.begin("evaluate", ctx.wanted["evaluate"])
@@ -305,19 +323,46 @@ def _evaluate(ctx: _Run, evaluation, chat_model, tokenizer, refined: dict,
     ctx.console.print(f"  held-out text (validation split): base {bpb['base']:.4f} bpb, chat "
                       f"{bpb['chat']:.4f} bpb", highlight=False)
     base_for_chat, _ = ensure_chat_tokens(base, tokenizer)
-    qa_base = qa_chat = None  # None: not measured (the preflight's notes say why)
+    qa = {"base": None, "chat": None}  # None: not measured (the preflight's notes say why)
     if items:
-        qa_base = qa_accuracy(base_for_chat, tokenizer, items, QA_NEW_TOKENS,
-                              context=settings.max_seq_len)
-        qa_chat = qa_accuracy(chat_model, tokenizer, items, QA_NEW_TOKENS,
-                              context=settings.max_seq_len)
-        ctx.console.print(f"  held-out question answering: base {qa_base:.0%}, chat "
-                          f"{qa_chat:.0%} ({len(items)} questions)", highlight=False)
+        qa = {name: qa_accuracy(model, tokenizer, items, QA_NEW_TOKENS,
+                                context=settings.max_seq_len)
+              for name, model in (("base", base_for_chat), ("chat", chat_model))}
+        ctx.console.print(f"  held-out question answering: base {qa['base']:.0%}, chat "
+                          f"{qa['chat']:.0%} ({len(items)} questions)", highlight=False)
+    extra = {}
+    if trained.dpo is not None:
+        measured = evaluate_dpo(ctx, evaluation, base_for_chat, trained.sft_model, chat_model,
+                                tokenizer, hparams, items)
+        bpb = {"base": bpb["base"], "sft": measured["bpb_sft"], "chat": bpb["chat"]}
+        qa = {"base": qa["base"], "sft": measured["qa_sft"], "chat": qa["chat"]}
+        extra = dpo_metrics(trained.dpo, measured, source_of(ctx.run))
     samples = sample_outputs(base_for_chat, chat_model, tokenizer, settings.seed, evaluation)
     timings = {stage: ctx.records.done(stage)["seconds"] for stage in STAGES[:3]}
+    if trained.dpo is not None:
+        timings["dpo"] = trained.dpo["seconds"]
     timings["evaluate"] = time.perf_counter() - t0
+    metrics = _metrics(ctx, trained, chat_model, extra, {
+        "heldout_bpb": bpb,
+        "qa_accuracy": {**qa, "questions": len(items), "source": source_of(ctx.run)},
+        "samples": samples, "notes": evaluation.notes, "seconds": timings,
+        # The stages' own times as recorded (for training, summed over resumed segments): a
+        # resumed promote reports the work, not just the time of its last run.
+        "total_seconds": sum(timings.values()),
+        "attempts": attempt,
+        "hardware": hardware(settings.device),
+    })
+    write_report(out, metrics, trained.pre.history, trained.sft.history, ctx.store)
+    ctx.records.finish("evaluate", {"seconds": timings["evaluate"]})
+    return metrics
+
+
+def _metrics(ctx: _Run, trained: _Trained, chat_model, dpo: dict, evaluated: dict) -> dict:
+    """metrics.json: the candidate, what each stage ran with and made (``dpo``: the DPO
+    sections, empty without --dpo), then the ``evaluated`` results."""
+    settings, refined, pre, sft = ctx.settings, trained.refined, trained.pre, trained.sft
     fine_tuned = ctx.records.done("sft")
-    metrics = {
+    return {
         "candidate_id": ctx.candidate_id, "genome": ctx.genome.to_dict(),
         "genome_summary": ctx.genome.summary(),
         "params": param_counts_analytic(chat_model.config).total,
@@ -329,7 +374,8 @@ def _evaluate(ctx: _Run, evaluation, chat_model, tokenizer, refined: dict,
                    "tokens_per_trial": settings.refine_tokens or settings.pretrain_tokens,
                    "study": refined["study"], "skipped": refined.get("skipped")},
         "budget_plan": ctx.records.budget_plan,
-        "hparams": dataclasses.asdict(hparams), "dropout": tuned_config.dropout,
+        "hparams": dataclasses.asdict(trained.hparams),
+        "dropout": trained.tuned_config.dropout,
         "pretrain": {"steps": pre.step, "tokens": pre.history.tokens,
                      "val_loss": pre.val_loss,
                      "val_bpb": ctx.store.bits_per_byte(pre.val_loss, "val"),
@@ -340,19 +386,8 @@ def _evaluate(ctx: _Run, evaluation, chat_model, tokenizer, refined: dict,
                 "source": fine_tuned.get("source"),
                 "pretrain_mix": fine_tuned.get("pretrain_mix", 0.0),
                 "hparams": dataclasses.asdict(settings.sft_hparams)},
-        "heldout_bpb": bpb,
-        "qa_accuracy": {"base": qa_base, "chat": qa_chat, "questions": len(items),
-                        "source": source_of(ctx.run)},
-        "samples": samples, "notes": evaluation.notes, "seconds": timings,
-        # The stages' own times as recorded (for training, summed over resumed segments): a
-        # resumed promote reports the work, not just the time of its last run.
-        "total_seconds": sum(timings.values()),
-        "attempts": attempt,
-        "hardware": hardware(settings.device),
+        **dpo, **evaluated,
     }
-    write_report(out, metrics, pre.history, sft.history, ctx.store)
-    ctx.records.finish("evaluate", {"seconds": timings["evaluate"]})
-    return metrics
 
 
 def _search_bpb(database: str, candidate_id: int) -> float | None:

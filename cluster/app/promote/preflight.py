@@ -12,6 +12,7 @@ from pathlib import Path
 from chimera.chat import ConversationError, prompt_ids
 from chimera.inference import TOKENIZER_DIR
 from chimera.tokenizer import CHAT_TEMPLATE, CHAT_TOKENS
+from cluster.app.promote.dpo_stage import check_preferences
 from cluster.app.promote.instruction_data import (
     from_stories,
     question_source,
@@ -52,6 +53,8 @@ class EvaluationPlan:
     sample_tokens: int  # new tokens per sample
     sample_item_tokens: int  # new tokens for the held-out question's reply
     notes: list[str] = field(default_factory=list)  # what was skipped or trimmed, and why
+    # With --dpo: the held-out preference pairs scored (dpo_stage.check_preferences).
+    preference_pairs: list[dict] = field(default_factory=list)
 
 
 def _probe_tokenizer(tokenizer):
@@ -248,9 +251,10 @@ def preflight(settings: PromoteSettings, run, tokenizer, records: StageRecords,
                            f"{settings.max_seq_len} must be at least that")
     redo = records.check(candidate_id, genome, stage_settings(settings, candidate_id), out)
     _check_writable(out)  # creates it: any failure from here on removes it again if empty
+    sft_model = (records.done("sft") or {}).get("model", ".")  # sft/ once DPO moved it
     for stage, needed in (("pretrain", out / BASE_DIR / "model.safetensors"),
-                          ("sft", out / "model.safetensors"),
-                          ("sft", out / TOKENIZER_DIR)):
+                          ("sft", out / sft_model / "model.safetensors"),
+                          ("sft", out / TOKENIZER_DIR), ("dpo", out / "model.safetensors")):
         if records.done(stage) is not None and not needed.exists():
             raise PromoteError(f"{records.path} records {stage} as done but {needed} is "
                                f"missing; restore it, or use another --out to start over")
@@ -263,6 +267,8 @@ def preflight(settings: PromoteSettings, run, tokenizer, records: StageRecords,
         _check_sft_data(settings, probe, lambda n, heldout: sft_conversations(
             settings, run, store, probe, n, heldout))
     plan = plan_evaluation(settings, probe, question_source(settings, run, store, probe))
+    if settings.dpo:
+        plan.preference_pairs = check_preferences(settings, probe, records)
     return plan, redo
 
 

@@ -16,9 +16,13 @@ def stage_settings(settings: PromoteSettings, candidate_id: int) -> dict[str, di
     name the flag). Later stages also depend on the earlier ones, which are checked first.
     Left out on purpose: --parallel, --train-workers, --device, --address, --in-process,
     --compile (how the work is run, not what it computes; data-parallel pretraining follows the
-    same trajectory on any number of workers; a checkpoint still refuses a changed --compile)."""
+    same trajectory on any number of workers; a checkpoint still refuses a changed --compile).
+    The dpo stage's record exists only once a promote with --dpo began it; "--dpo" in the
+    evaluation's settings (only with --dpo: a promote without it records what it always did)
+    makes a promote that adds --dpo to a finished one evaluate again."""
     budget = {"--budget": settings.budget_seconds, "--refine-share": settings.refine_share} \
         if settings.budget_seconds is not None else {}
+    dpo = settings.dpo_settings
     return {
         "refine": {**budget, "--genome": candidate_id, "--trials": settings.refine.trials,
                    "--rungs": settings.refine.rungs,
@@ -31,7 +35,10 @@ def stage_settings(settings: PromoteSettings, candidate_id: int) -> dict[str, di
                 "--sft-seq-len": settings.sft_hparams.seq_len,
                 "--sft-batch-size": settings.sft_hparams.batch_size,
                 "--pretrain-mix": settings.pretrain_mix},
-        "evaluate": {"--qa-questions": settings.qa_questions},
+        "dpo": {"--dpo": settings.dpo, "--dpo-steps": dpo.steps, "--dpo-lr": dpo.learning_rate,
+                "--dpo-beta": dpo.beta, "--dpo-pairs": settings.dpo_pairs},
+        "evaluate": {"--qa-questions": settings.qa_questions,
+                     **({"--dpo": True} if settings.dpo else {})},
     }
 
 
@@ -93,12 +100,14 @@ class StageRecords:
                     redo.append(stage)
                     break
                 state = "done" if record.get("done") else "started"
-                raise PromoteError(
-                    f"{self.path}: {stage} was {state} with {flag} {_flag_value(recorded)}, "
-                    f"this command asks {flag} {_flag_value(value)}; rerun with "
-                    f"{flag} {_flag_value(recorded)} to resume, or use another --out to start "
-                    f"over")
+                raise PromoteError(f"{self.path}: {_refusal(stage, state, flag, recorded, value)}"
+                                   f", or use another --out to start over")
         return redo
+
+    def changed(self, stage: str, wanted: dict) -> list[str]:
+        """The flags whose value differs from those ``stage`` was recorded with."""
+        recorded = self.data.get("stages", {}).get(stage, {}).get("settings", {})
+        return [flag for flag, value in wanted.items() if recorded.get(flag) != value]
 
     def start_attempt(self, run_dir: str, candidate_id: int, genome: Genome) -> int:
         if not self.data:
@@ -127,9 +136,26 @@ class StageRecords:
         record.update(done=True, finished_in_attempt=self.data["attempts"], result=result)
         self.save()
 
+    def moved(self, stage: str, model: str) -> None:
+        """Record that a done stage's model now lives in ``model`` (relative to OUT): the SFT
+        model, once DPO's takes its place at the top level."""
+        self.data["stages"][stage]["result"]["model"] = model
+        self.save()
+
     def save(self) -> None:
         text = json.dumps(self.data, indent=2) + "\n"
         atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _refusal(stage: str, state: str, flag: str, recorded, value) -> str:
+    if isinstance(recorded, bool) or isinstance(value, bool):  # a switch: with it, or without
+        def used(on) -> str:
+            return f"with {flag}" if on else f"without {flag}"
+        asked = f"asks {flag}" if value else f"has no {flag}"
+        return (f"{stage} was {state} {used(recorded)}, this command {asked}; rerun "
+                f"{used(recorded)} to resume")
+    return (f"{stage} was {state} with {flag} {_flag_value(recorded)}, this command asks "
+            f"{flag} {_flag_value(value)}; rerun with {flag} {_flag_value(recorded)} to resume")
 
 
 def _flag_value(value) -> str:

@@ -99,7 +99,7 @@ Genome: `{m['genome_summary']}` ({m['params'] / 1e6:.2f}M parameters)
 | questions (from {m['qa_accuracy']['source']}) | {m['qa_accuracy']['questions']} |
 
 ![loss curves](loss_curves.png)
-
+{_preference_tuning(m)}
 ## Hyperparameters
 
 {_refinement(m)}
@@ -141,6 +141,42 @@ def _refinement(m: dict) -> str:
             f"{refined['complete']} trials complete, {refined['pruned']} pruned, "
             f"{refined['failed']} failed, {refined['tokens_per_trial']:,} tokens per trial; "
             f"best trial {refined['best_trial_bpb']:.4f} bpb.")
+
+
+def _preference_tuning(m: dict) -> str:
+    """With --dpo: the DPO stage in a sentence and the base, SFT and SFT+DPO models side by
+    side, as a section (with its blank lines); nothing without --dpo."""
+    if "dpo" not in m:
+        return ""
+    dpo, s = m["dpo"], m["dpo"]["settings"]
+    pref = m["preference_accuracy"]
+
+    def row(label: str, values: dict, show) -> str:
+        return f"| {label} | " + " | ".join(show(values.get(name))
+                                             for name in ("base", "sft", "chat")) + " |"
+
+    loss = s["loss_type"] + (f" + {s['sft_weight']} x SFT (RPO)" if s["sft_weight"] else "")
+    resumed = f", resumed from step {dpo['resumed_from_step']}" \
+        if dpo.get("resumed_from_step") else ""
+    rows = "\n".join([
+        row(f"question answering ({m['qa_accuracy']['questions']} questions)",
+            m["qa_accuracy"], _share),
+        row(f"preference accuracy, chosen reply likelier ({pref['pairs']} pairs)", pref,
+            _share),
+        row("mean preference margin (nats)", pref["margin"], lambda v: f"{v:.3f}"),
+        row("text bpb (validation split)", m["heldout_bpb"], lambda v: f"{v:.4f}")])
+    return f"""
+## Preference tuning (DPO)
+
+{dpo['steps']} steps of {s['batch_size']} pairs on {dpo['pairs']:,} preference pairs made from \
+{dpo['source']} (the right answer to a reading question chosen over a wrong one), loss {loss}, \
+beta {s['beta']}, learning rate {s['learning_rate']:g}, {dpo['seconds'] / 60:.1f} min{resumed}. \
+The chat model of the results above is the SFT+DPO one; the SFT model is kept in `sft/`.
+
+| held-out | base | SFT | SFT+DPO |
+|---|---|---|---|
+{rows}
+"""
 
 
 def _fine_tuning(sft: dict) -> str:

@@ -8,11 +8,12 @@ from pathlib import Path
 from results.db import RunDatabase
 from search.genome import Genome
 from search.refine import RefineSettings
+from trainers.dpo import DpoSettings
 from trainers.recipe import TrainHparams
 
 BASE_DIR = "base"
 STATE_FILE = "promote-state.json"
-STAGES = ("refine", "pretrain", "sft", "evaluate")
+STAGES = ("refine", "pretrain", "sft", "dpo", "evaluate")  # dpo: only with --dpo
 STORY_PROMPT = "Once upon a time, there was a little"
 SAMPLE_QUESTIONS = ["Hello!", "Tell me a story about Lily at the park.", "What can you do?"]
 QA_NEW_TOKENS = 24  # the longest answer the question answering scores (qa_accuracy's default)
@@ -62,6 +63,11 @@ class PromoteSettings:
     # text (loss on every token), so the chat model keeps the corpus it was pretrained on.
     pretrain_mix: float = 0.25
     qa_questions: int = 100
+    # Preference tuning (DPO) of the chat model after fine-tuning, on pairs of a right and a
+    # wrong answer to reading questions about the run's corpus (``cluster.app.dpo``).
+    dpo: bool = False
+    dpo_settings: DpoSettings = DpoSettings()  # its max_length and seed: the promote's
+    dpo_pairs: int = 2000  # training pairs
     train_workers: int = 1  # Ray Train workers for pretraining; 1: in this process
     in_process: bool = False  # refinement trials in this process instead of on Ray actors
     address: str | None = None
@@ -74,6 +80,8 @@ class PromoteSettings:
             raise ValueError(f"budget_seconds must be positive, got {self.budget_seconds}")
         if not 0 <= self.refine_share < 0.8:
             raise ValueError(f"refine_share must be in [0, 0.8), got {self.refine_share}")
+        if self.dpo_pairs < 1:
+            raise ValueError(f"dpo_pairs must be at least 1, got {self.dpo_pairs}")
 
     @property
     def skips_refinement(self) -> bool:
@@ -86,8 +94,8 @@ class PromoteSettings:
 
 
 # ----------------------------------------------------------------------------- the winner
-def winner(run_dir: str, candidate_id: int | None):
-    """The candidate to promote: (id, genome, the run's ``EvolveSettings``)."""
+def run_settings(run_dir: str):
+    """The run's ``EvolveSettings``, or a PromoteError naming its run.json."""
     from cluster.app.evolve import load_settings
     from cluster.app.rundir import CONFIG_FILE, RunDirError
 
@@ -108,6 +116,12 @@ def winner(run_dir: str, candidate_id: int | None):
             f"{type(err).__name__}: {err}"
         raise PromoteError(f"{path}: not a readable run settings file ({reason}); is {run_dir} "
                            f"a run of chimera evolve?") from None
+    return settings
+
+
+def winner(run_dir: str, candidate_id: int | None):
+    """The candidate to promote: (id, genome, the run's ``EvolveSettings``)."""
+    settings = run_settings(run_dir)
     try:
         db = RunDatabase(settings.database_target, readonly=True)
     except FileNotFoundError as err:

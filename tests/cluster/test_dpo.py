@@ -1,0 +1,104 @@
+"""Preference tuning: TRL's DPO on the transformers class raises the chosen-over-rejected margin;
+``chimera dpo`` and ``chimera preferences`` write what they say, resume, and refuse bad input."""
+
+import json
+import random
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from chimera.inference import load_pretrained
+from chimera.tokenizer import train_char
+from cluster.cli import main
+from trainers.dpo import DpoSettings, preference_accuracy, preference_tune
+from trainers.preferences import read_preferences, write_preferences
+
+NAMES = ["Lily", "Tom", "Mia", "Sam", "Ava", "Max"]
+PLACES = ["park", "lake", "barn", "hill"]
+
+
+def _pairs(n: int, seed: int) -> list[dict]:
+    """Short reading questions: who went to the place? (the other name is the wrong answer)"""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        hero, other = rng.sample(NAMES, 2)
+        place = rng.choice(PLACES)
+        text = f"{hero} went to the {place}. {other} stayed home."
+        records.append({"prompt": [{"role": "user", "content": f"{text} Who went to the "
+                                                               f"{place}?"}],
+                        "chosen": [{"role": "assistant", "content": f"{hero} went."}],
+                        "rejected": [{"role": "assistant", "content": f"{other} went."}]})
+    return records
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, make_model_dir):
+    tokenizer = train_char([json.dumps(_pairs(50, 0))])
+    return make_model_dir(tmp_path_factory.mktemp("chat"), tokenizer, 128)
+
+
+def test_dpo_raises_the_margin_of_chosen_over_rejected(model_dir, tmp_path, no_network):
+    model, tokenizer = load_pretrained(model_dir)
+    train = _pairs(32, 1)
+    before = preference_accuracy(model, tokenizer, train)
+    settings = DpoSettings(steps=30, batch_size=8, learning_rate=3e-3, max_length=128,
+                           warmup_steps=2, checkpoint_every=100)
+    tuned, result = preference_tune(model, tokenizer, train, settings, tmp_path / "ck")
+    after = preference_accuracy(tuned, tokenizer, train)
+    assert result.steps == 30 and result.history
+    assert after["margin"] > before["margin"] + 1.0, (before, after)
+    assert after["accuracy"] > before["accuracy"]
+
+
+def test_chimera_dpo_writes_a_model_report_and_resumes_nothing_when_done(model_dir, tmp_path,
+                                                                         capsys, no_network):
+    write_preferences(_pairs(40, 2), tmp_path / "prefs.jsonl")
+    out = tmp_path / "tuned"
+    argv = ["dpo", str(model_dir), "--data", str(tmp_path / "prefs.jsonl"), "--out", str(out),
+            "--steps", "4", "--batch-size", "4", "--max-length", "128",
+            "--checkpoint-every", "2"]
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert "held-out preference accuracy" in said and "done" in said
+    metrics = json.loads((out / "dpo.json").read_text())
+    assert metrics["steps"] == 4 and metrics["train_pairs"] == 38  # 1 in 20 held out
+    assert metrics["heldout"]["after"]["pairs"] == 2
+    for name in ("model.safetensors", "config.json", "tokenizer/tokenizer.json", "dpo.md",
+                 "dpo_curves.png"):
+        assert (out / name).is_file(), name
+    assert not (out / "checkpoints").exists()  # TRL's optimizer states go when done
+    load_pretrained(out)  # chimera generate / serve / chat read it
+    AutoModelForCausalLM.from_pretrained(out)
+    assert main(argv) == 0  # the same command again: nothing to do
+    assert "done already" in capsys.readouterr().out
+    other = [*argv[:-1], "3"]  # other settings into the same --out
+    assert main(other) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_bad_input_is_one_line_naming_the_file(model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(_pairs(1, 3)[0]) + "\n{not json\n")
+    assert main(["dpo", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "line 2" in err and err.count("\n") == 1
+    assert main(["dpo", str(model_dir), "--out", str(model_dir), "--pairs", "8"]) == 2
+    assert "never replaces the one it starts from" in capsys.readouterr().err
+    assert main(["dpo", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"),
+                 "--pairs", "8"]) == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_chimera_preferences_writes_trl_pairs_of_the_built_in_stories(tmp_path, capsys):
+    out = tmp_path / "prefs" / "train.jsonl"
+    assert main(["preferences", "--out", str(out), "--pairs", "12"]) == 0
+    assert "12" in capsys.readouterr().out
+    records = read_preferences(out)
+    assert len(records) == 12
+    assert all(r["chosen"] != r["rejected"] and r["prompt"][-1]["role"] == "user"
+               for r in records)
+    assert main(["preferences", "--out", str(tmp_path / "h.jsonl"), "--pairs", "5",
+                 "--heldout"]) == 0
+    heldout = {r["prompt"][0]["content"] for r in read_preferences(tmp_path / "h.jsonl")}
+    assert not heldout & {r["prompt"][0]["content"] for r in records}

@@ -1,0 +1,164 @@
+"""Preference tuning (DPO and its relatives) through TRL's ``DPOTrainer`` on the transformers
+class of ``chimera.hf``, and the preference accuracy that measures it.
+
+The policy and the frozen reference both start as the given (chat) model. Records are TRL's
+conversational preference format (``trainers.preferences``). TRL checkpoints every
+``checkpoint_every`` steps under ``checkpoint_dir`` and a rerun resumes from the newest.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from chimera.model import Chimera
+from trainers.sft import encode_conversation
+
+# TRL's losses that take (chosen, rejected) pairs with a reference model; "sft" adds the chosen
+# reply's negative log-likelihood (RPO), which keeps its probability from sinking with the
+# rejected one's.
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
+              "sppo_hard", "apo_zero", "apo_down")
+
+
+@dataclass(frozen=True)
+class DpoSettings:
+    steps: int = 200
+    batch_size: int = 8
+    # Far above TRL's 1e-6 (for billion-parameter models): a 1-10M-parameter chat model moves
+    # little at that rate in a few hundred steps (bench/preference.py measures the choice).
+    learning_rate: float = 3e-4
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    sft_weight: float = 0.0  # > 0: add the chosen reply's NLL with this weight (RPO)
+    max_length: int = 512
+    warmup_steps: int = 10
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "max_length", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type={self.loss_type!r}: one of {', '.join(LOSS_TYPES)}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate={self.learning_rate}: must be a positive number")
+        if not self.beta > 0:
+            raise ValueError(f"beta={self.beta}: must be positive")
+        if self.sft_weight < 0:
+            raise ValueError(f"sft_weight={self.sft_weight}: must be >= 0")
+
+
+@dataclass
+class DpoResult:
+    steps: int
+    seconds: float
+    resumed_from: int  # the step a rerun continued from (0: a fresh start)
+    history: list[dict] = field(default_factory=list)  # TRL's logged rewards, margins, loss
+
+
+def _completion_logprob(model: Chimera, tokenizer, prompt: list[dict], reply: list[dict],
+                        device) -> float | None:
+    """Sum of the log-probabilities of the reply's tokens (the assistant tokens SFT trains on)
+    after the prompt; None when the conversation does not fit the model's context."""
+    ids, is_reply = encode_conversation(tokenizer, [*prompt, *reply])
+    if len(ids) > model.config.max_seq_len:
+        return None
+    tokens = torch.tensor([ids], device=device)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(tokens)[0][0, :-1].float(), dim=-1)
+    targets = tokens[0, 1:]
+    scored = torch.tensor(is_reply[1:], device=device)
+    return float(logp.gather(1, targets[:, None])[:, 0][scored].sum())
+
+
+def preference_accuracy(model: Chimera, tokenizer, records: Sequence[dict]) -> dict:
+    """Share of pairs whose chosen reply the model finds likelier than the rejected one, and
+    the mean margin in nats; pairs longer than the context are left out (counted)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    wins, margins, skipped = 0, [], 0
+    for record in records:
+        chosen = _completion_logprob(model, tokenizer, record["prompt"], record["chosen"],
+                                     device)
+        rejected = _completion_logprob(model, tokenizer, record["prompt"], record["rejected"],
+                                       device)
+        if chosen is None or rejected is None:
+            skipped += 1
+            continue
+        wins += chosen > rejected
+        margins.append(chosen - rejected)
+    model.train(was_training)
+    if not margins:
+        raise ValueError(f"none of the {len(records)} preference pairs fits the model's "
+                         f"context of {model.config.max_seq_len} tokens")
+    return {"accuracy": wins / len(margins), "margin": sum(margins) / len(margins),
+            "pairs": len(margins), "too_long": skipped}
+
+
+def _trl_config(settings: DpoSettings, checkpoint_dir: Path, device: str):
+    from trl import DPOConfig
+
+    losses = [settings.loss_type] + (["sft"] if settings.sft_weight else [])
+    return DPOConfig(
+        output_dir=str(checkpoint_dir), max_steps=settings.steps,
+        per_device_train_batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+        lr_scheduler_type="cosine", warmup_steps=min(settings.warmup_steps, settings.steps - 1),
+        beta=settings.beta, loss_type=losses,
+        loss_weights=[1.0, settings.sft_weight] if settings.sft_weight else None,
+        max_length=settings.max_length, seed=settings.seed, data_seed=settings.seed,
+        save_strategy="steps", save_steps=settings.checkpoint_every, save_total_limit=2,
+        logging_steps=max(1, settings.steps // 20), report_to=[], disable_tqdm=True,
+        use_cpu=device == "cpu", bf16=device.startswith("cuda") and torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=False, dataloader_num_workers=0)
+
+
+def _newest_checkpoint(checkpoint_dir: Path) -> tuple[str | None, int]:
+    steps = sorted((int(p.name.split("-")[1]), p) for p in checkpoint_dir.glob("checkpoint-*")
+                   if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file())
+    return (str(steps[-1][1]), steps[-1][0]) if steps else (None, 0)
+
+
+def preference_tune(model: Chimera, tokenizer, train: Sequence[dict], settings: DpoSettings,
+                    checkpoint_dir: Path, device: str = "cpu",
+                    on_progress: Callable[[int, int, dict | None], None] | None = None
+                    ) -> tuple[Chimera, DpoResult]:
+    """DPO of ``model`` (policy and reference both start from it) on ``train`` records;
+    returns the tuned native model. ``on_progress(step, total, logs)`` is called after every
+    optimizer step (logs None) and with each of TRL's logs."""
+    import datasets
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import DPOTrainer
+
+    from chimera.hf import from_native, to_native
+
+    class Reporter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if on_progress is not None:
+                on_progress(state.global_step, state.max_steps, None)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if on_progress is not None and logs:
+                on_progress(state.global_step, state.max_steps, logs)
+
+    datasets.disable_progress_bars()  # rich shows the progress; TRL's tqdm would interleave
+    policy, reference = from_native(model).train(), from_native(model).eval()
+    rows = [{key: r[key] for key in ("prompt", "chosen", "rejected")} for r in train]
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=_trl_config(
+        settings, checkpoint_dir, device), train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer, callbacks=[Reporter()])
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; on_progress reports
+    resume, resumed_from = _newest_checkpoint(checkpoint_dir)
+    started = time.monotonic()
+    trainer.train(resume_from_checkpoint=resume)
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    result = DpoResult(trainer.state.global_step, time.monotonic() - started, resumed_from,
+                       history)
+    return to_native(trainer.model).eval(), result
