@@ -29,10 +29,15 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from chimera.checkpoint import load_model  # noqa: E402
-from cluster.app.dpo import DpoProgress, run_preferences  # noqa: E402
 from cluster.app.promote import BASE_DIR, PromoteSettings  # noqa: E402
-from cluster.app.promote.instruction_data import heldout_bpb, question_source, run_store  # noqa
+from cluster.app.promote.instruction_data import (  # noqa: E402
+    heldout_bpb,
+    question_source,
+    run_preferences,
+    run_store,
+)
 from cluster.app.promote.settings import QA_NEW_TOKENS, winner  # noqa: E402
+from cluster.app.promote.stages import DpoProgress  # noqa: E402
 from trainers.dpo import DpoSettings, preference_accuracy, preference_tune  # noqa: E402
 from trainers.recipe import TrainHparams  # noqa: E402
 from trainers.sft import ensure_chat_tokens, qa_accuracy  # noqa: E402

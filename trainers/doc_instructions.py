@@ -21,10 +21,11 @@ conversations and questions are then made by the builder the story generator use
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -332,17 +333,17 @@ def document_conversations(documents: Sequence[str], n: int, seed: int = 0,
     return records
 
 
-def document_qa_items(documents: Sequence[str], n: int, seed: int = 0,
-                      max_chars: int | None = None, register: Register = PASSAGES
-                      ) -> list[dict]:
-    """Up to ``n`` distinct reading questions (``trainers.chat_data.qa_item``) about passages
-    of ``documents``; fewer when the documents do not hold that many."""
+def drawn_questions(documents: Sequence[str], n: int, seed: int = 0,
+                    max_chars: int | None = None, register: Register = PASSAGES,
+                    ordered: tuple[np.ndarray, frozenset[str]] | None = None
+                    ) -> Iterator[tuple[Document, Question]]:
+    """Distinct (passage, question) draws about ``documents`` in a seeded order, enough for
+    ``n`` of them; what ``document_qa_items`` (and the preference pairs) take from.
+    ``ordered``: ``_order(documents, seed)`` when the caller has it already."""
     rng = random.Random(f"chimera-doc-qa:{seed}")
-    order, ordinary = _order(documents, seed)
-    items, asked = [], set()
+    order, ordinary = ordered if ordered is not None else _order(documents, seed)
+    asked = set()
     for index in range(min(3 * max(n, len(order)), 50 * n + 1000)):
-        if len(items) == n:
-            break
         text = rng.choice(passages(documents[int(order[index % len(order)])], max_chars))
         document = document_from_text(text, register, rng, ordinary)
         if not document.questions:
@@ -350,5 +351,14 @@ def document_qa_items(documents: Sequence[str], n: int, seed: int = 0,
         question = rng.choice(document.questions)
         if (text, question.question) not in asked:
             asked.add((text, question.question))
-            items.append(qa_item(document, question, register))
-    return items
+            yield document, question
+
+
+def document_qa_items(documents: Sequence[str], n: int, seed: int = 0,
+                      max_chars: int | None = None, register: Register = PASSAGES
+                      ) -> list[dict]:
+    """Up to ``n`` distinct reading questions (``trainers.chat_data.qa_item``) about passages
+    of ``documents``; fewer when the documents do not hold that many."""
+    draws = drawn_questions(documents, n, seed, max_chars, register)
+    return [qa_item(document, question, register)
+            for document, question in itertools.islice(draws, n)]

@@ -121,6 +121,8 @@ def _trl_config(settings: DpoSettings, checkpoint_dir: Path, device: str):
 
 
 def _newest_checkpoint(checkpoint_dir: Path) -> tuple[str | None, int]:
+    # Not transformers' get_last_checkpoint: that takes a folder a kill left half-written
+    # (no trainer_state.json yet) for the newest, and fails on a folder not made yet.
     steps = sorted((int(p.name.split("-")[1]), p) for p in checkpoint_dir.glob("checkpoint-*")
                    if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file())
     return (str(steps[-1][1]), steps[-1][0]) if steps else (None, 0)

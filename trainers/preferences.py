@@ -32,8 +32,8 @@ from trainers.chat_data import (
 from trainers.doc_instructions import (
     _order,
     _without_labels,
-    document_from_text,
     document_questions,
+    drawn_questions,
     passages,
 )
 from trainers.instructions import HELDOUT_SEED_OFFSET, TRAIN_SEED_OFFSET, story_document
@@ -178,22 +178,14 @@ def document_preferences(documents: Sequence[str], n: int, seed: int = 0,
     ``document_qa_items`` draws with the same arguments, in order, less any that cannot be made
     wrong; fewer when the documents do not hold that many. Wrong answers from other documents
     come from these ``documents`` only. ``with_answers``: see ``story_preferences``."""
-    rng = random.Random(f"chimera-doc-qa:{seed}")  # document_qa_items's draws
     wrong = random.Random(f"chimera-doc-preferences-wrong:{seed}")
-    order, ordinary = _order(documents, seed)
-    pool = _pool(_document_pool(documents, order, ordinary, max_chars, register))
-    records, asked = [], set()
-    for index in range(min(3 * max(n, len(order)), 50 * n + 1000)):
+    ordered = _order(documents, seed)
+    pool = _pool(_document_pool(documents, *ordered, max_chars, register))
+    records = []
+    for document, question in drawn_questions(documents, n, seed, max_chars, register,
+                                              ordered):
         if len(records) == n:
             break
-        text = rng.choice(passages(documents[int(order[index % len(order)])], max_chars))
-        document = document_from_text(text, register, rng, ordinary)
-        if not document.questions:
-            continue
-        question = rng.choice(document.questions)
-        if (text, question.question) in asked:
-            continue
-        asked.add((text, question.question))
         record = _pair(document, question, register, pool, wrong, with_answers)
         if record is not None:
             records.append(record)

@@ -14,71 +14,15 @@ import shutil
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from chimera.checkpoint import CheckpointError, atomic_write, save_model
 from chimera.inference import TOKENIZER_DIR, load_pretrained
-from cluster.app.promote.instruction_data import from_stories, passage_chars, source_of
-from cluster.app.promote.settings import QA_NEW_TOKENS, run_settings
-from cluster.app.rundir import STORE_DIR
+from cluster.app.promote.stages import DpoProgress
 from results.plots import curves_figure
-from trainers.doc_instructions import StoreDocuments
 from trainers.dpo import DpoResult, DpoSettings, preference_accuracy, preference_tune
-from trainers.preferences import PreferenceDataError, document_preferences, story_preferences
-from trainers.store import TokenStore
 
 CHECKPOINTS = Path("checkpoints") / "dpo"
 METRICS_FILE, REPORT_FILE, CURVES_FILE = "dpo.json", "dpo.md", "dpo_curves.png"
-
-
-class DpoProgress:
-    """A rich bar over DPO's optimizer steps, with TRL's latest loss, reward accuracy and
-    margin; a line per log where there is no terminal to redraw a bar on."""
-
-    def __init__(self, console: Console, total: int) -> None:
-        self.console, self.lines = console, not console.is_terminal
-        self.progress = Progress(
-            TextColumn("[bold]dpo[/bold]"), BarColumn(), TextColumn("{task.completed}/"
-                                                                    "{task.total}"),
-            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=console, disable=self.lines)
-        self.task = self.progress.add_task("dpo", total=total, stats="")
-
-    def __enter__(self) -> DpoProgress:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
-
-    def __call__(self, step: int, total: int, logs: dict | None) -> None:
-        stats = None
-        if logs and "loss" in logs:
-            stats = (f"loss {logs['loss']:.3f} reward acc "
-                     f"{logs.get('rewards/accuracies', float('nan')):.2f} margin "
-                     f"{logs.get('rewards/margins', float('nan')):.3f}")
-            if self.lines:
-                self.console.print(f"  dpo step {step}/{total}: {stats}", highlight=False)
-        self.progress.update(self.task, completed=step, total=total,
-                             **({"stats": stats} if stats else {}))
-
-
-def run_preferences(run_dir: str | None, n: int, seed: int = 0, heldout: bool = False,
-                    context: int = 512) -> tuple[list[dict], str]:
-    """``n`` preference pairs from a run's corpus (its training documents, or with ``heldout``
-    its validation ones; the generator's stories for the built-in corpus or for no run), and
-    where they came from. Passages leave room for the question and reply in ``context``."""
-    if run_dir is None or from_stories(run := run_settings(run_dir)):
-        return story_preferences(n, seed, heldout), "generated stories"
-    store = TokenStore.open(Path(run_dir) / STORE_DIR, verify=False)
-    documents = StoreDocuments(store, "val" if heldout else "train")
-    records = document_preferences(documents, n, seed,
-                                   passage_chars(store, context - QA_NEW_TOKENS))
-    if not records:
-        raise PreferenceDataError(f"{run_dir}: its {'validation' if heldout else 'training'} "
-                              f"documents give no question to build preference pairs from "
-                              f"(no speaker, name, place or object found)")
-    return records, source_of(run)
 
 
 def _check_out(model_dir: Path, out: Path) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cluster.app.dpo import run_dpo, run_preferences
+from cluster.app.dpo import run_dpo
+from cluster.app.promote.instruction_data import run_preferences
 from cluster.cli import argtypes
 from cluster.cli.errors import CommandError
 from trainers.dpo import LOSS_TYPES, DpoSettings

@@ -1,6 +1,6 @@
 """The optional stage of ``chimera promote --dpo``: preference tuning (DPO, ``trainers.dpo``) of
 the chat model after fine-tuning, on pairs of the right and a wrong answer to reading questions
-about the run's corpus (``cluster.app.dpo.run_preferences``), and its part of the evaluation.
+about the run's corpus (``instruction_data.run_preferences``), and its part of the evaluation.
 
 The DPO model takes the chat model's place at OUT's top level; the SFT model moves to OUT/sft
 first. Each step is ordered so that a kill at any moment leaves a readable SFT model: sft/ is
@@ -18,9 +18,10 @@ from pathlib import Path
 from chimera.checkpoint import load_model, save_model
 from chimera.inference import TOKENIZER_DIR
 from chimera.model import Chimera
-from cluster.app.promote.instruction_data import heldout_bpb
+from cluster.app.promote.instruction_data import heldout_bpb, run_preferences
 from cluster.app.promote.records import StageRecords
 from cluster.app.promote.settings import QA_NEW_TOKENS, PromoteError, PromoteSettings
+from cluster.app.promote.stages import DpoProgress
 from trainers.dpo import DpoSettings, preference_accuracy, preference_tune
 from trainers.preferences import PreferenceDataError, write_preferences
 from trainers.sft import encode_conversation, qa_accuracy
@@ -30,14 +31,6 @@ DPO_DATA = Path("dpo-data") / "train.jsonl"
 CHECKPOINTS = Path("checkpoints") / "dpo"
 PREFLIGHT_PAIRS = 16  # training pairs the preflight builds to see that some fit the context
 HISTORY_KEYS = ("step", "loss", "rewards/accuracies", "rewards/margins")
-
-
-def _run_preferences(*args, **kwargs):
-    # Imported when called: cluster.app.dpo imports this package's modules, so a top-level
-    # import would run into the package's own initialisation when cluster.app.dpo loads first.
-    from cluster.app.dpo import run_preferences
-
-    return run_preferences(*args, **kwargs)
 
 
 def tuning_settings(settings: PromoteSettings) -> DpoSettings:
@@ -66,10 +59,10 @@ def check_preferences(settings: PromoteSettings, tokenizer, records: StageRecord
     ``tokenizer``: one with the chat template fine-tuning will give it."""
     context, checked = settings.max_seq_len, {}
     try:
-        checked["held-out"], _ = _run_preferences(settings.run_dir, settings.qa_questions,
+        checked["held-out"], _ = run_preferences(settings.run_dir, settings.qa_questions,
                                                   settings.seed, heldout=True, context=context)
         if records.done("dpo") is None:
-            checked["training"], _ = _run_preferences(
+            checked["training"], _ = run_preferences(
                 settings.run_dir, min(settings.dpo_pairs, PREFLIGHT_PAIRS), settings.seed,
                 heldout=False, context=context)
     except PreferenceDataError as err:
@@ -85,8 +78,6 @@ def check_preferences(settings: PromoteSettings, tokenizer, records: StageRecord
 def run_dpo(ctx, sft_model: Chimera, tokenizer) -> tuple[Chimera, dict]:
     """4. Preference tuning of ``sft_model`` (recorded, or tuned now); returns the DPO model
     and the stage's record. ``ctx``: the pipeline's run (settings, console, records, wanted)."""
-    from cluster.app.dpo import DpoProgress  # see _run_preferences
-
     settings, out, records = ctx.settings, ctx.out, ctx.records
     if records.done("dpo") is not None:
         ctx.skipped("dpo", f"the DPO model is in {out}, the SFT one in {out / SFT_DIR}")
@@ -100,7 +91,7 @@ def run_dpo(ctx, sft_model: Chimera, tokenizer) -> tuple[Chimera, dict]:
         save_model(sft_model, out / SFT_DIR)
         tokenizer.save_pretrained(str(out / SFT_DIR / TOKENIZER_DIR))
         records.moved("sft", SFT_DIR)
-    train, source = _run_preferences(settings.run_dir, settings.dpo_pairs, settings.seed,
+    train, source = run_preferences(settings.run_dir, settings.dpo_pairs, settings.seed,
                                      heldout=False, context=settings.max_seq_len)
     write_preferences(train, out / DPO_DATA)
     dpo = tuning_settings(settings)

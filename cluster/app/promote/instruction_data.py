@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from cluster.app.promote.settings import QA_NEW_TOKENS, PromoteSettings
+from cluster.app.promote.settings import QA_NEW_TOKENS, PromoteSettings, run_settings
 from cluster.app.rundir import STORE_DIR
 from trainers.corpus import STORIES
 from trainers.doc_instructions import StoreDocuments, document_conversations, document_qa_items
 from trainers.instructions import conversations, qa_items
+from trainers.preferences import PreferenceDataError, document_preferences, story_preferences
 from trainers.recipe import TrainHparams, evaluate
 from trainers.store import TokenStore
 
@@ -79,3 +80,21 @@ def heldout_bpb(model: torch.nn.Module, store: TokenStore, hparams: TrainHparams
                                        hparams.eval_batches)
     loss = evaluate(model, batches, next(model.parameters()).device)
     return store.bits_per_byte(loss, "val")
+
+
+def run_preferences(run_dir: str | None, n: int, seed: int = 0, heldout: bool = False,
+                    context: int = 512) -> tuple[list[dict], str]:
+    """``n`` preference pairs from a run's corpus (its training documents, or with ``heldout``
+    its validation ones; the generator's stories for the built-in corpus or for no run), and
+    where they came from. Passages leave room for the question and reply in ``context``."""
+    if run_dir is None or from_stories(run := run_settings(run_dir)):
+        return story_preferences(n, seed, heldout), "generated stories"
+    store = TokenStore.open(Path(run_dir) / STORE_DIR, verify=False)
+    documents = StoreDocuments(store, "val" if heldout else "train")
+    records = document_preferences(documents, n, seed,
+                                   passage_chars(store, context - QA_NEW_TOKENS))
+    if not records:
+        raise PreferenceDataError(f"{run_dir}: its {'validation' if heldout else 'training'} "
+                              f"documents give no question to build preference pairs from "
+                              f"(no speaker, name, place or object found)")
+    return records, source_of(run)

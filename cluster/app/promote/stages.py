@@ -68,6 +68,38 @@ class StepProgress:
                                f"{stats}", highlight=False)
 
 
+class DpoProgress:
+    """A rich bar over DPO's optimizer steps, with TRL's latest loss, reward accuracy and
+    margin; a line per log where there is no terminal to redraw a bar on."""
+
+    def __init__(self, console: Console, total: int) -> None:
+        self.console, self.lines = console, not console.is_terminal
+        self.progress = Progress(
+            TextColumn("[bold]dpo[/bold]"), BarColumn(), TextColumn("{task.completed}/"
+                                                                    "{task.total}"),
+            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=console, disable=self.lines)
+        self.task = self.progress.add_task("dpo", total=total, stats="")
+
+    def __enter__(self) -> DpoProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, step: int, total: int, logs: dict | None) -> None:
+        stats = None
+        if logs and "loss" in logs:
+            stats = (f"loss {logs['loss']:.3f} reward acc "
+                     f"{logs.get('rewards/accuracies', float('nan')):.2f} margin "
+                     f"{logs.get('rewards/margins', float('nan')):.3f}")
+            if self.lines:
+                self.console.print(f"  dpo step {step}/{total}: {stats}", highlight=False)
+        self.progress.update(self.task, completed=step, total=total,
+                             **({"stats": stats} if stats else {}))
+
+
 # ----------------------------------------------------------------------------- stages
 def run_refinement(settings: PromoteSettings, config: ChimeraConfig, base: TrainHparams,
                    store: TokenStore, database: str, candidate_id: int, console: Console):
