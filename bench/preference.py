@@ -5,7 +5,9 @@ reply likelier than the rejected one), and held-out bits per byte (does it keep 
 
 DPO trains on pairs from the run's training documents (or the generator's training stories)
 exactly as ``chimera dpo --run RUN`` builds them; a setting is ``steps=N,lr=X,beta=B,
-loss=L,sft=W`` (any left out: the ``chimera dpo`` defaults).
+loss=L,sft=W,seed=S`` (any left out: the ``chimera dpo`` defaults); ``own=1`` trains on the
+SFT model's own wrong answers as the rejected replies where it gives one
+(``trainers.dpo.with_own_mistakes``; mined once, greedy, and timed).
 
     python bench/chat_tuning.py RUN/promoted --run RUN --save SFT     # an SFT model to tune
     python bench/preference.py RUN/promoted --sft SFT/defaults --run RUN \\
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import tempfile
 import time
@@ -38,24 +41,42 @@ from cluster.app.promote.instruction_data import (  # noqa: E402
 )
 from cluster.app.promote.settings import QA_NEW_TOKENS, winner  # noqa: E402
 from cluster.app.promote.stages import DpoProgress  # noqa: E402
-from trainers.dpo import DpoSettings, preference_accuracy, preference_tune  # noqa: E402
+from trainers.dpo import (  # noqa: E402
+    DpoSettings,
+    preference_accuracy,
+    preference_tune,
+    with_own_mistakes,
+)
 from trainers.recipe import TrainHparams  # noqa: E402
-from trainers.sft import ensure_chat_tokens, qa_accuracy  # noqa: E402
+from trainers.sft import ensure_chat_tokens, qa_answers_right  # noqa: E402
 
 KEYS = {"steps": ("steps", int), "lr": ("learning_rate", float), "beta": ("beta", float),
         "loss": ("loss_type", str), "sft": ("sft_weight", float),
-        "batch": ("batch_size", int)}
+        "batch": ("batch_size", int), "seed": ("seed", int)}
 
 
-def setting(text: str) -> DpoSettings:
-    changes = {}
+def setting(text: str) -> tuple[DpoSettings, bool]:
+    """The DPO settings a ``--settings`` item names, and whether it trains on own mistakes."""
+    changes, own = {}, False
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
+        if key == "own":
+            own = value not in ("0", "")
+            continue
         if key not in KEYS:
-            raise SystemExit(f"--settings {text!r}: unknown key {key!r}; use {', '.join(KEYS)}")
+            raise SystemExit(f"--settings {text!r}: unknown key {key!r}; use "
+                             f"{', '.join(KEYS)}, own")
         name, kind = KEYS[key]
         changes[name] = kind(value)
-    return dataclasses.replace(DpoSettings(), **changes)
+    return dataclasses.replace(DpoSettings(), **changes), own
+
+
+def sign_test(gained: int, lost: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least this uneven between questions
+    one model alone gets right and questions the other alone gets right, were they equal."""
+    flips = gained + lost
+    tail = sum(math.comb(flips, k) for k in range(min(gained, lost) + 1)) / 2 ** flips
+    return min(1.0, 2 * tail)
 
 
 def main() -> None:
@@ -82,17 +103,26 @@ def main() -> None:
                                                               defaults.seed)
     heldout, source = run_preferences(args.run, defaults.qa_questions, defaults.seed, True,
                                       defaults.max_seq_len)
-    train, _ = run_preferences(args.run, args.pairs, defaults.seed, False, defaults.max_seq_len)
+    train, _ = run_preferences(args.run, args.pairs, defaults.seed, False, defaults.max_seq_len,
+                               with_answers=True)
     table = Table(title=f"preference tuning on {source}: {len(items)} held-out questions, "
                         f"{len(heldout)} held-out pairs, {len(train)} training pairs")
-    for column in ("model", "QA", "preference acc", "margin (nats)", "held-out bpb",
-                   "DPO seconds"):
+    for column in ("model", "QA", "QA vs SFT: +right -wrong (p)", "preference acc",
+                   "margin (nats)", "held-out bpb", "DPO seconds"):
         table.add_column(column, justify="right")
+    answers: dict[str, list[bool]] = {}
 
     def row(name: str, model, seconds: str = "") -> None:
         prefs = preference_accuracy(model, tokenizer, heldout)
-        qa = qa_accuracy(model, tokenizer, items, QA_NEW_TOKENS, context=defaults.max_seq_len)
-        table.add_row(name, f"{qa:.0%}", f"{prefs['accuracy']:.1%}", f"{prefs['margin']:.2f}",
+        right = answers[name] = qa_answers_right(model, tokenizer, items, QA_NEW_TOKENS,
+                                                 context=defaults.max_seq_len)
+        versus = ""
+        if "SFT" in answers and name != "SFT":
+            gained = sum(r and not s for r, s in zip(right, answers["SFT"]))
+            lost = sum(s and not r for r, s in zip(right, answers["SFT"]))
+            versus = f"+{gained} -{lost} ({sign_test(gained, lost):.2f})"
+        table.add_row(name, f"{sum(right) / len(right):.0%}", versus,
+                      f"{prefs['accuracy']:.1%}", f"{prefs['margin']:.2f}",
                       f"{heldout_bpb(model, store, pretrained):.4f}", seconds)
         console.print(table)
 
@@ -100,14 +130,28 @@ def main() -> None:
     row("base", base.eval())
     sft_dir = args.sft or args.promoted
     row("SFT", load_model(sft_dir).eval())
+    mined: list = []  # [(records, seconds)] once any setting asks for them
+
+    def own_mistakes() -> tuple[list[dict], float]:
+        if not mined:
+            began = time.time()
+            with console.status(f"the SFT model answers {len(train)} training questions"):
+                records, replaced = with_own_mistakes(load_model(sft_dir), tokenizer, train,
+                                                      QA_NEW_TOKENS, defaults.max_seq_len)
+            mined.append((records, time.time() - began))
+            console.print(f"own mistakes: {replaced} of {len(train)} training replies wrong "
+                          f"({mined[0][1]:.0f} s), those are the rejected replies")
+        return mined[0]
+
     for text in args.settings:
-        settings = setting(text)
+        settings, own = setting(text)
+        records, mining = own_mistakes() if own else (train, 0.0)
         with tempfile.TemporaryDirectory(prefix="chimera-preference-") as work, \
                 DpoProgress(console, settings.steps) as progress:
             began = time.time()
-            tuned, _ = preference_tune(load_model(sft_dir), tokenizer, train, settings,
+            tuned, _ = preference_tune(load_model(sft_dir), tokenizer, records, settings,
                                        Path(work), on_progress=progress)
-            seconds = time.time() - began
+            seconds = time.time() - began + mining
         row(f"SFT + DPO {text or '(defaults)'}", tuned, f"{seconds:.0f}")
 
 

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from chimera.chat import reply
+from chimera.generation import SamplingConfig
 from chimera.model import Chimera
+from trainers.answers import answer_is_right
 from trainers.sft import encode_conversation
 
 # TRL's losses that take (chosen, rejected) pairs with a reference model; "sft" adds the chosen
@@ -103,6 +107,36 @@ def preference_accuracy(model: Chimera, tokenizer, records: Sequence[dict]) -> d
             "pairs": len(margins), "too_long": skipped}
 
 
+def with_own_mistakes(model: Chimera, tokenizer, records: Sequence[dict],
+                      max_new_tokens: int = 24, context: int | None = None
+                      ) -> tuple[list[dict], int]:
+    """``records`` with each rejected reply replaced by the model's own greedy reply wherever
+    that reply is wrong (``trainers.answers``), and how many were replaced.
+
+    These are on-policy negatives: the constructed wrong answer is one the model may never
+    give, and a model that already prefers the right reply on most constructed pairs learns
+    little from them, while its own mistakes are exactly what greedy answering gets wrong.
+    Records need "expected" (and "others"), as the preference builders' ``with_answers``
+    gives; a reply that repeats the chosen one or is empty keeps the constructed rejection."""
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+    was_training = model.training
+    model.eval()
+    mined, replaced = [], 0
+    for record in records:
+        if "expected" not in record:
+            raise ValueError("a preference record without its expected answer: build them "
+                             "with with_answers=True to mine the model's own mistakes")
+        answer = reply(model, tokenizer, record["prompt"], sampling, context).strip()
+        chosen = record["chosen"][-1]["content"]
+        if answer and answer != chosen.strip() and \
+                not answer_is_right(record["expected"], answer, record.get("others", ())):
+            record = {**record, "rejected": [{"role": "assistant", "content": answer}]}
+            replaced += 1
+        mined.append(record)
+    model.train(was_training)
+    return mined, replaced
+
+
 def _trl_config(settings: DpoSettings, checkpoint_dir: Path, device: str):
     from trl import DPOConfig
 
@@ -117,7 +151,20 @@ def _trl_config(settings: DpoSettings, checkpoint_dir: Path, device: str):
         save_strategy="steps", save_steps=settings.checkpoint_every, save_total_limit=2,
         logging_steps=max(1, settings.steps // 20), report_to=[], disable_tqdm=True,
         use_cpu=device == "cpu", bf16=device.startswith("cuda") and torch.cuda.is_bf16_supported(),
-        gradient_checkpointing=False, dataloader_num_workers=0)
+        # The models are small enough to keep activations: no recompute (TRL's default is on;
+        # activation_checkpointing is the name that replaced gradient_checkpointing).
+        activation_checkpointing=False, dataloader_num_workers=0)
+
+
+def _with_tokenizer_tokens(hf_model, tokenizer) -> None:
+    """Give the model's configs the tokenizer's special tokens (the chat template's end of
+    turn among them), as the trainer would, so that it has nothing to align and warn about."""
+    for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            setattr(hf_model.config, name, value)
+            if getattr(hf_model, "generation_config", None) is not None:
+                setattr(hf_model.generation_config, name, value)
 
 
 def _newest_checkpoint(checkpoint_dir: Path) -> tuple[str | None, int]:
@@ -137,6 +184,7 @@ def preference_tune(model: Chimera, tokenizer, train: Sequence[dict], settings: 
     optimizer step (logs None) and with each of TRL's logs."""
     import datasets
     from transformers import PrinterCallback, TrainerCallback
+    from transformers.utils import logging as hf_logging
     from trl import DPOTrainer
 
     from chimera.hf import from_native, to_native
@@ -152,6 +200,8 @@ def preference_tune(model: Chimera, tokenizer, train: Sequence[dict], settings: 
 
     datasets.disable_progress_bars()  # rich shows the progress; TRL's tqdm would interleave
     policy, reference = from_native(model).train(), from_native(model).eval()
+    for hf_model in (policy, reference):
+        _with_tokenizer_tokens(hf_model, tokenizer)
     rows = [{key: r[key] for key in ("prompt", "chosen", "rejected")} for r in train]
     trainer = DPOTrainer(model=policy, ref_model=reference, args=_trl_config(
         settings, checkpoint_dir, device), train_dataset=datasets.Dataset.from_list(rows),
@@ -159,7 +209,17 @@ def preference_tune(model: Chimera, tokenizer, train: Sequence[dict], settings: 
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; on_progress reports
     resume, resumed_from = _newest_checkpoint(checkpoint_dir)
     started = time.monotonic()
-    trainer.train(resume_from_checkpoint=resume)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Writing model shards" bar at every checkpoint
+    try:
+        with warnings.catch_warnings():
+            # TRL reads transformers' renamed property; nothing a user of ours can change.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
+                                    FutureWarning)
+            trainer.train(resume_from_checkpoint=resume)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     result = DpoResult(trainer.state.global_step, time.monotonic() - started, resumed_from,
                        history)

@@ -198,16 +198,22 @@ def fitting(tokenizer, items: Sequence[dict], context: int, max_new_tokens: int 
     return kept
 
 
-def qa_accuracy(model: Chimera, tokenizer, items: Sequence[dict], max_new_tokens: int = 24,
-                context: int | None = None) -> float:
-    """Share of questions whose greedy reply gives the expected answer and no other candidate
-    (``trainers.answers.answer_is_right``). Items are ``{"messages": [...], "expected": str,
-    "others": [str, ...]}`` (see ``trainers.chat_data.qa_item``; "others" may be left out)."""
+def qa_answers_right(model: Chimera, tokenizer, items: Sequence[dict],
+                     max_new_tokens: int = 24, context: int | None = None) -> list[bool]:
+    """For each question, whether the greedy reply gives the expected answer and no other
+    candidate (``trainers.answers.answer_is_right``). Items are ``{"messages": [...],
+    "expected": str, "others": [str, ...]}`` (see ``trainers.chat_data.qa_item``; "others"
+    may be left out). Per question, so that two models can be compared pair by pair."""
     if not items:
         raise ValueError("no questions to score")
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
-    correct = 0
-    for item in items:
-        answer = reply(model, tokenizer, item["messages"], sampling, context)
-        correct += answer_is_right(item["expected"], answer, item.get("others", ()))
-    return correct / len(items)
+    return [answer_is_right(item["expected"],
+                            reply(model, tokenizer, item["messages"], sampling, context),
+                            item.get("others", ())) for item in items]
+
+
+def qa_accuracy(model: Chimera, tokenizer, items: Sequence[dict], max_new_tokens: int = 24,
+                context: int | None = None) -> float:
+    """Share of questions answered right (``qa_answers_right``)."""
+    right = qa_answers_right(model, tokenizer, items, max_new_tokens, context)
+    return sum(right) / len(right)

@@ -7,10 +7,13 @@ import random
 import pytest
 from transformers import AutoModelForCausalLM
 
+from chimera.chat import reply
+from chimera.generation import SamplingConfig
 from chimera.inference import load_pretrained
 from chimera.tokenizer import train_char
 from cluster.cli import main
-from trainers.dpo import DpoSettings, preference_accuracy, preference_tune
+from trainers.answers import words
+from trainers.dpo import DpoSettings, preference_accuracy, preference_tune, with_own_mistakes
 from trainers.preferences import read_preferences, write_preferences
 
 NAMES = ["Lily", "Tom", "Mia", "Sam", "Ava", "Max"]
@@ -38,7 +41,8 @@ def model_dir(tmp_path_factory, make_model_dir):
     return make_model_dir(tmp_path_factory.mktemp("chat"), tokenizer, 128)
 
 
-def test_dpo_raises_the_margin_of_chosen_over_rejected(model_dir, tmp_path, no_network):
+def test_dpo_raises_the_margin_of_chosen_over_rejected(model_dir, tmp_path, no_network,
+                                                       caplog, recwarn):
     model, tokenizer = load_pretrained(model_dir)
     train = _pairs(32, 1)
     before = preference_accuracy(model, tokenizer, train)
@@ -49,6 +53,36 @@ def test_dpo_raises_the_margin_of_chosen_over_rejected(model_dir, tmp_path, no_n
     assert result.steps == 30 and result.history
     assert after["margin"] > before["margin"] + 1.0, (before, after)
     assert after["accuracy"] > before["accuracy"]
+    # Nothing for the user to act on: no token alignment notice, no deprecated argument.
+    assert "PAD/BOS/EOS" not in caplog.text
+    assert not [w for w in recwarn if "deprecated" in str(w.message)], \
+        [f"{w.filename}:{w.lineno}: {w.message}" for w in recwarn]
+
+
+def test_own_mistakes_replace_the_rejected_reply_only_where_the_model_is_wrong(model_dir,
+                                                                              tmp_path):
+    model, tokenizer = load_pretrained(model_dir)
+    # A random model ends its turn at once; DPO with the chosen reply's NLL (RPO) teaches it
+    # to answer in the pairs' form.
+    settings = DpoSettings(steps=30, batch_size=8, learning_rate=3e-3, max_length=128,
+                           warmup_steps=2, checkpoint_every=100, sft_weight=1.0)
+    model, _ = preference_tune(model, tokenizer, _pairs(32, 1), settings, tmp_path / "ck")
+    pairs = _pairs(6, 3)
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    replies = [reply(model, tokenizer, pair["prompt"], greedy).strip() for pair in pairs]
+    assert all(replies), replies  # an untrained model still says something
+    wrong, right = pairs[:3], pairs[3:]
+    records = [{**p, "expected": "Zebulon", "others": []} for p in wrong]  # never said
+    # Right: the expected answer is a word of what the model says.
+    records += [{**p, "expected": words(said)[0], "others": []}
+                for p, said in zip(right, replies[3:])]
+    mined, replaced = with_own_mistakes(model, tokenizer, records, max_new_tokens=8)
+    assert replaced == 3
+    assert [m["rejected"][0]["content"] for m in mined[:3]] == replies[:3]
+    assert [m["rejected"] for m in mined[3:]] == [p["rejected"] for p in right]
+    assert [m["chosen"] for m in mined] == [p["chosen"] for p in pairs]
+    with pytest.raises(ValueError, match="expected answer"):
+        with_own_mistakes(model, tokenizer, pairs[:1])
 
 
 def test_chimera_dpo_writes_a_model_report_and_resumes_nothing_when_done(model_dir, tmp_path,

@@ -83,16 +83,18 @@ def heldout_bpb(model: torch.nn.Module, store: TokenStore, hparams: TrainHparams
 
 
 def run_preferences(run_dir: str | None, n: int, seed: int = 0, heldout: bool = False,
-                    context: int = 512) -> tuple[list[dict], str]:
+                    context: int = 512, with_answers: bool = False) -> tuple[list[dict], str]:
     """``n`` preference pairs from a run's corpus (its training documents, or with ``heldout``
     its validation ones; the generator's stories for the built-in corpus or for no run), and
-    where they came from. Passages leave room for the question and reply in ``context``."""
+    where they came from. Passages leave room for the question and reply in ``context``.
+    ``with_answers``: each record also holds its question's "expected" and "others"."""
     if run_dir is None or from_stories(run := run_settings(run_dir)):
-        return story_preferences(n, seed, heldout), "generated stories"
+        return story_preferences(n, seed, heldout, with_answers), "generated stories"
     store = TokenStore.open(Path(run_dir) / STORE_DIR, verify=False)
     documents = StoreDocuments(store, "val" if heldout else "train")
     records = document_preferences(documents, n, seed,
-                                   passage_chars(store, context - QA_NEW_TOKENS))
+                                   passage_chars(store, context - QA_NEW_TOKENS),
+                                   with_answers=with_answers)
     if not records:
         raise PreferenceDataError(f"{run_dir}: its {'validation' if heldout else 'training'} "
                               f"documents give no question to build preference pairs from "
