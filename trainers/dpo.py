@@ -8,6 +8,7 @@ conversational preference format (``trainers.preferences``). TRL checkpoints eve
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from chimera.chat import reply
+from chimera.checkpoint import atomic_write
 from chimera.generation import SamplingConfig
 from chimera.model import Chimera
 from trainers.answers import answer_is_right
@@ -26,6 +28,7 @@ from trainers.sft import encode_conversation
 # TRL's losses that take (chosen, rejected) pairs with a reference model; "sft" adds the chosen
 # reply's negative log-likelihood (RPO), which keeps its probability from sinking with the
 # rejected one's.
+SECONDS_FILE = "chimera_seconds.json"  # in each TRL checkpoint: training time up to it
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
               "sppo_hard", "apo_zero", "apo_down")
 
@@ -62,8 +65,9 @@ class DpoSettings:
 @dataclass
 class DpoResult:
     steps: int
-    seconds: float
+    seconds: float  # training time over every attempt that made these steps
     resumed_from: int  # the step a rerun continued from (0: a fresh start)
+    earlier_seconds: float  # of ``seconds``, what earlier attempts spent (0: a fresh start)
     history: list[dict] = field(default_factory=list)  # TRL's logged rewards, margins, loss
 
 
@@ -167,6 +171,14 @@ def _with_tokenizer_tokens(hf_model, tokenizer) -> None:
                 setattr(hf_model.generation_config, name, value)
 
 
+def _seconds_before(checkpoint: str | None) -> float:
+    """The training seconds a checkpoint holds (0 for none, or one saved without its clock)."""
+    try:
+        return float(json.loads((Path(checkpoint) / SECONDS_FILE).read_text())["seconds"])
+    except (TypeError, OSError, ValueError, KeyError):
+        return 0.0
+
+
 def _newest_checkpoint(checkpoint_dir: Path) -> tuple[str | None, int]:
     # Not transformers' get_last_checkpoint: that takes a folder a kill left half-written
     # (no trainer_state.json yet) for the newest, and fails on a folder not made yet.
@@ -189,7 +201,17 @@ def preference_tune(model: Chimera, tokenizer, train: Sequence[dict], settings: 
 
     from chimera.hf import from_native, to_native
 
+    resume, resumed_from = _newest_checkpoint(checkpoint_dir)
+    earlier = _seconds_before(resume)
+    started = time.monotonic()
+
     class Reporter(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            # TRL keeps no clock across resumes: each checkpoint records the time it holds.
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            seconds = json.dumps({"seconds": earlier + time.monotonic() - started})
+            atomic_write(folder / SECONDS_FILE, lambda tmp: Path(tmp).write_text(seconds))
+
         def on_step_end(self, args, state, control, **kwargs):
             if on_progress is not None:
                 on_progress(state.global_step, state.max_steps, None)
@@ -207,8 +229,6 @@ def preference_tune(model: Chimera, tokenizer, train: Sequence[dict], settings: 
         settings, checkpoint_dir, device), train_dataset=datasets.Dataset.from_list(rows),
         processing_class=tokenizer, callbacks=[Reporter()])
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; on_progress reports
-    resume, resumed_from = _newest_checkpoint(checkpoint_dir)
-    started = time.monotonic()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a "Writing model shards" bar at every checkpoint
     try:
@@ -221,6 +241,6 @@ def preference_tune(model: Chimera, tokenizer, train: Sequence[dict], settings: 
         if bars:
             hf_logging.enable_progress_bar()
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
-    result = DpoResult(trainer.state.global_step, time.monotonic() - started, resumed_from,
-                       history)
+    result = DpoResult(trainer.state.global_step, earlier + time.monotonic() - started,
+                       resumed_from, earlier, history)
     return to_native(trainer.model).eval(), result

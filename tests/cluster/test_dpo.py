@@ -13,7 +13,13 @@ from chimera.inference import load_pretrained
 from chimera.tokenizer import train_char
 from cluster.cli import main
 from trainers.answers import words
-from trainers.dpo import DpoSettings, preference_accuracy, preference_tune, with_own_mistakes
+from trainers.dpo import (
+    SECONDS_FILE,
+    DpoSettings,
+    preference_accuracy,
+    preference_tune,
+    with_own_mistakes,
+)
 from trainers.preferences import read_preferences, write_preferences
 
 NAMES = ["Lily", "Tom", "Mia", "Sam", "Ava", "Max"]
@@ -57,6 +63,25 @@ def test_dpo_raises_the_margin_of_chosen_over_rejected(model_dir, tmp_path, no_n
     assert "PAD/BOS/EOS" not in caplog.text
     assert not [w for w in recwarn if "deprecated" in str(w.message)], \
         [f"{w.filename}:{w.lineno}: {w.message}" for w in recwarn]
+
+
+def test_a_resumed_dpo_counts_the_time_of_the_attempt_it_resumed(model_dir, tmp_path):
+    model, tokenizer = load_pretrained(model_dir)
+    settings = DpoSettings(steps=4, batch_size=4, max_length=128, warmup_steps=1,
+                           checkpoint_every=2)
+
+    def stop(step, total, logs):
+        if step == 3:
+            raise KeyboardInterrupt  # after checkpoint-2, as Ctrl+C would
+
+    with pytest.raises(KeyboardInterrupt):
+        preference_tune(model, tokenizer, _pairs(16, 4), settings, tmp_path / "ck",
+                        on_progress=stop)
+    held = json.loads((tmp_path / "ck" / "checkpoint-2" / SECONDS_FILE).read_text())["seconds"]
+    assert held > 0
+    _, result = preference_tune(model, tokenizer, _pairs(16, 4), settings, tmp_path / "ck")
+    assert (result.steps, result.resumed_from, result.earlier_seconds) == (4, 2, held)
+    assert result.seconds > held
 
 
 def test_own_mistakes_replace_the_rejected_reply_only_where_the_model_is_wrong(model_dir,

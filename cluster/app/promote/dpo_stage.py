@@ -110,8 +110,8 @@ def run_dpo(ctx, sft_model: Chimera, tokenizer) -> tuple[Chimera, dict]:
         "resumed_from_step": result.resumed_from,
         "history": [{k: entry[k] for k in HISTORY_KEYS if k in entry}
                     for entry in result.history],
-        # The attempt that finished it (TRL does not count the time of resumed segments).
-        "seconds": time.perf_counter() - t0})
+        # This attempt, and the training time of any killed one it resumed.
+        "seconds": time.perf_counter() - t0 + result.earlier_seconds})
     return tuned, records.done("dpo")
 
 
