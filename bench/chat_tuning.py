@@ -40,10 +40,14 @@ from cluster.app.promote.instruction_data import (  # noqa: E402
     sft_conversations,
     validation_conversations,
 )
-from cluster.app.promote.settings import QA_NEW_TOKENS, winner  # noqa: E402
+from cluster.app.promote.settings import winner  # noqa: E402
 from cluster.app.promote.stages import run_sft  # noqa: E402
 from trainers.recipe import TrainHparams  # noqa: E402
-from trainers.sft import ensure_chat_tokens, qa_accuracy  # noqa: E402
+from trainers.sft import (  # noqa: E402
+    QA_NEW_TOKENS,
+    ensure_chat_tokens,
+    qa_accuracy,
+)
 
 KEYS = {"steps": ("sft_steps", int), "mix": ("pretrain_mix", float), "lr": (None, float)}
 

@@ -5,9 +5,9 @@ reply likelier than the rejected one), and held-out bits per byte (does it keep 
 
 DPO trains on pairs from the run's training documents (or the generator's training stories)
 exactly as ``chimera dpo --run RUN`` builds them; a setting is ``steps=N,lr=X,beta=B,
-loss=L,sft=W,seed=S`` (any left out: the ``chimera dpo`` defaults); ``own=1`` trains on the
-SFT model's own wrong answers as the rejected replies where it gives one
-(``trainers.dpo.with_own_mistakes``; mined once, greedy, and timed).
+loss=L,sft=W,seed=S,own=1`` (any left out: the ``chimera dpo`` defaults; ``own=1``: the SFT
+model's own wrong answers as the rejected replies, ``trainers.dpo.with_own_mistakes``). QA is
+compared with the SFT model's question by question (a sign test on the ones that changed).
 
     python bench/chat_tuning.py RUN/promoted --run RUN --save SFT     # an SFT model to tune
     python bench/preference.py RUN/promoted --sft SFT/defaults --run RUN \\
@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -39,36 +40,36 @@ from cluster.app.promote.instruction_data import (  # noqa: E402
     run_preferences,
     run_store,
 )
-from cluster.app.promote.settings import QA_NEW_TOKENS, winner  # noqa: E402
+from cluster.app.promote.settings import winner  # noqa: E402
 from cluster.app.promote.stages import DpoProgress  # noqa: E402
 from trainers.dpo import (  # noqa: E402
     DpoSettings,
     preference_accuracy,
     preference_tune,
-    with_own_mistakes,
+    training_pairs,
 )
 from trainers.recipe import TrainHparams  # noqa: E402
-from trainers.sft import ensure_chat_tokens, qa_answers_right  # noqa: E402
+from trainers.sft import (  # noqa: E402
+    QA_NEW_TOKENS,
+    ensure_chat_tokens,
+    qa_answers_right,
+)
 
 KEYS = {"steps": ("steps", int), "lr": ("learning_rate", float), "beta": ("beta", float),
         "loss": ("loss_type", str), "sft": ("sft_weight", float),
-        "batch": ("batch_size", int), "seed": ("seed", int)}
+        "batch": ("batch_size", int), "seed": ("seed", int),
+        "own": ("own_mistakes", lambda value: value not in ("0", "", "false"))}
 
 
-def setting(text: str) -> tuple[DpoSettings, bool]:
-    """The DPO settings a ``--settings`` item names, and whether it trains on own mistakes."""
-    changes, own = {}, False
+def setting(text: str) -> DpoSettings:
+    changes = {}
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
-        if key == "own":
-            own = value not in ("0", "")
-            continue
         if key not in KEYS:
-            raise SystemExit(f"--settings {text!r}: unknown key {key!r}; use "
-                             f"{', '.join(KEYS)}, own")
+            raise SystemExit(f"--settings {text!r}: unknown key {key!r}; use {', '.join(KEYS)}")
         name, kind = KEYS[key]
         changes[name] = kind(value)
-    return dataclasses.replace(DpoSettings(), **changes), own
+    return dataclasses.replace(DpoSettings(), **changes)
 
 
 def sign_test(gained: int, lost: int) -> float:
@@ -130,30 +131,22 @@ def main() -> None:
     row("base", base.eval())
     sft_dir = args.sft or args.promoted
     row("SFT", load_model(sft_dir).eval())
-    mined: list = []  # [(records, seconds)] once any setting asks for them
-
-    def own_mistakes() -> tuple[list[dict], float]:
-        if not mined:
-            began = time.time()
-            with console.status(f"the SFT model answers {len(train)} training questions"):
-                records, replaced = with_own_mistakes(load_model(sft_dir), tokenizer, train,
-                                                      QA_NEW_TOKENS, defaults.max_seq_len)
-            mined.append((records, time.time() - began))
-            console.print(f"own mistakes: {replaced} of {len(train)} training replies wrong "
-                          f"({mined[0][1]:.0f} s), those are the rejected replies")
-        return mined[0]
-
-    for text in args.settings:
-        settings, own = setting(text)
-        records, mining = own_mistakes() if own else (train, 0.0)
-        with tempfile.TemporaryDirectory(prefix="chimera-preference-") as work, \
-                DpoProgress(console, settings.steps) as progress:
-            began = time.time()
-            tuned, _ = preference_tune(load_model(sft_dir), tokenizer, records, settings,
-                                       Path(work), on_progress=progress)
-            seconds = time.time() - began + mining
-        row(f"SFT + DPO {text or '(defaults)'}", tuned, f"{seconds:.0f}")
-
+    with tempfile.TemporaryDirectory(prefix="chimera-preference-") as work:
+        for text in args.settings:
+            settings = setting(text)
+            with DpoProgress(console, settings.steps) as progress:
+                began = time.time()
+                # Mined once per SFT model: later settings read the pairs back (0 s).
+                pairs, own = training_pairs(load_model(sft_dir), tokenizer, train, settings,
+                                            Path(work) / f"pairs-{settings.own_mistakes}.jsonl",
+                                            on_answer=progress.answering)
+                if own is not None:
+                    console.print(f"own mistakes: {own} of {len(pairs)} training replies of "
+                                  f"the SFT model wrong ({time.time() - began:.0f} s to answer)")
+                tuned, result = preference_tune(load_model(sft_dir), tokenizer, pairs, settings,
+                                                Path(work) / "checkpoints", on_progress=progress)
+            shutil.rmtree(Path(work) / "checkpoints")
+            row(f"SFT + DPO {text or '(defaults)'}", tuned, f"{result.seconds:.0f}")
 
 if __name__ == "__main__":
     main()

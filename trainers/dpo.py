@@ -23,11 +23,14 @@ from chimera.checkpoint import atomic_write
 from chimera.generation import SamplingConfig
 from chimera.model import Chimera
 from trainers.answers import answer_is_right
-from trainers.sft import encode_conversation
+from trainers.sft import QA_NEW_TOKENS, encode_conversation
 
 # TRL's losses that take (chosen, rejected) pairs with a reference model; "sft" adds the chosen
 # reply's negative log-likelihood (RPO), which keeps its probability from sinking with the
 # rejected one's.
+# Under a tuned model's directory (chimera dpo's OUT, chimera promote --dpo's OUT).
+CHECKPOINTS = Path("checkpoints") / "dpo"  # TRL's, removed once the model is written
+PAIRS_FILE = Path("dpo-data") / "train.jsonl"  # the pairs it trained on (training_pairs)
 SECONDS_FILE = "chimera_seconds.json"  # in each TRL checkpoint: training time up to it
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
               "sppo_hard", "apo_zero", "apo_down")
@@ -43,6 +46,7 @@ class DpoSettings:
     beta: float = 0.1
     loss_type: str = "sigmoid"
     sft_weight: float = 0.0  # > 0: add the chosen reply's NLL with this weight (RPO)
+    own_mistakes: bool = False  # rejected = the model's own wrong answer where it gives one
     max_length: int = 512
     warmup_steps: int = 10
     checkpoint_every: int = 50
@@ -112,7 +116,8 @@ def preference_accuracy(model: Chimera, tokenizer, records: Sequence[dict]) -> d
 
 
 def with_own_mistakes(model: Chimera, tokenizer, records: Sequence[dict],
-                      max_new_tokens: int = 24, context: int | None = None
+                      max_new_tokens: int = QA_NEW_TOKENS, context: int | None = None,
+                      on_answer: Callable[[int, int], None] | None = None
                       ) -> tuple[list[dict], int]:
     """``records`` with each rejected reply replaced by the model's own greedy reply wherever
     that reply is wrong (``trainers.answers``), and how many were replaced.
@@ -121,12 +126,15 @@ def with_own_mistakes(model: Chimera, tokenizer, records: Sequence[dict],
     give, and a model that already prefers the right reply on most constructed pairs learns
     little from them, while its own mistakes are exactly what greedy answering gets wrong.
     Records need "expected" (and "others"), as the preference builders' ``with_answers``
-    gives; a reply that repeats the chosen one or is empty keeps the constructed rejection."""
+    gives; a reply that repeats the chosen one or is empty keeps the constructed rejection.
+    ``on_answer(done, total)`` is called before each question."""
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     was_training = model.training
     model.eval()
     mined, replaced = [], 0
-    for record in records:
+    for number, record in enumerate(records, 1):
+        if on_answer is not None:
+            on_answer(number - 1, len(records))
         if "expected" not in record:
             raise ValueError("a preference record without its expected answer: build them "
                              "with with_answers=True to mine the model's own mistakes")
@@ -139,6 +147,35 @@ def with_own_mistakes(model: Chimera, tokenizer, records: Sequence[dict],
         mined.append(record)
     model.train(was_training)
     return mined, replaced
+
+
+def training_pairs(model: Chimera, tokenizer, train: Sequence[dict], settings: DpoSettings,
+                   saved: Path, on_answer: Callable[[int, int], None] | None = None
+                   ) -> tuple[list[dict], int | None]:
+    """The pairs DPO trains on, kept in ``saved`` (JSONL, TRL's format plus each question's
+    answers: ``chimera dpo --data`` reads it): ``train``, or with ``settings.own_mistakes``
+    ``with_own_mistakes(train)`` and how many rejected replies are the model's own (else
+    None). A rerun on the same pairs reads them back instead of answering again."""
+    wanted = [(r["prompt"], r["chosen"], settings.own_mistakes) for r in train]
+    try:
+        kept = [json.loads(line) for line in saved.read_text(encoding="utf-8").splitlines()]
+    except (OSError, ValueError):
+        kept = None
+    if kept is not None and \
+            [(r["prompt"], r["chosen"], "own_mistake" in r) for r in kept] == wanted:
+        pairs = kept
+    elif settings.own_mistakes:
+        mined, _ = with_own_mistakes(model, tokenizer, train, QA_NEW_TOKENS,
+                                     settings.max_length, on_answer)
+        pairs = [{**pair, "own_mistake": pair["rejected"] != constructed["rejected"]}
+                 for pair, constructed in zip(mined, train)]
+    else:
+        pairs = list(train)
+    if pairs is not kept:
+        text = "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs)
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(saved, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return pairs, (sum(p["own_mistake"] for p in pairs) if settings.own_mistakes else None)
 
 
 def _trl_config(settings: DpoSettings, checkpoint_dir: Path, device: str):

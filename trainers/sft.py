@@ -35,6 +35,8 @@ from trainers.fit import Batch
 from trainers.recipe import TrainHparams
 from trainers.store import TokenStore
 
+QA_NEW_TOKENS = 24  # the longest answer question answering scores
+
 
 class ChatDataError(ValueError):
     """A conversations file that is missing, unreadable or malformed."""
@@ -199,7 +201,8 @@ def fitting(tokenizer, items: Sequence[dict], context: int, max_new_tokens: int 
 
 
 def qa_answers_right(model: Chimera, tokenizer, items: Sequence[dict],
-                     max_new_tokens: int = 24, context: int | None = None) -> list[bool]:
+                     max_new_tokens: int = QA_NEW_TOKENS, context: int | None = None
+                     ) -> list[bool]:
     """For each question, whether the greedy reply gives the expected answer and no other
     candidate (``trainers.answers.answer_is_right``). Items are ``{"messages": [...],
     "expected": str, "others": [str, ...]}`` (see ``trainers.chat_data.qa_item``; "others"
@@ -212,8 +215,8 @@ def qa_answers_right(model: Chimera, tokenizer, items: Sequence[dict],
                             item.get("others", ())) for item in items]
 
 
-def qa_accuracy(model: Chimera, tokenizer, items: Sequence[dict], max_new_tokens: int = 24,
-                context: int | None = None) -> float:
+def qa_accuracy(model: Chimera, tokenizer, items: Sequence[dict],
+                max_new_tokens: int = QA_NEW_TOKENS, context: int | None = None) -> float:
     """Share of questions answered right (``qa_answers_right``)."""
     right = qa_answers_right(model, tokenizer, items, max_new_tokens, context)
     return sum(right) / len(right)

@@ -3,7 +3,8 @@ checkpoints, the preference accuracy before and after on held-out pairs, and a r
 
 OUT receives the tuned model directory (``model.safetensors``, ``config.json``,
 ``tokenizer/``), ``dpo.json`` (settings, timings, accuracies, TRL's logged curves),
-``dpo.md`` and ``dpo_curves.png``; TRL's checkpoints go to ``OUT/checkpoints/dpo``.
+``dpo.md``, ``dpo_curves.png`` and the pairs it trained on (``dpo-data/train.jsonl``); TRL's
+checkpoints go to ``OUT/checkpoints/dpo``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ from chimera.checkpoint import CheckpointError, atomic_write, save_model
 from chimera.inference import TOKENIZER_DIR, load_pretrained
 from cluster.app.promote.stages import DpoProgress
 from results.plots import curves_figure
-from trainers.dpo import DpoResult, DpoSettings, preference_accuracy, preference_tune
+from trainers.dpo import (
+    CHECKPOINTS,
+    PAIRS_FILE,
+    DpoResult,
+    DpoSettings,
+    preference_accuracy,
+    preference_tune,
+    training_pairs,
+)
 
-CHECKPOINTS = Path("checkpoints") / "dpo"
 METRICS_FILE, REPORT_FILE, CURVES_FILE = "dpo.json", "dpo.md", "dpo_curves.png"
 
 
@@ -59,12 +67,18 @@ def run_dpo(model_dir: str | Path, out: str | Path, train: list[dict], heldout: 
                   f"{before['pairs']} pairs (margin {before['margin']:.3f} nats)")
     out.mkdir(parents=True, exist_ok=True)
     with DpoProgress(console, settings.steps) as progress:
+        train, own = training_pairs(model, tokenizer, train, settings, out / PAIRS_FILE,
+                                    progress.answering)
+        if own is not None:
+            console.print(f"  own mistakes: the model answers {own} of {len(train)} training "
+                          f"questions wrong; those answers are the rejected replies")
         tuned, result = preference_tune(model, tokenizer, train, settings, out / CHECKPOINTS,
                                         device, on_progress=progress)
     after = preference_accuracy(tuned, tokenizer, heldout)
     save_model(tuned, out)
     tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
     metrics = {"model": str(model_dir), "source": source, "train_pairs": len(train),
+               "own_mistakes": own,
                "settings": dataclasses.asdict(settings), "steps": result.steps,
                "seconds": result.seconds, "resumed_from_step": result.resumed_from,
                "heldout": {"before": before, "after": after}, "history": result.history}
@@ -102,7 +116,11 @@ def _write_report(out: Path, metrics: dict, result: DpoResult) -> None:
             f"{metrics['steps']} steps of {s['batch_size']} in {metrics['seconds'] / 60:.1f} "
             f"min; loss {s['loss_type']}"
             + (f" + {s['sft_weight']} x SFT (RPO)" if s["sft_weight"] else "")
-            + f", beta {s['beta']}, learning rate {s['learning_rate']:g}.\n\n"
+            + f", beta {s['beta']}, learning rate {s['learning_rate']:g}."
+            + ("" if metrics["own_mistakes"] is None else
+               f" Rejected replies: the model's own wrong answer on {metrics['own_mistakes']} "
+               f"pairs, a constructed one on the rest.")
+            + "\n\n"
             "| held-out pairs | before | after |\n|---|---|---|\n"
             f"| preference accuracy (chosen likelier) | {before['accuracy']:.1%} | "
             f"{after['accuracy']:.1%} |\n"

@@ -83,9 +83,9 @@ def store_heldout(run_dir: Path, max_seq_len: int) -> HeldOut:
     """Questions and texts from the run's validation documents, cut into passages as
     promote cuts them (``cluster.app.promote.instruction_data``)."""
     from cluster.app.promote.instruction_data import passage_chars
-    from cluster.app.promote.settings import QA_NEW_TOKENS
     from cluster.app.rundir import STORE_DIR
     from trainers.doc_instructions import StoreDocuments, passages
+    from trainers.sft import QA_NEW_TOKENS
     from trainers.store import TokenStore
 
     store = TokenStore.open(run_dir / STORE_DIR, verify=False)

@@ -29,7 +29,8 @@ def _pairs(args: argparse.Namespace) -> tuple[list[dict], list[dict], str]:
                                f"least 2 pairs so that some are held out")
         cut = max(1, len(train) // HELDOUT_SHARE)
         return train[:-cut], train[-cut:], str(args.data)
-    train, source = run_preferences(args.run, args.pairs, args.seed, False, args.max_length)
+    train, source = run_preferences(args.run, args.pairs, args.seed, False, args.max_length,
+                                    with_answers=True)  # what --own-mistakes judges by
     heldout, _ = run_preferences(args.run, max(64, args.pairs // HELDOUT_SHARE), args.seed,
                                  True, args.max_length)
     return train, heldout, source
@@ -39,10 +40,15 @@ def cmd_dpo(args: argparse.Namespace, console: Console) -> int:
     try:
         settings = DpoSettings(steps=args.steps, batch_size=args.batch_size,
                                learning_rate=args.lr, beta=args.beta, loss_type=args.loss,
-                               sft_weight=args.sft_weight, max_length=args.max_length,
+                               sft_weight=args.sft_weight, own_mistakes=args.own_mistakes,
+                               max_length=args.max_length,
                                checkpoint_every=args.checkpoint_every, seed=args.seed)
     except ValueError as err:
         raise CommandError(str(err)) from None
+    if args.own_mistakes and args.data:
+        raise CommandError(f"--own-mistakes with --data {args.data}: its pairs carry no "
+                           f"expected answer to judge the model's replies by; build the pairs "
+                           f"from a run (--run) or the built-in stories instead")
     train, heldout, source = _pairs(args)
     console.print(f"[bold]dpo[/bold] {args.model}: {len(train):,} training pairs ({source}), "
                   f"{len(heldout):,} held out -> {args.out}", highlight=False)
@@ -98,9 +104,15 @@ def register(commands) -> None:
     dpo.add_argument("--lr", type=argtypes.positive_float, default=DpoSettings.learning_rate)
     dpo.add_argument("--beta", type=argtypes.positive_float, default=DpoSettings.beta)
     dpo.add_argument("--loss", choices=LOSS_TYPES, default=DpoSettings.loss_type)
-    dpo.add_argument("--sft-weight", type=argtypes.finite_float,
+    dpo.add_argument("--sft-weight", type=argtypes.non_negative_float,
                      default=DpoSettings.sft_weight,
-                     help="add the chosen reply's NLL with this weight (RPO); 0: plain DPO")
+                     help="add the chosen reply's NLL with this weight (RPO); 0: plain DPO "
+                          "(default: %(default)s)")
+    dpo.add_argument("--own-mistakes", action=argparse.BooleanOptionalAction,
+                     default=DpoSettings.own_mistakes,
+                     help="rejected = the model's own wrong answer to the training question "
+                          "where it gives one (it answers each first; pairs from --run or the "
+                          "built-in stories)")
     dpo.add_argument("--checkpoint-every", type=argtypes.positive_int,
                      default=DpoSettings.checkpoint_every)
     dpo.add_argument("--device", default="cpu")

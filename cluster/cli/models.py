@@ -56,7 +56,9 @@ def promote_settings(args: argparse.Namespace) -> PromoteSettings:
         pretrain_mix=args.pretrain_mix,
         dpo=args.dpo, dpo_pairs=args.dpo_pairs,
         dpo_settings=dataclasses.replace(PromoteSettings.dpo_settings, steps=args.dpo_steps,
-                                         learning_rate=args.dpo_lr, beta=args.dpo_beta),
+                                         learning_rate=args.dpo_lr, beta=args.dpo_beta,
+                                         sft_weight=args.dpo_sft_weight,
+                                         own_mistakes=args.dpo_own_mistakes),
         train_workers=args.train_workers, in_process=args.in_process,
         address=args.address, device=args.device, compile=args.compile, seed=args.seed)
 
@@ -355,6 +357,14 @@ def _add_dpo(promote: argparse.ArgumentParser) -> None:
                      default=PromoteSettings.dpo_settings.beta,
                      help="DPO's beta: a larger one keeps the model closer to the SFT model "
                           "(default: %(default)s)")
+    dpo.add_argument("--dpo-sft-weight", type=argtypes.non_negative_float,
+                     default=PromoteSettings.dpo_settings.sft_weight,
+                     help="add the chosen reply's NLL with this weight (RPO); 0: plain DPO "
+                          "(default: %(default)s)")
+    dpo.add_argument("--dpo-own-mistakes", action=argparse.BooleanOptionalAction,
+                     default=PromoteSettings.dpo_settings.own_mistakes,
+                     help="rejected = the SFT model's own wrong answer to the training "
+                          "question where it gives one (default: %(default)s)")
     dpo.add_argument("--dpo-pairs", type=argtypes.positive_int,
                      default=PromoteSettings.dpo_pairs,
                      help="training preference pairs (default: %(default)s)")

@@ -13,22 +13,26 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 from chimera.checkpoint import load_model, save_model
 from chimera.inference import TOKENIZER_DIR
 from chimera.model import Chimera
 from cluster.app.promote.instruction_data import heldout_bpb, run_preferences
 from cluster.app.promote.records import StageRecords
-from cluster.app.promote.settings import QA_NEW_TOKENS, PromoteError, PromoteSettings
+from cluster.app.promote.settings import PromoteError, PromoteSettings
 from cluster.app.promote.stages import DpoProgress
-from trainers.dpo import DpoSettings, preference_accuracy, preference_tune
-from trainers.preferences import PreferenceDataError, write_preferences
-from trainers.sft import encode_conversation, qa_accuracy
+from trainers.dpo import (
+    CHECKPOINTS,
+    PAIRS_FILE,
+    DpoSettings,
+    preference_accuracy,
+    preference_tune,
+    training_pairs,
+)
+from trainers.preferences import PreferenceDataError
+from trainers.sft import QA_NEW_TOKENS, encode_conversation, qa_accuracy
 
 SFT_DIR = "sft"
-DPO_DATA = Path("dpo-data") / "train.jsonl"
-CHECKPOINTS = Path("checkpoints") / "dpo"
 PREFLIGHT_PAIRS = 16  # training pairs the preflight builds to see that some fit the context
 HISTORY_KEYS = ("step", "loss", "rewards/accuracies", "rewards/margins")
 
@@ -92,13 +96,20 @@ def run_dpo(ctx, sft_model: Chimera, tokenizer) -> tuple[Chimera, dict]:
         tokenizer.save_pretrained(str(out / SFT_DIR / TOKENIZER_DIR))
         records.moved("sft", SFT_DIR)
     train, source = run_preferences(settings.run_dir, settings.dpo_pairs, settings.seed,
-                                     heldout=False, context=settings.max_seq_len)
-    write_preferences(train, out / DPO_DATA)
+                                     heldout=False, context=settings.max_seq_len,
+                                     with_answers=True)
     dpo = tuning_settings(settings)
     ctx.console.print(f"  {len(train):,} preference pairs ({source}), {dpo.steps} steps of "
-                      f"{dpo.batch_size}, beta {dpo.beta}, learning rate {dpo.learning_rate:g}",
+                      f"{dpo.batch_size}, beta {dpo.beta}, learning rate {dpo.learning_rate:g}"
+                      + (f", + {dpo.sft_weight} x SFT (RPO)" if dpo.sft_weight else ""),
                       highlight=False)
     with DpoProgress(ctx.console, dpo.steps) as progress:
+        train, own = training_pairs(sft_model, tokenizer, train, dpo, out / PAIRS_FILE,
+                                    progress.answering)
+        if own is not None:
+            ctx.console.print(f"  own mistakes: the SFT model answers {own} of {len(train)} "
+                              f"training questions wrong; those are the rejected replies",
+                              highlight=False)
         tuned, result = preference_tune(sft_model, tokenizer, train, dpo, out / CHECKPOINTS,
                                         settings.device, on_progress=progress)
     if result.resumed_from:
@@ -106,6 +117,7 @@ def run_dpo(ctx, sft_model: Chimera, tokenizer) -> tuple[Chimera, dict]:
     save_model(tuned, out)  # the tokenizer at the top level is the SFT model's, unchanged
     records.finish("dpo", {
         "model": ".", "sft_model": SFT_DIR, "steps": result.steps, "pairs": len(train),
+        "own_mistakes": own,
         "source": source, "settings": dataclasses.asdict(dpo),
         "resumed_from_step": result.resumed_from,
         "history": [{k: entry[k] for k in HISTORY_KEYS if k in entry}
@@ -143,6 +155,7 @@ def dpo_metrics(record: dict, measured: dict, source: str) -> dict:
     history = record["history"]
     return {
         "dpo": {"steps": record["steps"], "pairs": record["pairs"],
+                "own_mistakes": record.get("own_mistakes"),
                 "source": record.get("source", source), "settings": record["settings"],
                 "seconds": record["seconds"],
                 "resumed_from_step": record.get("resumed_from_step", 0),

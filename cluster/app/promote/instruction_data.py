@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
-from cluster.app.promote.settings import QA_NEW_TOKENS, PromoteSettings, run_settings
+from cluster.app.promote.settings import PromoteSettings, run_settings
 from cluster.app.rundir import STORE_DIR
 from trainers.corpus import STORIES
 from trainers.doc_instructions import StoreDocuments, document_conversations, document_qa_items
 from trainers.instructions import conversations, qa_items
 from trainers.preferences import PreferenceDataError, document_preferences, story_preferences
 from trainers.recipe import TrainHparams, evaluate
+from trainers.sft import QA_NEW_TOKENS
 from trainers.store import TokenStore
 
 PASSAGE_SHARE = 0.6  # of a window's tokens a passage may fill; the rest: prompt, question, reply

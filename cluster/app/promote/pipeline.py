@@ -30,7 +30,7 @@ from cluster.app.promote.instruction_data import (
 from cluster.app.promote.preflight import preflight
 from cluster.app.promote.records import StageRecords, stage_settings
 from cluster.app.promote.report import hardware, sample_outputs, write_report
-from cluster.app.promote.settings import BASE_DIR, QA_NEW_TOKENS, STAGES, PromoteSettings, winner
+from cluster.app.promote.settings import BASE_DIR, STAGES, PromoteSettings, winner
 from cluster.app.promote.stages import run_pretrain, run_refinement, run_sft, story_sampler
 from cluster.app.rundir import STORE_DIR
 from cluster.ray.runtime import start_ray
@@ -41,6 +41,7 @@ from trainers.fit import FitResult, FitSettings, History
 from trainers.pretrain import PretrainPlan, steps_for_tokens
 from trainers.recipe import TrainHparams
 from trainers.sft import (
+    QA_NEW_TOKENS,
     ensure_chat_tokens,
     qa_accuracy,
     write_conversations,

@@ -24,7 +24,6 @@ from cluster.app.promote.records import StageRecords, stage_settings
 from cluster.app.promote.settings import (
     BASE_DIR,
     QA_DRAW_FACTOR,
-    QA_NEW_TOKENS,
     SAMPLE_NEW_TOKENS,
     SAMPLE_QUESTIONS,
     SFT_SCAN,
@@ -35,6 +34,7 @@ from cluster.app.promote.settings import (
 from search.genome import Genome
 from trainers.instructions import qa_items
 from trainers.sft import (
+    QA_NEW_TOKENS,
     ChatDataError,
     encode_conversation,
 )

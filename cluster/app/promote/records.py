@@ -36,7 +36,8 @@ def stage_settings(settings: PromoteSettings, candidate_id: int) -> dict[str, di
                 "--sft-batch-size": settings.sft_hparams.batch_size,
                 "--pretrain-mix": settings.pretrain_mix},
         "dpo": {"--dpo": settings.dpo, "--dpo-steps": dpo.steps, "--dpo-lr": dpo.learning_rate,
-                "--dpo-beta": dpo.beta, "--dpo-pairs": settings.dpo_pairs},
+                "--dpo-beta": dpo.beta, "--dpo-pairs": settings.dpo_pairs,
+                "--dpo-sft-weight": dpo.sft_weight, "--dpo-own-mistakes": dpo.own_mistakes},
         "evaluate": {"--qa-questions": settings.qa_questions,
                      **({"--dpo": True} if settings.dpo else {})},
     }

@@ -156,6 +156,8 @@ def _preference_tuning(m: dict) -> str:
                                              for name in ("base", "sft", "chat")) + " |"
 
     loss = s["loss_type"] + (f" + {s['sft_weight']} x SFT (RPO)" if s["sft_weight"] else "")
+    own = "" if dpo.get("own_mistakes") is None else \
+        f"; on {dpo['own_mistakes']:,} pairs the SFT model's own wrong answer"
     resumed = f", resumed from step {dpo['resumed_from_step']}" \
         if dpo.get("resumed_from_step") else ""
     rows = "\n".join([
@@ -169,8 +171,8 @@ def _preference_tuning(m: dict) -> str:
 ## Preference tuning (DPO)
 
 {dpo['steps']} steps of {s['batch_size']} pairs on {dpo['pairs']:,} preference pairs made from \
-{dpo['source']} (the right answer to a reading question chosen over a wrong one), loss {loss}, \
-beta {s['beta']}, learning rate {s['learning_rate']:g}, {dpo['seconds'] / 60:.1f} min{resumed}. \
+{dpo['source']} (the right answer to a reading question chosen over a wrong one{own}), \
+loss {loss}, beta {s['beta']}, learning rate {s['learning_rate']:g}, {dpo['seconds'] / 60:.1f} min{resumed}. \
 The chat model of the results above is the SFT+DPO one; the SFT model is kept in `sft/`.
 
 | held-out | base | SFT | SFT+DPO |

@@ -16,7 +16,6 @@ STATE_FILE = "promote-state.json"
 STAGES = ("refine", "pretrain", "sft", "dpo", "evaluate")  # dpo: only with --dpo
 STORY_PROMPT = "Once upon a time, there was a little"
 SAMPLE_QUESTIONS = ["Hello!", "Tell me a story about Lily at the park.", "What can you do?"]
-QA_NEW_TOKENS = 24  # the longest answer the question answering scores (qa_accuracy's default)
 SAMPLE_NEW_TOKENS = 80  # the samples in report.md
 # Held-out questions too long for the context are replaced by the next ones, up to this many
 # times the number asked for, and at most 400 more (a char tokenizer needs a token per

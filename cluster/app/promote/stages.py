@@ -75,11 +75,21 @@ class DpoProgress:
     def __init__(self, console: Console, total: int) -> None:
         self.console, self.lines = console, not console.is_terminal
         self.progress = Progress(
-            TextColumn("[bold]dpo[/bold]"), BarColumn(), TextColumn("{task.completed}/"
-                                                                    "{task.total}"),
+            TextColumn("[bold]{task.description}[/bold]"), BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
             TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
             console=console, disable=self.lines)
         self.task = self.progress.add_task("dpo", total=total, stats="")
+        self.answers = None  # a second bar while the model answers the training questions
+
+    def answering(self, done: int, total: int) -> None:
+        """``trainers.dpo.with_own_mistakes``'s progress."""
+        if self.answers is None:
+            self.answers = self.progress.add_task("answers", total=total,
+                                                  stats="answering the training questions")
+            if self.lines:
+                self.console.print(f"  answering {total} training questions (own mistakes)")
+        self.progress.update(self.answers, completed=done + 1)
 
     def __enter__(self) -> DpoProgress:
         self.progress.__enter__()
