@@ -172,8 +172,9 @@ def _preference_tuning(m: dict) -> str:
 
 {dpo['steps']} steps of {s['batch_size']} pairs on {dpo['pairs']:,} preference pairs made from \
 {dpo['source']} (the right answer to a reading question chosen over a wrong one{own}), \
-loss {loss}, beta {s['beta']}, learning rate {s['learning_rate']:g}, {dpo['seconds'] / 60:.1f} min{resumed}. \
-The chat model of the results above is the SFT+DPO one; the SFT model is kept in `sft/`.
+loss {loss}, beta {s['beta']}, learning rate {s['learning_rate']:g}, \
+{dpo['seconds'] / 60:.1f} min{resumed}. The chat model of the results above is the SFT+DPO one; \
+the SFT model is kept in `sft/`.
 
 | held-out | base | SFT | SFT+DPO |
 |---|---|---|---|
