@@ -18,6 +18,7 @@ from trainers.dpo import (
     DpoSettings,
     preference_accuracy,
     preference_tune,
+    training_pairs,
     with_own_mistakes,
 )
 from trainers.preferences import read_preferences, write_preferences
@@ -161,3 +162,44 @@ def test_chimera_preferences_writes_trl_pairs_of_the_built_in_stories(tmp_path, 
                  "--heldout"]) == 0
     heldout = {r["prompt"][0]["content"] for r in read_preferences(tmp_path / "h.jsonl")}
     assert not heldout & {r["prompt"][0]["content"] for r in records}
+
+
+def test_training_pairs_are_mined_once_and_read_back_by_a_rerun(model_dir, tmp_path,
+                                                                 monkeypatch):
+    import trainers.dpo
+
+    model, tokenizer = load_pretrained(model_dir)
+    pairs = [{**p, "expected": "Zebulon", "others": []} for p in _pairs(4, 5)]
+    own = DpoSettings(own_mistakes=True, max_length=128)
+    saved = tmp_path / "dpo-data" / "train.jsonl"
+    calls = []
+    real = trainers.dpo.with_own_mistakes
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        mined, replaced = real(*args, **kwargs)
+        # the untrained model says nothing: pretend its first reply was a wrong answer
+        mined[0] = {**mined[0], "rejected": [{"role": "assistant", "content": "Zed went."}]}
+        return mined, replaced + 1
+
+    monkeypatch.setattr(trainers.dpo, "with_own_mistakes", counted)
+    first, mistakes = training_pairs(model, tokenizer, pairs, own, saved)
+    assert mistakes == 1 and first[0]["rejected"][0]["content"] == "Zed went."
+    assert [p["rejected"] for p in first[1:]] == [p["rejected"] for p in pairs[1:]]
+    assert "own_mistake" not in pairs[1]  # the caller's records are left as they were
+    again, mistakes = training_pairs(model, tokenizer, pairs, own, saved)
+    assert (again, mistakes, len(calls)) == (first, 1, 1)  # read back, not answered again
+    assert [r["rejected"] for r in read_preferences(saved)] == [p["rejected"] for p in first]
+    # Other pairs, or constructed ones asked for, replace the file.
+    plain, mistakes = training_pairs(model, tokenizer, pairs, DpoSettings(), saved)
+    assert (plain, mistakes, len(calls)) == (pairs, None, 1)
+    assert [r["rejected"] for r in read_preferences(saved)] == [p["rejected"] for p in pairs]
+
+
+def test_own_mistakes_need_pairs_with_their_answers(model_dir, tmp_path, capsys):
+    write_preferences(_pairs(40, 2), tmp_path / "prefs.jsonl")
+    assert main(["dpo", str(model_dir), "--data", str(tmp_path / "prefs.jsonl"), "--out",
+                 str(tmp_path / "tuned"), "--own-mistakes"]) == 2
+    err = capsys.readouterr().err
+    assert "--own-mistakes" in err and "prefs.jsonl" in err and "Traceback" not in err
+    assert not (tmp_path / "tuned").exists()
