@@ -93,7 +93,7 @@ def main() -> None:
                         help="held-out questions (and pairs): at 80%% accuracy, 300 give a "
                              "standard error of 2.3 points, and all rows share them (paired)")
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # a log gets whole rows
     defaults = PromoteSettings(run_dir=args.run, qa_questions=args.questions)
     _, _, run = winner(args.run, None)
     store = run_store(defaults)

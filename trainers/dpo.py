@@ -25,13 +25,13 @@ from chimera.model import Chimera
 from trainers.answers import answer_is_right
 from trainers.sft import QA_NEW_TOKENS, encode_conversation
 
-# TRL's losses that take (chosen, rejected) pairs with a reference model; "sft" adds the chosen
-# reply's negative log-likelihood (RPO), which keeps its probability from sinking with the
-# rejected one's.
 # Under a tuned model's directory (chimera dpo's OUT, chimera promote --dpo's OUT).
 CHECKPOINTS = Path("checkpoints") / "dpo"  # TRL's, removed once the model is written
 PAIRS_FILE = Path("dpo-data") / "train.jsonl"  # the pairs it trained on (training_pairs)
 SECONDS_FILE = "chimera_seconds.json"  # in each TRL checkpoint: training time up to it
+# TRL's losses that take (chosen, rejected) pairs with a reference model; "sft" adds the chosen
+# reply's negative log-likelihood (RPO), which keeps its probability from sinking with the
+# rejected one's.
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
               "sppo_hard", "apo_zero", "apo_down")
 

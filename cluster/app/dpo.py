@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -67,11 +68,13 @@ def run_dpo(model_dir: str | Path, out: str | Path, train: list[dict], heldout: 
                   f"{before['pairs']} pairs (margin {before['margin']:.3f} nats)")
     out.mkdir(parents=True, exist_ok=True)
     with DpoProgress(console, settings.steps) as progress:
+        began = time.perf_counter()
         train, own = training_pairs(model, tokenizer, train, settings, out / PAIRS_FILE,
                                     progress.answering)
         if own is not None:
             console.print(f"  own mistakes: the model answers {own} of {len(train)} training "
                           f"questions wrong; those answers are the rejected replies")
+        answering = time.perf_counter() - began
         tuned, result = preference_tune(model, tokenizer, train, settings, out / CHECKPOINTS,
                                         device, on_progress=progress)
     after = preference_accuracy(tuned, tokenizer, heldout)
@@ -80,7 +83,8 @@ def run_dpo(model_dir: str | Path, out: str | Path, train: list[dict], heldout: 
     metrics = {"model": str(model_dir), "source": source, "train_pairs": len(train),
                "own_mistakes": own,
                "settings": dataclasses.asdict(settings), "steps": result.steps,
-               "seconds": result.seconds, "resumed_from_step": result.resumed_from,
+               # Training over every attempt, and this one's answering (own mistakes).
+               "seconds": result.seconds + answering, "resumed_from_step": result.resumed_from,
                "heldout": {"before": before, "after": after}, "history": result.history}
     _write_report(out, metrics, result)  # dpo.json last: it marks the tuned model complete
     # TRL's checkpoints hold optimizer states (twice the model): done with, they go.
