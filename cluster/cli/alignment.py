@@ -37,10 +37,12 @@ def _pairs(args: argparse.Namespace) -> tuple[list[dict], list[dict], str]:
 
 
 def cmd_dpo(args: argparse.Namespace, console: Console) -> int:
+    # On by default where the pairs carry their answers (built here), off for --data's.
+    own_mistakes = not args.data if args.own_mistakes is None else args.own_mistakes
     try:
         settings = DpoSettings(steps=args.steps, batch_size=args.batch_size,
                                learning_rate=args.lr, beta=args.beta, loss_type=args.loss,
-                               sft_weight=args.sft_weight, own_mistakes=args.own_mistakes,
+                               sft_weight=args.sft_weight, own_mistakes=own_mistakes,
                                max_length=args.max_length,
                                checkpoint_every=args.checkpoint_every, seed=args.seed)
     except ValueError as err:
@@ -108,11 +110,11 @@ def register(commands) -> None:
                      default=DpoSettings.sft_weight,
                      help="add the chosen reply's NLL with this weight (RPO); 0: plain DPO "
                           "(default: %(default)s)")
-    dpo.add_argument("--own-mistakes", action=argparse.BooleanOptionalAction,
-                     default=DpoSettings.own_mistakes,
+    dpo.add_argument("--own-mistakes", action=argparse.BooleanOptionalAction, default=None,
                      help="rejected = the model's own wrong answer to the training question "
-                          "where it gives one (it answers each first; pairs from --run or the "
-                          "built-in stories)")
+                          "where it gives one (it answers each first); needs pairs built from "
+                          "--run or the built-in stories (default: on for those, off with "
+                          "--data)")
     dpo.add_argument("--checkpoint-every", type=argtypes.positive_int,
                      default=DpoSettings.checkpoint_every)
     dpo.add_argument("--device", default="cpu")

@@ -54,7 +54,7 @@ def test_dpo_raises_the_margin_of_chosen_over_rejected(model_dir, tmp_path, no_n
     train = _pairs(32, 1)
     before = preference_accuracy(model, tokenizer, train)
     settings = DpoSettings(steps=30, batch_size=8, learning_rate=3e-3, max_length=128,
-                           warmup_steps=2, checkpoint_every=100)
+                           warmup_steps=2, checkpoint_every=100, sft_weight=0.0)  # plain DPO
     tuned, result = preference_tune(model, tokenizer, train, settings, tmp_path / "ck")
     after = preference_accuracy(tuned, tokenizer, train)
     assert result.steps == 30 and result.history
@@ -123,6 +123,7 @@ def test_chimera_dpo_writes_a_model_report_and_resumes_nothing_when_done(model_d
     assert "held-out preference accuracy" in said and "done" in said
     metrics = json.loads((out / "dpo.json").read_text())
     assert metrics["steps"] == 4 and metrics["train_pairs"] == 38  # 1 in 20 held out
+    assert metrics["own_mistakes"] is None  # --data's pairs carry no answers to judge by
     assert metrics["heldout"]["after"]["pairs"] == 2
     for name in ("model.safetensors", "config.json", "tokenizer/tokenizer.json", "dpo.md",
                  "dpo_curves.png"):
@@ -191,7 +192,8 @@ def test_training_pairs_are_mined_once_and_read_back_by_a_rerun(model_dir, tmp_p
     assert (again, mistakes, len(calls)) == (first, 1, 1)  # read back, not answered again
     assert [r["rejected"] for r in read_preferences(saved)] == [p["rejected"] for p in first]
     # Other pairs, or constructed ones asked for, replace the file.
-    plain, mistakes = training_pairs(model, tokenizer, pairs, DpoSettings(), saved)
+    plain, mistakes = training_pairs(model, tokenizer, pairs, DpoSettings(own_mistakes=False),
+                                     saved)
     assert (plain, mistakes, len(calls)) == (pairs, None, 1)
     assert [r["rejected"] for r in read_preferences(saved)] == [p["rejected"] for p in pairs]
 

@@ -103,7 +103,13 @@ def test_dpo_keeps_the_sft_model_and_puts_the_dpo_model_on_top(tuned):
         (source / "model.safetensors").read_bytes()
     sft, top = load_file(out / "sft" / "model.safetensors"), load_file(out / "model.safetensors")
     assert sft.keys() == top.keys() and any(not sft[k].equal(top[k]) for k in sft)
-    assert len((out / "dpo-data" / "train.jsonl").read_text().splitlines()) == 12
+    lines = (out / "dpo-data" / "train.jsonl").read_text().splitlines()
+    assert len(lines) == 12
+    # Own mistakes by default: the file marks the pairs whose rejected reply is the SFT
+    # model's own answer, and the metrics count them.
+    own = json.loads((out / "metrics.json").read_text())["dpo"]["own_mistakes"]
+    assert own == sum(json.loads(line)["own_mistake"] for line in lines)
+    assert _state(out)["stages"]["dpo"]["settings"]["--dpo-own-mistakes"] is True
     load_pretrained(out)
     load_pretrained(out / "sft")  # chimera chat OUT/sft works too
     stages = _state(out)["stages"]

@@ -30,7 +30,8 @@ With ``--dpo`` the chat model at the top level (model.safetensors, config.json; 
 the same) is the SFT+DPO one, and the fine-tuned model moves to sft/ first::
 
     sft/                             the SFT model (model.safetensors, config.json, tokenizer/)
-    dpo-data/train.jsonl             the preference pairs it was tuned on (TRL's format)
+    dpo-data/train.jsonl             the preference pairs it was tuned on (TRL's format;
+                                     "own_mistake": rejected is the SFT model's answer)
     checkpoints/dpo                  TRL's checkpoints (resume; removed when done)
 
 DPO tunes against a frozen copy of the SFT model on pairs of the right and a wrong answer to
