@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from chimera.chat import reply
+from chimera.chat import ConversationError, reply
 from chimera.checkpoint import atomic_write
 from chimera.generation import SamplingConfig
 from chimera.model import Chimera
@@ -131,7 +131,8 @@ def with_own_mistakes(model: Chimera, tokenizer, records: Sequence[dict],
     give, and a model that already prefers the right reply on most constructed pairs learns
     little from them, while its own mistakes are exactly what greedy answering gets wrong.
     Records need "expected" (and "others"), as the preference builders' ``with_answers``
-    gives; a reply that repeats the chosen one or is empty keeps the constructed rejection.
+    gives; a reply that repeats the chosen one or is empty, or a prompt that leaves no room for
+    an answer in ``context``, keeps the constructed rejection.
     ``on_answer(done, total)`` is called before each question."""
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     was_training = model.training
@@ -143,7 +144,10 @@ def with_own_mistakes(model: Chimera, tokenizer, records: Sequence[dict],
         if "expected" not in record:
             raise ValueError("a preference record without its expected answer: build them "
                              "with with_answers=True to mine the model's own mistakes")
-        answer = reply(model, tokenizer, record["prompt"], sampling, context).strip()
+        try:
+            answer = reply(model, tokenizer, record["prompt"], sampling, context).strip()
+        except ConversationError:
+            answer = ""  # no room to answer in the context: the constructed rejection stays
         chosen = record["chosen"][-1]["content"]
         if answer and answer != chosen.strip() and \
                 not answer_is_right(record["expected"], answer, record.get("others", ())):

@@ -109,6 +109,8 @@ def test_own_mistakes_replace_the_rejected_reply_only_where_the_model_is_wrong(m
     assert [m["chosen"] for m in mined] == [p["chosen"] for p in pairs]
     with pytest.raises(ValueError, match="expected answer"):
         with_own_mistakes(model, tokenizer, pairs[:1])
+    # A prompt that leaves no room for an answer keeps its constructed rejection.
+    assert with_own_mistakes(model, tokenizer, records[:3], context=16) == (records[:3], 0)
 
 
 def test_chimera_dpo_writes_a_model_report_and_resumes_nothing_when_done(model_dir, tmp_path,
