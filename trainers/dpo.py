@@ -71,6 +71,11 @@ class DpoSettings:
             raise ValueError(f"sft_weight={self.sft_weight}: must be >= 0")
 
 
+def loss_label(loss_type: str, sft_weight: float) -> str:
+    """How reports and the console name a loss: "sigmoid", "sigmoid + 1.0 x SFT (RPO)"."""
+    return loss_type + (f" + {sft_weight} x SFT (RPO)" if sft_weight else "")
+
+
 @dataclass
 class DpoResult:
     steps: int
@@ -133,14 +138,12 @@ def with_own_mistakes(model: Chimera, tokenizer, records: Sequence[dict],
     Records need "expected" (and "others"), as the preference builders' ``with_answers``
     gives; a reply that repeats the chosen one or is empty, or a prompt that leaves no room for
     an answer in ``context``, keeps the constructed rejection.
-    ``on_answer(done, total)`` is called before each question."""
+    ``on_answer(done, total)`` is called after each question."""
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     was_training = model.training
     model.eval()
     mined, replaced = [], 0
     for number, record in enumerate(records, 1):
-        if on_answer is not None:
-            on_answer(number - 1, len(records))
         if "expected" not in record:
             raise ValueError("a preference record without its expected answer: build them "
                              "with with_answers=True to mine the model's own mistakes")
@@ -154,6 +157,8 @@ def with_own_mistakes(model: Chimera, tokenizer, records: Sequence[dict],
             record = {**record, "rejected": [{"role": "assistant", "content": answer}]}
             replaced += 1
         mined.append(record)
+        if on_answer is not None:
+            on_answer(number, len(records))
     model.train(was_training)
     return mined, replaced
 

@@ -26,6 +26,7 @@ from trainers.dpo import (
     PAIRS_FILE,
     DpoResult,
     DpoSettings,
+    loss_label,
     preference_accuracy,
     preference_tune,
     training_pairs,
@@ -118,8 +119,7 @@ def _write_report(out: Path, metrics: dict, result: DpoResult) -> None:
     text = (f"# DPO of {metrics['model']}\n\n"
             f"{metrics['train_pairs']} training pairs ({metrics['source'] or 'given'}), "
             f"{metrics['steps']} steps of {s['batch_size']} in {metrics['seconds'] / 60:.1f} "
-            f"min; loss {s['loss_type']}"
-            + (f" + {s['sft_weight']} x SFT (RPO)" if s["sft_weight"] else "")
+            f"min; loss {loss_label(s['loss_type'], s['sft_weight'])}"
             + f", beta {s['beta']}, learning rate {s['learning_rate']:g}."
             + ("" if metrics["own_mistakes"] is None else
                f" Rejected replies: the model's own wrong answer on {metrics['own_mistakes']} "

@@ -25,6 +25,7 @@ from trainers.dpo import (
     CHECKPOINTS,
     PAIRS_FILE,
     DpoSettings,
+    loss_label,
     preference_accuracy,
     preference_tune,
     training_pairs,
@@ -100,8 +101,8 @@ def run_dpo(ctx, sft_model: Chimera, tokenizer) -> tuple[Chimera, dict]:
                                      with_answers=True)
     dpo = tuning_settings(settings)
     ctx.console.print(f"  {len(train):,} preference pairs ({source}), {dpo.steps} steps of "
-                      f"{dpo.batch_size}, beta {dpo.beta}, learning rate {dpo.learning_rate:g}"
-                      + (f", + {dpo.sft_weight} x SFT (RPO)" if dpo.sft_weight else ""),
+                      f"{dpo.batch_size}, loss {loss_label(dpo.loss_type, dpo.sft_weight)}, "
+                      f"beta {dpo.beta}, learning rate {dpo.learning_rate:g}",
                       highlight=False)
     with DpoProgress(ctx.console, dpo.steps) as progress:
         train, own = training_pairs(sft_model, tokenizer, train, dpo, out / PAIRS_FILE,

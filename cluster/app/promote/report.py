@@ -17,6 +17,7 @@ from chimera.model import Chimera
 from cluster.app.promote.preflight import EvaluationPlan
 from cluster.app.promote.settings import STORY_PROMPT
 from results.plots import curves_figure
+from trainers.dpo import loss_label
 from trainers.fit import History
 from trainers.store import TokenStore
 
@@ -155,7 +156,7 @@ def _preference_tuning(m: dict) -> str:
         return f"| {label} | " + " | ".join(show(values.get(name))
                                              for name in ("base", "sft", "chat")) + " |"
 
-    loss = s["loss_type"] + (f" + {s['sft_weight']} x SFT (RPO)" if s["sft_weight"] else "")
+    loss = loss_label(s["loss_type"], s["sft_weight"])
     own = "" if dpo.get("own_mistakes") is None else \
         f"; on {dpo['own_mistakes']:,} pairs the SFT model's own wrong answer"
     resumed = f", resumed from step {dpo['resumed_from_step']}" \

@@ -89,7 +89,7 @@ class DpoProgress:
                                                   stats="answering the training questions")
             if self.lines:
                 self.console.print(f"  answering {total} training questions (own mistakes)")
-        self.progress.update(self.answers, completed=done + 1)
+        self.progress.update(self.answers, completed=done)
 
     def __enter__(self) -> DpoProgress:
         self.progress.__enter__()
