@@ -126,7 +126,9 @@ def _documents(source: str, separator: Separator, quick: bool) -> list[str]:
 
 def prepare_bench(args: argparse.Namespace, work: Path) -> dict:
     """Split the corpus (once per WORK) into WORK/train.txt and WORK/heldout.json; refuse a WORK
-    made from other inputs, whose results would not compare with these."""
+    made from other inputs, whose results would not compare with these. A WORK that holds only
+    bench.json and results/ (a long bench kept between machines: its split is seeded) gets its
+    two files back, checked against the counts bench.json recorded."""
     separator = Separator(args.separator) if args.separator != "auto" \
         else detect_separator(args.corpus)
     identity = {"corpus": str(Path(args.corpus).resolve()), "separator": separator.value,
@@ -138,31 +140,41 @@ def prepare_bench(args: argparse.Namespace, work: Path) -> dict:
                 "quick": args.quick,
                 "budget_seconds": args.budget, "evolve_share": args.evolve_share,
                 "split_seed": args.split_seed, "evolve_args": args.evolve_args}
+    recorded = None
     if (work / BENCH_FILE).is_file():
-        bench = json.loads((work / BENCH_FILE).read_text())
-        differs = [k for k, v in identity.items() if bench["identity"].get(k) != v]
+        recorded = json.loads((work / BENCH_FILE).read_text())
+        differs = [k for k, v in identity.items() if recorded["identity"].get(k) != v]
         if differs:
             raise SystemExit(f"{work} holds a bench with other {', '.join(differs)}; use another "
                              f"--work (or the same settings to resume it)")
-        return bench
-    corpus = _documents(args.corpus, separator, args.quick)
-    if args.val:
-        pool = _documents(args.val, detect_separator(args.val), quick=False)
-        held, train = [pool[i] for i in hold_out(pool, args.split_seed, len(pool))], corpus
-    else:
-        chosen = set(hold_out(corpus, args.split_seed))
-        held = [d for i, d in enumerate(corpus) if i in chosen]
-        train = [d for i, d in enumerate(corpus) if i not in chosen]
-    work.mkdir(parents=True, exist_ok=True)
-    # Written with end-of-text lines, read back by every method with that separator: the same
-    # documents, whatever separated them in the corpus.
-    (work / TRAIN_FILE).write_text(f"\n{END_OF_TEXT}\n".join(train) + "\n")
-    _write_json(work / HELD_OUT_FILE, {"documents": held})
+        if (work / TRAIN_FILE).is_file() and (work / HELD_OUT_FILE).is_file():
+            return recorded
+    held, train = _split(args, separator)
     bench = {"identity": identity, "held_out_documents": len(held),
              "held_out_bytes": sum(len(d.encode()) for d in held),
              "train_documents": len(train), "train_bytes": sum(len(d.encode()) for d in train)}
+    if recorded is not None and recorded != bench:
+        raise SystemExit(f"{work}: the split made now differs from the one bench.json records "
+                         f"(another version of the splitter?); use another --work")
+    work.mkdir(parents=True, exist_ok=True)
+    # Written with end-of-text lines, read back by every method with that separator: the same
+    # documents, whatever separated them in the corpus.
+    atomic_write(work / TRAIN_FILE,
+                 lambda tmp: Path(tmp).write_text(f"\n{END_OF_TEXT}\n".join(train) + "\n"))
+    _write_json(work / HELD_OUT_FILE, {"documents": held})
     _write_json(work / BENCH_FILE, bench)
     return bench
+
+
+def _split(args: argparse.Namespace, separator: Separator) -> tuple[list[str], list[str]]:
+    """The held-out documents and the training documents, seeded by --split-seed."""
+    corpus = _documents(args.corpus, separator, args.quick)
+    if args.val:
+        pool = _documents(args.val, detect_separator(args.val), quick=False)
+        return [pool[i] for i in hold_out(pool, args.split_seed, len(pool))], corpus
+    chosen = set(hold_out(corpus, args.split_seed))
+    return ([d for i, d in enumerate(corpus) if i in chosen],
+            [d for i, d in enumerate(corpus) if i not in chosen])
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -60,6 +60,23 @@ def test_prepare_bench_keeps_held_out_documents_out_of_training(tmp_path):
         e2e.prepare_bench(_args(corpus, budget=60.0), work)
 
 
+def test_a_work_kept_as_bench_json_and_results_gets_its_split_back(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(_documents(300, 15)) + "\n")
+    work = tmp_path / "work"
+    bench = e2e.prepare_bench(_args(corpus), work)
+    held, train = e2e.held_out_documents(work), (work / e2e.TRAIN_FILE).read_text()
+    (work / e2e.TRAIN_FILE).unlink()
+    (work / e2e.HELD_OUT_FILE).unlink()
+    assert e2e.prepare_bench(_args(corpus), work) == bench
+    assert e2e.held_out_documents(work) == held and (work / e2e.TRAIN_FILE).read_text() == train
+    recorded = json.loads((work / e2e.BENCH_FILE).read_text())
+    (work / e2e.BENCH_FILE).write_text(json.dumps({**recorded, "held_out_documents": 29}))
+    (work / e2e.TRAIN_FILE).unlink()
+    with pytest.raises(SystemExit, match="differs from the one bench.json records"):
+        e2e.prepare_bench(_args(corpus), work)
+
+
 def test_score_is_bits_per_byte_in_context_chunks():
     def uniform(ids):
         assert ids.shape[1] <= 3  # chunks of the context
