@@ -63,6 +63,7 @@ from chimera.inference import load_pretrained  # noqa: E402
 from chimera.model import Chimera  # noqa: E402
 from chimera.tokenizer import END_OF_TEXT, end_of_text_id  # noqa: E402
 from trainers.corpus import CorpusSpec, Separator, corpus_fingerprint, iter_documents  # noqa: E402
+from trainers.plateau import PLATEAU_PATIENCE  # noqa: E402
 from trainers.recipe import TrainHparams  # noqa: E402
 from trainers.store import (  # noqa: E402
     SplitConfig,
@@ -276,11 +277,15 @@ def run_baseline(job: Job, work: Path, launched: float, deadline: float) -> dict
     store = TokenStore.open(work / STORE_DIR)
     torch.manual_seed(job.seed)
     model, hparams = baseline(job.name, store.vocab_size)
-    trained = train_for_seconds(model, hparams, store, deadline, seed=job.seed)
+    # The presets train as Chimera's pretraining does (its plateau decay); nanoGPT as its recipe.
+    patience = PLATEAU_PATIENCE if job.name in PRESETS else 0
+    trained = train_for_seconds(model, hparams, store, deadline, seed=job.seed,
+                                plateau_patience=patience)
     wall = time.time() - launched
     scored = score_model(model, store.load_tokenizer(), held_out_documents(work), hparams.seq_len)
     return {**scored, "wall_seconds": wall, "tokens_per_second": trained.tokens_per_second,
             "train_tokens": trained.tokens, "steps": trained.steps, "best_step": trained.best_step,
+            "plateau_patience": patience, "decay_step": trained.decay_step,
             "val_bpb": store.bits_per_byte(trained.best_val_loss), "diverged": trained.diverged,
             "params": sum(p.numel() for p in model.parameters()),
             "tokenizer_fingerprint": store.meta["tokenizer_fingerprint"]}

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainers.plateau import PlateauDecay
 from trainers.recipe import TrainHparams, evaluate, make_optimizer
 from trainers.steps import NonFiniteLoss, train_step
 from trainers.store import TokenStore
@@ -114,6 +115,7 @@ class TimedRun:
     tokens: int = 0
     train_seconds: float = 0.0  # in optimizer steps only (evaluations left out)
     diverged: bool = False
+    decay_step: int | None = None  # with a plateau decay: the step it began at
     val_history: list[tuple[int, float]] = field(default_factory=list)
 
     @property
@@ -123,12 +125,13 @@ class TimedRun:
 
 def train_for_seconds(model: nn.Module, hparams: TrainHparams, store: TokenStore,
                       deadline: float, *, seed: int, evaluations: int = 10,
-                      device: str = "cpu") -> TimedRun:
+                      device: str = "cpu", plateau_patience: int = 0) -> TimedRun:
     """Train until ``deadline`` (a ``time.time()``), the schedule's progress being the share of
     the wall clock spent, so warmup and cosine decay span the budget whatever the step time.
     Evaluates on the store's validation windows ``evaluations`` times, evenly in time, and at
     the end; returns the best evaluated state (a careful user's early stopping). A diverged
-    loss ends training early, keeping the best state so far."""
+    loss ends training early, keeping the best state so far. ``plateau_patience``: Chimera's
+    plateau decay (``trainers.plateau``), as its pretraining runs it."""
     device = torch.device(device)
     optimizer = make_optimizer(model, hparams)
     validation = store.validation_batches(hparams.batch_size, hparams.seq_len,
@@ -137,6 +140,10 @@ def train_for_seconds(model: nn.Module, hparams: TrainHparams, store: TokenStore
     span = max(deadline - start, 1e-9)
     run = TimedRun({}, math.inf, 0)
     next_eval, eval_seconds, step_seconds = start + span / evaluations, 0.0, 0.0
+    plateau = PlateauDecay(plateau_patience) if plateau_patience else None
+
+    def progress() -> float:
+        return min(1.0, (time.time() - start) / span)
 
     def checkpoint() -> float:
         began = time.time()
@@ -145,16 +152,22 @@ def train_for_seconds(model: nn.Module, hparams: TrainHparams, store: TokenStore
         if loss < run.best_val_loss:
             run.best_val_loss, run.best_step = loss, run.steps
             run.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if plateau is not None and plateau.observe(loss, progress(), hparams):
+            model.load_state_dict(run.best_state)
+            run.decay_step = run.steps
         return time.time() - began
 
     model.train()
     # Stop while the final evaluation still fits: the budget is the whole wall clock.
     while time.time() + step_seconds + eval_seconds < deadline:
-        began = time.time()
+        began, now = time.time(), progress()
+        if plateau is not None and plateau.finished(now):
+            break
         batch = store.sample("train", hparams.batch_size, hparams.seq_len, seed, run.steps)
+        rate = None if plateau is None else plateau.learning_rate(now, hparams)
         try:
-            train_step(model, optimizer, (batch, None), hparams,
-                       progress=min(1.0, (began - start) / span), step=run.steps, device=device)
+            train_step(model, optimizer, (batch, None), hparams, progress=now, step=run.steps,
+                       device=device, learning_rate=rate)
         except NonFiniteLoss:
             run.diverged = True
             break

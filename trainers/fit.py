@@ -31,6 +31,7 @@ from trainers.checkpoints import (
     capture_rng,
     restore_rng,
 )
+from trainers.plateau import PlateauDecay
 from trainers.recipe import TrainHparams, evaluate, make_optimizer
 from trainers.steps import Batch, StepResult, Throughput, train_step
 
@@ -63,6 +64,9 @@ class FitSettings:
     # plan's speed measured on a few steps was 0.8-1.3x the loop's). ``steps`` then caps it,
     # and ``eval_every``/``checkpoint_every`` count steps as before.
     seconds: float | None = None
+    # With keep_best: after this many evaluations without a new best, go back to the best
+    # weights, decay the rate to the floor and stop (``trainers.plateau``); 0: off.
+    plateau_patience: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -71,6 +75,9 @@ class FitSettings:
             raise ValueError(f"seconds must be positive, got {self.seconds}")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be at least 1, got {self.grad_accum}")
+        if self.plateau_patience and not (self.keep_best and self.eval_every):
+            raise ValueError("plateau_patience needs keep_best and eval_every: the decay starts "
+                             "from the best evaluation's weights")
 
 
 @dataclass
@@ -83,6 +90,7 @@ class History:
     tokens: int = 0  # tokens trained on
     seconds: float = 0.0  # training time, summed over resumed segments
     best_step: int | None = None  # with keep_best: the evaluation whose weights were kept
+    plateau: dict | None = None  # with plateau_patience: the PlateauDecay's state
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,7 +99,8 @@ class History:
     def from_dict(cls, data: dict) -> History:
         return cls(train=[tuple(x) for x in data["train"]], val=[tuple(x) for x in data["val"]],
                    samples=[tuple(x) for x in data["samples"]], tokens=data["tokens"],
-                   seconds=data["seconds"], best_step=data.get("best_step"))
+                   seconds=data["seconds"], best_step=data.get("best_step"),
+                   plateau=data.get("plateau"))
 
 
 @dataclass
@@ -196,6 +205,8 @@ class _Run:
         self.sampler: Callable[[torch.nn.Module], str] | None = None
         self.best: tuple[float, dict] | None = None  # keep_best: (val loss, weights on the CPU)
         self.segment = Throughput()  # this call's stretch of training (its clock)
+        self.plateau = PlateauDecay(settings.plateau_patience) if settings.plateau_patience \
+            else None
 
     def resume(self, on_message: Callable[[str], None]) -> None:
         """Continue from the newest readable checkpoint, if there is one (of this run only)."""
@@ -217,6 +228,8 @@ class _Run:
         self.optimizer.load_state_dict(state.optimizer)
         restore_rng(state.rng)
         self.history, self.step = History.from_dict(state.history), state.step
+        if self.plateau is not None and self.history.plateau is not None:
+            self.plateau = PlateauDecay.from_dict(self.history.plateau)
         tell(f"resuming from {latest} (step {self.step} of {settings.steps})")
 
     def prepare(self, source: BatchSource, on_step: Callable[[StepReport], None] | None,
@@ -242,14 +255,15 @@ class _Run:
             throughput = Throughput()
             self.segment = throughput
             progress = self._progress()
-            while progress < 1.0:
+            while not self._finished(progress):
                 taken = self._take_step(source, progress)
                 throughput.add(self.hparams.batch_size * self.hparams.seq_len)
                 progress = self._progress()
-                last = progress >= 1.0
+                last = self._finished(progress)
                 val_loss = None
                 if settings.eval_every and self.step % settings.eval_every == 0 and not last:
                     val_loss = self.evaluate()
+                    self._watch_plateau(val_loss, progress)
                 self._report(taken.loss, taken.learning_rate, throughput.per_second(), val_loss)
                 stopping = stop.requested or (stop_after is not None and self.step >= stop_after)
                 if settings.checkpoint_every and self.step % settings.checkpoint_every == 0 \
@@ -280,6 +294,18 @@ class _Run:
         if self.history.best_step != self.step:
             self.model.load_state_dict(weights)
 
+    def _finished(self, progress: float) -> bool:
+        return progress >= 1.0 or (self.plateau is not None and self.plateau.finished(progress))
+
+    def _watch_plateau(self, val_loss: float, progress: float) -> None:
+        """plateau_patience: the decay begins from the best weights (the steps since them only
+        overfit; the optimizer's moments stay, they describe the same stretch of the loss)."""
+        if self.plateau is None:
+            return
+        if self.plateau.observe(val_loss, progress, self.hparams) and self.best is not None:
+            self.model.load_state_dict(self.best[1])
+        self.history.plateau = self.plateau.to_dict()
+
     def _progress(self) -> float:
         """Where the schedule stands before the next step, in [0, 1] (1: done): steps taken of
         ``steps``, or with ``seconds`` the larger of that and the clock's share. Every worker
@@ -307,10 +333,11 @@ class _Run:
         tokens, mask = source.batch(self.step)
         mine = slice(self.rank * self.share_rows, (self.rank + 1) * self.share_rows)
         batch = tokens[mine], None if mask is None else mask[mine]
+        rate = None if self.plateau is None else self.plateau.learning_rate(progress, self.hparams)
         taken = train_step(self.model, self.optimizer, batch, self.hparams,
                            progress=progress, step=self.step,
                            device=self.device, grad_accum=self.settings.grad_accum,
-                           trained=self.trained, world=self.world)
+                           trained=self.trained, world=self.world, learning_rate=rate)
         self.step += 1
         self.history.tokens += self.hparams.batch_size * self.hparams.seq_len
         self.history.train.append((self.step, taken.loss, taken.learning_rate))

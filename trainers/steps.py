@@ -47,12 +47,13 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
                hparams: TrainHparams, *, progress: float, step: int, device: torch.device,
                grad_accum: int = 1, trained: torch.nn.Module | None = None,
-               world: int = 1) -> StepResult:
+               world: int = 1, learning_rate: float | None = None) -> StepResult:
     """One optimizer step on ``batch`` (this worker's share of step ``step``'s global batch),
     at ``progress`` in [0, 1] of the schedule. ``trained`` runs the forward pass when it is not
     ``model`` itself (compiled, or DDP-wrapped when ``world`` > 1); ``model``'s parameters are
-    clipped. The batch's rows split into ``grad_accum`` equal micro-batches."""
-    lr = learning_rate_at(progress, hparams)
+    clipped. The batch's rows split into ``grad_accum`` equal micro-batches. ``learning_rate``
+    replaces the schedule's rate (a plateau decay's, ``trainers.plateau``)."""
+    lr = learning_rate_at(progress, hparams) if learning_rate is None else learning_rate
     set_learning_rate(optimizer, lr)
     optimizer.zero_grad(set_to_none=True)
     loss = accumulate_gradients(model if trained is None else trained, batch, hparams, device,

@@ -17,7 +17,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # bench/ holds scripts, not an installed package
 
 from bench import end_to_end as e2e  # noqa: E402
-from bench.nanogpt import GPT, GPTConfig  # noqa: E402
+from bench.nanogpt import GPT, GPTConfig, train_for_seconds  # noqa: E402
+from trainers.plateau import PLATEAU_PATIENCE  # noqa: E402
 
 
 def _documents(count: int, words: int, seed: int = 0) -> list[str]:
@@ -113,6 +114,34 @@ def test_a_baseline_trains_for_its_budget_and_is_scored(tmp_path, name):
     assert result["wall_seconds"] < 15.0 and result["steps"] > 0
     assert 0 < result["bpb"] < 8 and math.isfinite(result["val_bpb"])
     assert result["tokens_per_second"] > 0 and result["documents"] == 40
+    # The preset trains as Chimera's pretraining does; nanoGPT as its own recipe.
+    assert result["plateau_patience"] == (PLATEAU_PATIENCE if name == "tiny" else 0)
+
+
+def test_a_timed_run_decays_at_its_plateau_and_ends_early(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(f"\n{e2e.END_OF_TEXT}\n".join(_documents(400, 20)) + "\n")
+    work = tmp_path / "work"
+    e2e.prepare_bench(_args(corpus), work)
+    store = e2e.prepare_baseline_store(work, tokenizer="char")
+    real_sample = store.sample
+
+    def turns_to_noise(split, rows, length, seed, step):  # validation rises after step 5
+        if step < 5:
+            return real_sample(split, rows, length, seed, step)
+        return torch.randint(0, store.vocab_size, (rows, length + 1),
+                             generator=torch.Generator().manual_seed(step))
+
+    monkeypatch.setattr(store, "sample", turns_to_noise)
+    torch.manual_seed(0)
+    model, hparams = e2e.baseline("nanogpt-d96-drop0", store.vocab_size)
+    deadline = time.time() + 8.0
+    run = train_for_seconds(model, hparams, store, deadline, seed=0, evaluations=40,
+                            plateau_patience=2)
+    steps = [step for step, _ in run.val_history]
+    assert run.decay_step == steps[steps.index(run.best_step) + 2]  # two evaluations later
+    assert time.time() < deadline - 1.0  # the decay ended it, a fifth of the way on
+    assert run.best_step < run.decay_step < run.steps
 
 
 def test_chimera_commands_split_the_budget(tmp_path):

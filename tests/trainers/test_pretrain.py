@@ -1,6 +1,7 @@
 """Full pretraining: exact resume, atomic checkpoints, the recipe's schedules and losses."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,6 +155,64 @@ def test_keep_best_ends_with_the_best_evaluations_weights(store):
     assert result.val_loss == losses[best_step] < losses[result.step]
     again = evaluate(model, source.validation(), torch.device("cpu"))
     assert again == pytest.approx(losses[best_step], rel=1e-5)
+
+
+def test_a_plateau_brings_the_decay_forward_from_the_best_weights(store):
+    torch.manual_seed(0)
+    model = Chimera(_plan(store).config)
+    source = _TurnsToNoise(store, HPARAMS, 0)
+    evaluated, loaded = {}, []
+
+    def remember(report):  # the weights of every evaluation, to know what the decay starts from
+        if report.val_loss is not None:
+            evaluated[report.step] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    real_load = model.load_state_dict
+    model.load_state_dict = lambda state, **kw: loaded.append(state) or real_load(state, **kw)
+    settings = FitSettings(steps=60, eval_every=3, keep_best=True, plateau_patience=2)
+    result = fit(model, HPARAMS, source, settings, on_step=remember)
+    history, plateau = result.history, result.history.plateau
+    losses = dict(history.val)
+    best_step = min(losses, key=losses.get)
+    # Two evaluations without a new best begin the decay, and training ends a fifth of the
+    # way on (decay_fraction 0.2 of the training done), far short of the 60 steps.
+    assert plateau["start"] == pytest.approx((best_step + 2 * 3) / 60)
+    assert result.step - 1 < plateau["end"] * 60 <= result.step < 60
+    assert plateau["end"] == pytest.approx(plateau["start"] * 1.2)
+    # It starts from the best evaluation's weights ...
+    for name, tensor in evaluated[best_step].items():
+        assert torch.equal(loaded[0][name], tensor), name
+    # ... at the schedule's rate there, falling linearly towards the floor.
+    start_step = round(plateau["start"] * 60)
+    rates = [lr for step, _, lr in history.train if step > start_step]
+    assert rates[0] == pytest.approx(learning_rate_at(plateau["start"], HPARAMS))
+    steps = [b - a for a, b in zip(rates, rates[1:])]
+    assert all(d < 0 for d in steps) and max(steps) == pytest.approx(min(steps), rel=1e-6)
+    assert result.history.best_step == best_step  # noise after it: the best stays the best
+
+
+def test_a_run_resumed_in_its_plateau_decay_decays_as_an_uninterrupted_one(store, tmp_path):
+    def run(**kw):
+        torch.manual_seed(0)
+        model = Chimera(_plan(store).config)
+        settings = FitSettings(steps=60, eval_every=3, keep_best=True, plateau_patience=2)
+        return fit(model, HPARAMS, _TurnsToNoise(store, HPARAMS, 0), settings, tmp_path,
+                   meta={"run": 1}, on_message=lambda line: None, **kw)
+
+    straight = run()
+    shutil.rmtree(tmp_path)
+    stop = round(straight.history.plateau["start"] * 60) + 2
+    assert run(stop_after=stop).interrupted
+    resumed = run()
+    assert resumed.step == straight.step
+    assert resumed.history.plateau == straight.history.plateau
+    assert resumed.history.train == straight.history.train
+    assert resumed.history.val == straight.history.val
+
+
+def test_a_plateau_decay_needs_the_best_weights():
+    with pytest.raises(ValueError, match="keep_best"):
+        FitSettings(steps=10, eval_every=2, plateau_patience=2)
 
 
 def test_without_keep_best_the_last_step_is_kept(store):

@@ -38,6 +38,7 @@ from cluster.ray.trials import tuned
 from results.db import RunDatabase
 from search.genome import Genome
 from trainers.fit import FitResult, FitSettings, History
+from trainers.plateau import PLATEAU_PATIENCE
 from trainers.pretrain import PretrainPlan, steps_for_tokens
 from trainers.recipe import TrainHparams
 from trainers.sft import (
@@ -230,13 +231,15 @@ def _pretrain(ctx: _Run, tuned_config: ChimeraConfig, hparams: TrainHparams) -> 
         steps = steps_for_tokens(settings.pretrain_tokens, hparams)
         clock = settings.pretrain_seconds
         # Evaluated every 1/16 of the way, and the best evaluation's weights kept: on a small
-        # corpus the last epochs of a long budget overfit. Under a budget, on the clock.
+        # corpus the last epochs of a long budget overfit, so once validation stops improving
+        # the decay comes forward and training ends (trainers.plateau). Under a budget, on the
+        # clock.
         plan = PretrainPlan(tuned_config, hparams,
                             FitSettings(steps=steps * (STEP_CAP if clock else 1),
                                         eval_every=max(1, steps // 16),
                                         checkpoint_every=max(1, steps // 8),
                                         compile=settings.compile, keep_best=True,
-                                        seconds=clock),
+                                        seconds=clock, plateau_patience=PLATEAU_PATIENCE),
                             settings.seed)
         _, pre = run_pretrain(plan, ctx.store, out / BASE_DIR, ctx.console,
                               settings.train_workers, settings.device,
