@@ -207,13 +207,12 @@ class _Run:
         self.segment = Throughput()  # this call's stretch of training (its clock)
         self.plateau = PlateauDecay(settings.plateau_patience) if settings.plateau_patience \
             else None
+        self.on_message: Callable[[str], None] = _to_stderr
 
     def resume(self, on_message: Callable[[str], None]) -> None:
         """Continue from the newest readable checkpoint, if there is one (of this run only)."""
-        def tell(line: str) -> None:
-            if self.rank == 0:
-                on_message(line)
-
+        self.on_message = on_message
+        tell = self._tell
         manager, settings = self.manager, self.settings
         found = manager.load_latest(warn=lambda line: tell(f"warning: {line}")) \
             if manager else None
@@ -302,9 +301,17 @@ class _Run:
         overfit; the optimizer's moments stay, they describe the same stretch of the loss)."""
         if self.plateau is None:
             return
-        if self.plateau.observe(val_loss, progress, self.hparams) and self.best is not None:
-            self.model.load_state_dict(self.best[1])
+        if self.plateau.observe(val_loss, progress, self.hparams):
+            if self.best is not None:
+                self.model.load_state_dict(self.best[1])
+            self._tell(f"validation has not improved for {self.plateau.patience} evaluations "
+                       f"(step {self.step}): decaying from the best weights, to end at "
+                       f"{self.plateau.end:.0%} of the budget")
         self.history.plateau = self.plateau.to_dict()
+
+    def _tell(self, line: str) -> None:
+        if self.rank == 0:
+            self.on_message(line)
 
     def _progress(self) -> float:
         """Where the schedule stands before the next step, in [0, 1] (1: done): steps taken of
