@@ -286,6 +286,8 @@ def run_baseline(job: Job, work: Path, launched: float, deadline: float) -> dict
     return {**scored, "wall_seconds": wall, "tokens_per_second": trained.tokens_per_second,
             "train_tokens": trained.tokens, "steps": trained.steps, "best_step": trained.best_step,
             "plateau_patience": patience, "decay_step": trained.decay_step,
+            "val_history": [(step, store.bits_per_byte(loss))
+                            for step, loss in trained.val_history],
             "val_bpb": store.bits_per_byte(trained.best_val_loss), "diverged": trained.diverged,
             "params": sum(p.numel() for p in model.parameters()),
             "tokenizer_fingerprint": store.meta["tokenizer_fingerprint"]}
@@ -399,6 +401,7 @@ def _notes(results: list[dict]) -> str:
     first = results[0]
     if "stage_seconds" not in first:
         return f"best step {first['best_step']}/{first['steps']}" + \
+            (f", decay from {first['decay_step']}" if first.get("decay_step") else "") + \
             (", diverged" if first["diverged"] else "")
     totals = {stage: statistics.mean(r["stage_seconds"][stage] / r["wall_seconds"]
                                      for r in results) for stage in first["stage_seconds"]}

@@ -152,8 +152,9 @@ def train_for_seconds(model: nn.Module, hparams: TrainHparams, store: TokenStore
         if loss < run.best_val_loss:
             run.best_val_loss, run.best_step = loss, run.steps
             run.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        if plateau is not None and plateau.observe(loss, progress(), hparams):
-            model.load_state_dict(run.best_state)
+        if plateau is not None and plateau.observe(loss, progress(), hparams, model):
+            if plateau.restart_weights is not None:
+                model.load_state_dict(plateau.restart_weights)
             run.decay_step = run.steps
         return time.time() - began
 

@@ -64,8 +64,9 @@ class FitSettings:
     # plan's speed measured on a few steps was 0.8-1.3x the loop's). ``steps`` then caps it,
     # and ``eval_every``/``checkpoint_every`` count steps as before.
     seconds: float | None = None
-    # With keep_best: after this many evaluations without a new best, go back to the best
-    # weights, decay the rate to the floor and stop (``trainers.plateau``); 0: off.
+    # With keep_best: after this many evaluations without a new best, go back to the evaluation
+    # before the best, train that stretch again with the rate decaying to the floor, and stop
+    # (``trainers.plateau``); 0: off.
     plateau_patience: int = 0
 
     def __post_init__(self) -> None:
@@ -76,8 +77,8 @@ class FitSettings:
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be at least 1, got {self.grad_accum}")
         if self.plateau_patience and not (self.keep_best and self.eval_every):
-            raise ValueError("plateau_patience needs keep_best and eval_every: the decay starts "
-                             "from the best evaluation's weights")
+            raise ValueError("plateau_patience needs keep_best and eval_every: the decay is "
+                             "timed by the evaluations, and may not beat the best one")
 
 
 @dataclass
@@ -297,16 +298,17 @@ class _Run:
         return progress >= 1.0 or (self.plateau is not None and self.plateau.finished(progress))
 
     def _watch_plateau(self, val_loss: float, progress: float) -> None:
-        """plateau_patience: the decay begins from the best weights (the steps since them only
-        overfit; the optimizer's moments stay, they describe the same stretch of the loss)."""
+        """plateau_patience: the decay begins from the evaluation before the best (the steps
+        since it are trained again; the optimizer's moments stay, they describe the same
+        stretch of the loss)."""
         if self.plateau is None:
             return
-        if self.plateau.observe(val_loss, progress, self.hparams):
-            if self.best is not None:
-                self.model.load_state_dict(self.best[1])
+        if self.plateau.observe(val_loss, progress, self.hparams, self.model):
+            if self.plateau.restart_weights is not None:
+                self.model.load_state_dict(self.plateau.restart_weights)
             self._tell(f"validation has not improved for {self.plateau.patience} evaluations "
-                       f"(step {self.step}): decaying from the best weights, to end at "
-                       f"{self.plateau.end:.0%} of the budget")
+                       f"(step {self.step}): decaying from the evaluation before the best, to "
+                       f"end at {self.plateau.end:.0%} of the budget")
         self.history.plateau = self.plateau.to_dict()
 
     def _tell(self, line: str) -> None:

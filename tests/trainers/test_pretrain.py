@@ -16,6 +16,7 @@ from chimera.tokenizer import train_char
 from trainers.checkpoints import CheckpointManager, CheckpointStateError
 from trainers.corpus import CorpusSpec, iter_documents
 from trainers.fit import FitSettings, fit
+from trainers.plateau import PlateauDecay
 from trainers.pretrain import PretrainPlan, StoreBatches, measure_tokens_per_second, pretrain
 from trainers.recipe import TrainHparams, evaluate, learning_rate_at, lm_loss
 from trainers.store import prepare_store
@@ -157,7 +158,7 @@ def test_keep_best_ends_with_the_best_evaluations_weights(store):
     assert again == pytest.approx(losses[best_step], rel=1e-5)
 
 
-def test_a_plateau_brings_the_decay_forward_from_the_best_weights(store):
+def test_a_plateau_brings_the_decay_forward_to_the_best_evaluations_tokens(store):
     torch.manual_seed(0)
     model = Chimera(_plan(store).config)
     source = _TurnsToNoise(store, HPARAMS, 0)
@@ -174,21 +175,36 @@ def test_a_plateau_brings_the_decay_forward_from_the_best_weights(store):
     history, plateau = result.history, result.history.plateau
     losses = dict(history.val)
     best_step = min(losses, key=losses.get)
-    # Two evaluations without a new best begin the decay, and training ends a fifth of the
-    # way on (decay_fraction 0.2 of the training done), far short of the 60 steps.
-    assert plateau["start"] == pytest.approx((best_step + 2 * 3) / 60)
-    assert result.step - 1 < plateau["end"] * 60 <= result.step < 60
-    assert plateau["end"] == pytest.approx(plateau["start"] * 1.2)
-    # It starts from the best evaluation's weights ...
-    for name, tensor in evaluated[best_step].items():
+    assert best_step > 3, losses  # there is an evaluation before the best: the test needs one
+    # Two evaluations without a new best begin the decay; it trains the stretch from the
+    # evaluation before the best to the best again (3 steps), and training ends, far short of 60.
+    start_step = best_step + 2 * 3
+    assert plateau["start"] == pytest.approx(start_step / 60)
+    assert result.step == start_step + 3
+    # It starts from the weights of the evaluation before the best ...
+    for name, tensor in evaluated[best_step - 3].items():
         assert torch.equal(loaded[0][name], tensor), name
     # ... at the schedule's rate there, falling linearly towards the floor.
-    start_step = round(plateau["start"] * 60)
     rates = [lr for step, _, lr in history.train if step > start_step]
-    assert rates[0] == pytest.approx(learning_rate_at(plateau["start"], HPARAMS))
-    steps = [b - a for a, b in zip(rates, rates[1:])]
-    assert all(d < 0 for d in steps) and max(steps) == pytest.approx(min(steps), rel=1e-6)
+    assert rates[0] == pytest.approx(learning_rate_at((best_step - 3) / 60, HPARAMS))
+    drops = [a - b for a, b in zip(rates, rates[1:])]
+    assert all(d > 0 for d in drops) and max(drops) == pytest.approx(min(drops), rel=1e-6)
     assert result.history.best_step == best_step  # noise after it: the best stays the best
+
+
+def test_the_plateau_decay_timing(store):
+    decay = PlateauDecay(patience=2)
+    model = torch.nn.Linear(2, 2)
+    for loss, progress in ((3.0, 0.1), (2.0, 0.2), (2.5, 0.3)):
+        assert not decay.observe(loss, progress, HPARAMS, model)
+    assert decay.learning_rate(0.35, HPARAMS) == learning_rate_at(0.35, HPARAMS)
+    assert decay.observe(2.4, 0.4, HPARAMS, model)  # the second without a new best
+    assert (decay.start, decay.end) == (0.4, pytest.approx(0.5))  # 0.1 to 0.2 again
+    assert decay.learning_rate(0.4, HPARAMS) == learning_rate_at(0.1, HPARAMS)
+    floor = HPARAMS.learning_rate * HPARAMS.min_lr_fraction
+    assert decay.learning_rate(0.5, HPARAMS) == pytest.approx(floor)
+    assert not decay.finished(0.49) and decay.finished(0.5)
+    assert PlateauDecay.from_dict(decay.to_dict()).to_dict() == decay.to_dict()
 
 
 def test_a_run_resumed_in_its_plateau_decay_decays_as_an_uninterrupted_one(store, tmp_path):
