@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainers.checkpoints import cpu_weights
 from trainers.plateau import PlateauDecay
 from trainers.recipe import TrainHparams, evaluate, make_optimizer
 from trainers.steps import NonFiniteLoss, train_step
@@ -151,7 +152,7 @@ def train_for_seconds(model: nn.Module, hparams: TrainHparams, store: TokenStore
         run.val_history.append((run.steps, loss))
         if loss < run.best_val_loss:
             run.best_val_loss, run.best_step = loss, run.steps
-            run.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            run.best_state = cpu_weights(model)
         if plateau is not None and plateau.observe(loss, progress(), hparams, model):
             if plateau.restart_weights is not None:
                 model.load_state_dict(plateau.restart_weights)

@@ -53,6 +53,11 @@ class RunState:
                 "rng": self.rng, "history": self.history, "meta": self.meta}
 
 
+def cpu_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the model's weights on the CPU (what a checkpoint or a kept best holds)."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
 def capture_rng() -> dict:
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -29,6 +29,7 @@ from trainers.checkpoints import (
     CheckpointStateError,
     RunState,
     capture_rng,
+    cpu_weights,
     restore_rng,
 )
 from trainers.plateau import PlateauDecay
@@ -362,8 +363,7 @@ class _Run:
         val_loss = evaluate(self.model, self.validation, self.device)
         self.history.val.append((self.step, val_loss))
         if self.settings.keep_best and (self.best is None or val_loss < self.best[0]):
-            self.best = val_loss, {k: v.detach().cpu().clone()
-                                   for k, v in self.model.state_dict().items()}
+            self.best = val_loss, cpu_weights(self.model)
         if self.sampler is not None and self.rank == 0:
             self.history.samples.append((self.step, self.sampler(self.model)))
         return val_loss
@@ -372,7 +372,7 @@ class _Run:
         if self.manager is None or self.rank != 0:
             return None
         return self.manager.save(RunState(
-            model={k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            model=cpu_weights(self.model),
             optimizer=self.optimizer.state_dict(), step=self.step, rng=capture_rng(),
             history=self.history.to_dict(), meta=self.meta))
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from trainers.checkpoints import cpu_weights
 from trainers.recipe import TrainHparams, learning_rate_at
 
 # Two evaluations without a new best: one can be noise, two on the same fixed validation
@@ -28,10 +29,6 @@ from trainers.recipe import TrainHparams, learning_rate_at
 PLATEAU_PATIENCE = 2
 
 Weights = dict[str, torch.Tensor]
-
-
-def snapshot(model: torch.nn.Module) -> Weights:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 @dataclass
@@ -71,13 +68,13 @@ class PlateauDecay:
             if self.last_weights is not None:
                 self.restart_weights, self.restart_progress = self.last_weights, self.last_progress
             else:
-                self.restart_weights, self.restart_progress = snapshot(model), progress
+                self.restart_weights, self.restart_progress = cpu_weights(model), progress
             self.best, self.best_progress, self.since_best = val_loss, progress, 0
         else:
             self.since_best += 1
         self.last_progress = progress
         if self.since_best < self.patience:
-            self.last_weights = snapshot(model)
+            self.last_weights = cpu_weights(model)
             return False
         self.start = progress
         self.start_lr = learning_rate_at(self.restart_progress, hparams)

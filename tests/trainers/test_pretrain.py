@@ -192,7 +192,7 @@ def test_a_plateau_brings_the_decay_forward_to_the_best_evaluations_tokens(store
     assert result.history.best_step == best_step  # noise after it: the best stays the best
 
 
-def test_the_plateau_decay_timing(store):
+def test_the_plateau_decay_timing():
     decay = PlateauDecay(patience=2)
     model = torch.nn.Linear(2, 2)
     for loss, progress in ((3.0, 0.1), (2.0, 0.2), (2.5, 0.3)):
