@@ -36,6 +36,7 @@ from cluster.ray.runtime import start_ray
 from search.refine import RefineSettings
 from trainers.fit import FitSettings
 from trainers.instructions import conversations
+from trainers.plateau import PLATEAU_PATIENCE
 from trainers.pretrain import PretrainPlan, steps_for_tokens
 from trainers.recipe import SCHEDULES, TrainHparams
 from trainers.sft import load_conversations
@@ -114,6 +115,15 @@ def train_hparams(args: argparse.Namespace) -> TrainHparams:
         eval_batches=args.eval_batches)
 
 
+def train_fit_settings(args: argparse.Namespace, steps: int) -> FitSettings:
+    return FitSettings(
+        steps=steps, grad_accum=args.grad_accum,
+        eval_every=args.eval_every or max(1, steps // 10),
+        checkpoint_every=args.checkpoint_every or max(1, steps // 10),
+        keep_checkpoints=args.keep_checkpoints, compile=args.compile,
+        keep_best=bool(args.plateau_decay), plateau_patience=args.plateau_decay)
+
+
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
     out = Path(args.out)
     try:
@@ -123,10 +133,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
         config = _train_config(args, store.vocab_size)
         hparams = train_hparams(args)
         steps = steps_for_tokens(args.tokens, hparams)
-        plan = PretrainPlan(config, hparams, FitSettings(
-            steps=steps, grad_accum=args.grad_accum, eval_every=args.eval_every or
-            max(1, steps // 10), checkpoint_every=args.checkpoint_every or max(1, steps // 10),
-            keep_checkpoints=args.keep_checkpoints, compile=args.compile), args.seed)
+        plan = PretrainPlan(config, hparams, train_fit_settings(args, steps), args.seed)
         console.print(f"[bold]chimera train[/bold] {param_counts_analytic(config).total / 1e6:.2f}"
                       f"M parameters, {steps} steps x {hparams.batch_size} x {hparams.seq_len} "
                       f"tokens -> {out}")
@@ -408,6 +415,11 @@ def _register_train(commands) -> None:
                        default=TrainHparams.z_loss)
     train.add_argument("--eval-every", type=argtypes.non_negative_int, default=0,
                        help="steps (default: 10 evals)")
+    train.add_argument("--plateau-decay", type=argtypes.non_negative_int,
+                       default=FitSettings.plateau_patience, metavar="EVALS",
+                       help="after this many evaluations without a new best, cool the rate "
+                            "down to the best's token count, stop and keep the best weights "
+                            f"(promote's pretraining uses {PLATEAU_PATIENCE}; default: off)")
     train.add_argument("--eval-batches", type=argtypes.positive_int,
                        default=TrainHparams.eval_batches)
     train.add_argument("--checkpoint-every", type=argtypes.non_negative_int, default=0)

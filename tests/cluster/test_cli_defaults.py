@@ -8,7 +8,7 @@ from cluster.app.evolve import EvolveSettings
 from cluster.app.promote import PromoteSettings
 from cluster.cli.data import corpus_spec
 from cluster.cli.main import build_parser
-from cluster.cli.models import promote_settings, train_hparams
+from cluster.cli.models import promote_settings, train_fit_settings, train_hparams
 from cluster.cli.runs import evolve_settings
 from cluster.serve import Limits
 from trainers.corpus import CorpusSpec
@@ -37,6 +37,11 @@ def test_train_and_sft_defaults_are_the_library_defaults():
     assert (args.grad_accum, args.keep_checkpoints) == (FitSettings.grad_accum,
                                                          FitSettings.keep_checkpoints)
     assert args.max_seq_len == PromoteSettings.max_seq_len
+    fit = train_fit_settings(args, steps=100)
+    assert (fit.plateau_patience, fit.keep_best) == (FitSettings.plateau_patience, False)
+    decayed = train_fit_settings(parse("train", "--preset", "tiny", "--out", "m",
+                                       "--plateau-decay", "2"), steps=100)
+    assert (decayed.plateau_patience, decayed.keep_best) == (2, True)  # it needs the best kept
     sft = parse("sft", "MODEL", "--out", "m")
     assert (sft.lr, sft.batch_size, sft.seq_len, sft.steps, sft.conversations) == (
         PromoteSettings.sft_hparams.learning_rate, PromoteSettings.sft_hparams.batch_size,
