@@ -29,7 +29,7 @@ from trainers.store import TokenStore
 # because with few tokens per step the second-moment estimate needs the longer memory.
 NANOGPT_HPARAMS = TrainHparams(learning_rate=2e-3, min_lr_fraction=0.1, warmup_fraction=0.05,
                                weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
-                               batch_size=8, seq_len=256, eval_batches=8)
+                               batch_size=8, seq_len=256, eval_batches=8, optimizer="adamw")
 HEAD_DIM = 32  # sweep widths keep this head size, so only width and dropout change
 
 

@@ -12,7 +12,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from trainers.muon import Muon
+
 SCHEDULES = ("cosine", "wsd")
+# adamw: AdamW on every parameter. muon: Muon (momentum orthogonalised by Newton-Schulz, as in
+# modded-nanogpt) on the blocks' linear weights, AdamW on the embedding, head, norms and gates.
+# AdamW stays the default: at the 0.2-1M parameters of a CPU search, Muon at AdamW's learning
+# rate was level or worse in equal wall clock (bench/muon.py, BENCHMARKS.md).
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass(frozen=True)
@@ -35,10 +42,13 @@ class TrainHparams:
     eval_batches: int = 8  # of the fixed validation set
     label_smoothing: float = 0.0
     z_loss: float = 0.0  # weight of the log-partition penalty (PaLM), keeps logits from drifting
+    optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, not {self.schedule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {self.optimizer!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if not 0 <= self.warmup_fraction < 1:
@@ -55,7 +65,9 @@ class TrainHparams:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainHparams:
-        return cls(**data)
+        # Records from before the optimizer was a setting trained with AdamW: resumed, they
+        # go on with it (a checkpoint's moments are AdamW's).
+        return cls(**{"optimizer": "adamw", **data})
 
 
 def learning_rate_at(progress: float, hparams: TrainHparams) -> float:
@@ -75,13 +87,56 @@ def learning_rate_at(progress: float, hparams: TrainHparams) -> float:
     return peak * (floor + (1 - floor) * cosine)
 
 
-def make_optimizer(model: torch.nn.Module, hparams: TrainHparams) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases, Lambda or the conv)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": hparams.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=hparams.learning_rate, betas=(hparams.beta1, hparams.beta2))
+class Optimizers:
+    """Several optimizers stepped as one: the ``param_groups``, ``step``, ``zero_grad`` and
+    state-dict surface the training loops use, so Muon's matrices and AdamW's rest share one
+    learning-rate schedule and one checkpoint."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for optimizer, part in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(part)
+
+
+def hidden_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The weights of the linear layers between the embedding and the output head: Muon's."""
+    head = getattr(model, "lm_head", None)
+    return [module.weight for module in model.modules()
+            if isinstance(module, torch.nn.Linear) and module is not head]
+
+
+def make_optimizer(model: torch.nn.Module, hparams: TrainHparams):
+    """AdamW with weight decay on matrices only (not on norms, biases, Lambda or the conv); with
+    ``optimizer="muon"``, Muon (``trainers.muon``) takes the hidden linear weights at the same
+    learning rate and weight decay, so that one schedule and one Optuna range serve both."""
+    muon = hidden_matrices(model) if hparams.optimizer == "muon" else []
+    taken = {id(p) for p in muon}
+    rest = [p for p in model.parameters() if id(p) not in taken]
+    adamw = torch.optim.AdamW(
+        [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": hparams.weight_decay},
+         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
+        lr=hparams.learning_rate, betas=(hparams.beta1, hparams.beta2))
+    if not muon:
+        return adamw
+    return Optimizers([Muon(muon, lr=hparams.learning_rate,
+                            weight_decay=hparams.weight_decay), adamw])
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None,

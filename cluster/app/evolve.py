@@ -140,7 +140,7 @@ class EvolveSettings:
                       "limits": SearchLimits(**data["limits"]),
                       "candidate_budget": TrainBudget(BudgetKind(budget["kind"]),
                                                       budget["amount"]),
-                      "hparams": TrainHparams(**data["hparams"])})
+                      "hparams": TrainHparams.from_dict(data["hparams"])})
 
 
 def _enum_value(value):

@@ -8,6 +8,8 @@ import argparse
 import math
 import re
 
+from trainers.recipe import OPTIMIZERS, TrainHparams
+
 SEED_MAX = 2**63 - 1  # torch, numpy and Python's random all take seeds up to here
 
 
@@ -95,3 +97,11 @@ share_below_one = _checked(finite_float, lambda v: 0 <= v < 1,
 # A TCP port to listen on; 0 lets the system pick a free one.
 port = _checked(_int, lambda v: 0 <= v <= 65535,
                 "port {text} is out of range: use 1 to 65535, or 0 for any free port")
+
+
+def add_optimizer_option(group) -> None:
+    """``--optimizer``, the same flag for every command that trains from scratch."""
+    group.add_argument("--optimizer", choices=OPTIMIZERS, default=TrainHparams.optimizer,
+                       help="muon: Muon on the hidden matrices, AdamW on the rest "
+                            "(bench/muon.py); adamw: AdamW on every weight, the standard "
+                            "recipe (default: %(default)s)")

@@ -112,7 +112,7 @@ def train_hparams(args: argparse.Namespace) -> TrainHparams:
         learning_rate=args.lr, warmup_fraction=args.warmup, schedule=args.schedule,
         weight_decay=args.weight_decay, beta2=args.beta2, batch_size=args.batch_size,
         seq_len=args.seq_len, label_smoothing=args.label_smoothing, z_loss=args.z_loss,
-        eval_batches=args.eval_batches)
+        eval_batches=args.eval_batches, optimizer=args.optimizer)
 
 
 def train_fit_settings(args: argparse.Namespace, steps: int) -> FitSettings:
@@ -394,6 +394,7 @@ def _register_train(commands) -> None:
     train.add_argument("--tokens", type=parse_size, default=2_000_000,
                        help="training tokens (e.g. 2M)")
     train.add_argument("--lr", type=argtypes.positive_float, default=TrainHparams.learning_rate)
+    argtypes.add_optimizer_option(train)
     train.add_argument("--warmup", type=argtypes.non_negative_float,
                        default=TrainHparams.warmup_fraction,
                        help="warmup fraction")

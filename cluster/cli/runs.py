@@ -75,7 +75,7 @@ def evolve_settings(args: argparse.Namespace) -> EvolveSettings:
                                   population_fraction=args.population_fraction or None),
         limits=limits, candidate_budget=candidate_budget,
         hparams=TrainHparams(learning_rate=args.lr, batch_size=args.batch_size,
-                             seq_len=args.seq_len),
+                             seq_len=args.seq_len, optimizer=args.optimizer),
         seed=args.seed, data_seed=args.data_seed, warm_start=not args.no_warm_start,
         strategy=args.strategy,
         objectives=Objectives.parse(args.objective).names, max_params=args.max_params,
@@ -337,6 +337,7 @@ def _add_candidate_training_options(evolve) -> None:
     per.add_argument("--candidate-seconds", type=argtypes.positive_float)
     candidates.add_argument("--lr", type=argtypes.positive_float,
                             default=TrainHparams.learning_rate)
+    argtypes.add_optimizer_option(candidates)
     candidates.add_argument("--batch-size", type=argtypes.positive_int,
                             default=TrainHparams.batch_size)
     candidates.add_argument("--seq-len", type=argtypes.positive_int,

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
@@ -31,14 +32,15 @@ def store(tmp_path_factory):
     return prepare_store(CORPUS, tokenizer, tmp_path_factory.mktemp("s") / "store")[0]
 
 
-def _plan(store, steps=8, **fit):
+def _plan(store, steps=8, hparams=HPARAMS, **fit):
     config = ChimeraConfig(vocab_size=store.vocab_size, d_model=32, n_layers=2, n_heads=2,
                            n_kv_heads=1, window_size=16, max_seq_len=64, dropout=0.1)
-    return PretrainPlan(config, HPARAMS, FitSettings(steps=steps, grad_accum=2, **fit), seed=3)
+    return PretrainPlan(config, hparams, FitSettings(steps=steps, grad_accum=2, **fit), seed=3)
 
 
-def test_resumed_run_equals_an_uninterrupted_one(store, tmp_path):
-    plan = _plan(store, eval_every=4)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resumed_run_equals_an_uninterrupted_one(store, tmp_path, optimizer):
+    plan = _plan(store, eval_every=4, hparams=replace(HPARAMS, optimizer=optimizer))
     straight, straight_result = pretrain(plan, store, tmp_path / "a")
     # Stop at step 3 (as Ctrl+C would), then resume in a fresh model from the checkpoint.
     _, first = pretrain(plan, store, tmp_path / "b", stop_after=3)

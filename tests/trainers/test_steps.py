@@ -2,6 +2,7 @@
 gradients, refuses a non-finite loss before the weights change, and keeps candidate results."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,13 @@ from chimera.tokenizer import train_char
 from trainers.candidate import BudgetKind, Status, TrainBudget, train_candidate
 from trainers.corpus import CorpusSpec, iter_documents
 from trainers.recipe import TrainHparams, learning_rate_at, lm_loss, make_optimizer
-from trainers.steps import NonFiniteLoss, Throughput, accumulate_gradients, train_step
+from trainers.steps import (
+    NonFiniteLoss,
+    Throughput,
+    accumulate_gradients,
+    set_learning_rate,
+    train_step,
+)
 from trainers.store import prepare_store
 
 CPU = torch.device("cpu")
@@ -101,6 +108,32 @@ def test_throughput_counts_tokens_over_the_time_since_a_restart():
     assert meter.per_second(2.0) == 50.0 and meter.per_second() > 0
     meter.restart()
     assert meter.tokens == 0 and meter.per_second() == 0.0
+
+
+def test_muon_takes_the_hidden_linear_weights_and_adamw_the_rest(tiny_config):
+    model = Chimera(replace(tiny_config, tie_embeddings=False))
+    optimizer = make_optimizer(model, replace(HPARAMS, optimizer="muon"))
+    muon, adamw = optimizer.optimizers
+    names = {id(p): name for name, p in model.named_parameters()}
+    owned = [{names[id(p)] for g in o.param_groups for p in g["params"]} for o in (muon, adamw)]
+    assert owned[0] == {name for name, module in model.named_modules()
+                        if isinstance(module, torch.nn.Linear) and name != "lm_head"
+                        for name in [f"{name}.weight"]}
+    assert owned[0].isdisjoint(owned[1]) and owned[0] | owned[1] == set(names.values())
+    assert {"embed.weight", "lm_head.weight", "blocks.0.mixer.conv_weight"} <= owned[1]
+    assert muon.param_groups[0]["weight_decay"] == HPARAMS.weight_decay
+    set_learning_rate(optimizer, 0.25)  # the schedule reaches both
+    assert {g["lr"] for g in optimizer.param_groups} == {0.25}
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_each_optimizer_fits_a_batch(tiny_config, name):
+    model = Chimera(tiny_config)
+    hparams = replace(HPARAMS, optimizer=name)
+    optimizer, tokens = make_optimizer(model, hparams), _batch(tiny_config, 0)
+    losses = [train_step(model, optimizer, (tokens, None), hparams, progress=0.5, step=step,
+                         device=CPU).loss for step in range(25)]
+    assert losses[-1] < 0.5 * losses[0]
 
 
 # Candidate results must not move when the training loop is restructured: the validation loss
