@@ -8,9 +8,12 @@ import cluster.app.promote.budget as budget_module
 from chimera.config import ChimeraConfig
 from cluster.app.promote.budget import (
     EVALUATE_SHARE,
+    PRETRAIN_DROPOUT,
+    REPEATED_EPOCHS,
     SFT_SHARE,
     STEP_CAP,
     plan_stages,
+    pretrain_dropout,
 )
 from cluster.app.promote.settings import PromoteSettings
 from cluster.cli import main
@@ -64,6 +67,16 @@ def test_a_budget_too_small_to_pretrain_is_refused_naming_the_flag(measured):
         plan_stages(settings, CONFIG, HPARAMS, None, spent_seconds=3)
 
 
+def test_pretraining_that_repeats_the_corpus_gets_dropout():
+    low = ChimeraConfig(vocab_size=400, dropout=0.05)
+    train_tokens = 1_000
+    below = int(REPEATED_EPOCHS * train_tokens) - 1
+    assert pretrain_dropout(low, below, train_tokens) == 0.05  # the genome's, unrepeated
+    assert pretrain_dropout(low, below + 1, train_tokens) == PRETRAIN_DROPOUT
+    high = ChimeraConfig(vocab_size=400, dropout=PRETRAIN_DROPOUT + 0.1)
+    assert pretrain_dropout(high, 100 * train_tokens, train_tokens) == high.dropout  # never lower
+
+
 def test_a_budgeted_promote_runs_records_its_plan_and_a_rerun_keeps_it(tmp_path, monkeypatch,
                                                                        capsys):
     run = tmp_path / "run"
@@ -71,11 +84,15 @@ def test_a_budgeted_promote_runs_records_its_plan_and_a_rerun_keeps_it(tmp_path,
     # A fixed speed: the measurement's seconds count against the budget, and on a busy machine
     # (CI beside other work) they can eat a 40-second one.
     monkeypatch.setattr(budget_module, "measure_tokens_per_second", lambda *a, **k: 20_000.0)
+    monkeypatch.setattr(budget_module, "PRETRAIN_DROPOUT", 0.37)  # a rate no genome has
     command = ["promote", str(run), "--budget", "40s", *TINY_SFT]
     assert main(command) == 0
     out = run / "promoted"
     metrics = json.loads((out / "metrics.json").read_text())
     plan = metrics["budget_plan"]
+    # 30 s at 20,000 tokens/s is many times the 60 KB corpus: pretrained with the dropout.
+    assert json.loads((out / "base" / "config.json").read_text())["dropout"] == 0.37
+    assert "-> 0.37: pretraining will see the corpus" in capsys.readouterr().out
     assert plan["budget_seconds"] == 40 and plan["tokens_per_second"] > 0
     # Pretraining ran on the clock: its planned seconds, whatever the tokens came to.
     assert plan["pretrain_seconds"] <= metrics["seconds"]["pretrain"] \

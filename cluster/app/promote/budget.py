@@ -45,6 +45,15 @@ MIN_PRETRAIN_STEPS = 20
 # bench/end_to_end.py on tinyshakespeare: 0.82x, 1.07x, 0.99x). Now 8 steps are measured, and
 # the plan takes 0.9 of them: a promote had better end a little early than overrun.
 LOOP_EFFICIENCY = 0.9
+# Pretraining that will see its corpus this many times over trains with at least
+# PRETRAIN_DROPOUT. The search ranks genomes after seconds, where dropout only slows learning,
+# so its winners carry little or none; pretrained for many epochs they overfit. On the 30-minute
+# bench's tinyshakespeare, 360 s each, held-out bpb (BENCHMARKS.md): its 1.69M winner 1.9377 at
+# dropout 0, 1.8797 at 0.1, 1.8710 at 0.2; its 0.24M kind 1.9153 at 0, 1.8810 at 0.1. 0.1 is
+# the rate measured to help both. Four epochs: about where repeated tokens stop being worth new
+# ones (Muennighoff et al., 2023).
+REPEATED_EPOCHS = 4.0
+PRETRAIN_DROPOUT = 0.1
 # A stage on the clock is capped at this many times the steps the plan expects: a loop runs
 # faster than its measurement, not this much faster, and a cap keeps a stalled clock finite.
 STEP_CAP = 3
@@ -105,3 +114,12 @@ def plan_stages(settings: PromoteSettings, config: ChimeraConfig, hparams: Train
     expected = max(1, int(sft_seconds * rate / sft_step_tokens))
     return StagePlan(budget, rate, pretrain_seconds, int(pretrain_seconds * rate),
                      refine_tokens, min(settings.sft_steps, STEP_CAP * expected), sft_seconds)
+
+
+def pretrain_dropout(config: ChimeraConfig, pretrain_tokens: int, train_tokens: int) -> float:
+    """The dropout to pretrain ``config`` with for ``pretrain_tokens`` of a corpus of
+    ``train_tokens``: the genome's, raised to ``PRETRAIN_DROPOUT`` when the pretraining will
+    repeat the corpus ``REPEATED_EPOCHS`` times or more."""
+    if pretrain_tokens >= REPEATED_EPOCHS * train_tokens:
+        return max(config.dropout, PRETRAIN_DROPOUT)
+    return config.dropout

@@ -19,7 +19,7 @@ from chimera.inference import TOKENIZER_DIR
 from chimera.model import Chimera, param_counts_analytic
 from chimera.tokenizer import load_tokenizer
 from cluster.app.evolve import EvolveSettings
-from cluster.app.promote.budget import STEP_CAP, StagePlan, plan_stages
+from cluster.app.promote.budget import STEP_CAP, StagePlan, plan_stages, pretrain_dropout
 from cluster.app.promote.dpo_stage import dpo_metrics, evaluate_dpo, run_dpo, sft_dir
 from cluster.app.promote.instruction_data import (
     heldout_bpb,
@@ -141,6 +141,8 @@ def _promote(settings: PromoteSettings, console: Console, spent_seconds: float) 
     try:
         refined = _refine(ctx)
         tuned_config, hparams = tuned(ctx.config, run.hparams, refined["best_params"])
+        if "dropout" not in refined["best_params"]:  # a refinement's choice stands
+            tuned_config = _regularised(ctx, tuned_config)
         pre = _pretrain(ctx, tuned_config, hparams)
     finally:
         if ray_started:
@@ -219,6 +221,17 @@ def _refine(ctx: _Run) -> dict:
                       f"complete, {refined['pruned']} pruned, {refined['failed']} failed): "
                       f"{refined['best_params']}", highlight=False)
     return refined
+
+
+def _regularised(ctx: _Run, config: ChimeraConfig) -> ChimeraConfig:
+    """``config`` with the dropout its pretraining's epochs call for (``pretrain_dropout``)."""
+    train_tokens = ctx.store.info("train").tokens
+    dropout = pretrain_dropout(config, ctx.settings.pretrain_tokens, train_tokens)
+    if dropout != config.dropout:
+        ctx.console.print(f"  dropout {config.dropout:g} -> {dropout:g}: pretraining will see "
+                          f"the corpus {ctx.settings.pretrain_tokens / train_tokens:.0f} times",
+                          highlight=False)
+    return dataclasses.replace(config, dropout=dropout)
 
 
 def _pretrain(ctx: _Run, tuned_config: ChimeraConfig, hparams: TrainHparams) -> FitResult:
