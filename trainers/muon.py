@@ -3,7 +3,7 @@ Newton-Schulz iteration, for the 2-D weights between the embedding and the outpu
 
 ``torch.optim.Muon`` runs the iteration in bf16, which on a CPU without bf16 matrix units is
 several times slower than fp32: with it, a 0.24M-parameter genome of the kind a CPU search picks
-trained at 0.54x AdamW's tokens/s, the ``tiny`` preset at 0.26x (bench/muon.py). This one
+trained at 0.54x AdamW's tokens/s, the ``tiny`` preset at 0.26x (bench/recipe_pairs.py). This one
 iterates in fp32 on CPU (bf16 on CUDA, as the reference does) and stacks the matrices of one shape
 into one batched product: 0.94x and 0.90x of AdamW's tokens/s. The update is scaled to AdamW's
 RMS (Moonlight's ``match_rms_adamw``: 0.2 * sqrt(max(rows, cols))), so one learning rate and one

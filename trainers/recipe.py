@@ -18,7 +18,7 @@ SCHEDULES = ("cosine", "wsd")
 # adamw: AdamW on every parameter. muon: Muon (momentum orthogonalised by Newton-Schulz, as in
 # modded-nanogpt) on the blocks' linear weights, AdamW on the embedding, head, norms and gates.
 # AdamW stays the default: at the 0.2-1M parameters of a CPU search, Muon at AdamW's learning
-# rate was level or worse in equal wall clock (bench/muon.py, BENCHMARKS.md).
+# rate was level or worse in equal wall clock (bench/recipe_pairs.py, BENCHMARKS.md).
 OPTIMIZERS = ("adamw", "muon")
 
 

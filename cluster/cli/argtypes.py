@@ -103,5 +103,5 @@ def add_optimizer_option(group) -> None:
     """``--optimizer``, the same flag for every command that trains from scratch."""
     group.add_argument("--optimizer", choices=OPTIMIZERS, default=TrainHparams.optimizer,
                        help="muon: Muon on the hidden matrices, AdamW on the rest "
-                            "(bench/muon.py); adamw: AdamW on every weight, the standard "
+                            "(bench/recipe_pairs.py); adamw: AdamW on every weight, the standard "
                             "recipe (default: %(default)s)")
