@@ -43,7 +43,7 @@ from bench.end_to_end import (  # noqa: E402
 from bench.nanogpt import train_for_seconds  # noqa: E402
 from chimera.config import ChimeraConfig, get_preset  # noqa: E402
 from chimera.model import Chimera  # noqa: E402
-from trainers.recipe import Optimizers, TrainHparams, hidden_matrices, make_optimizer  # noqa: E402
+from trainers.recipe import Optimizers, TrainHparams, make_optimizer, muon_split  # noqa: E402
 from trainers.steps import train_step  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -76,10 +76,8 @@ def variant(name: str, config: ChimeraConfig, hparams: TrainHparams
 
 def torch_muon_optimizer(model: torch.nn.Module, hparams: TrainHparams) -> Optimizers:
     """``torch.optim.Muon`` on the same matrices, AdamW on the rest: the library's step cost."""
-    muon = hidden_matrices(model)
-    taken = {id(p) for p in muon}
-    adamw = torch.optim.AdamW([p for p in model.parameters() if id(p) not in taken],
-                              lr=hparams.learning_rate)
+    muon, rest = muon_split(model)
+    adamw = torch.optim.AdamW(rest, lr=hparams.learning_rate)
     return Optimizers([torch.optim.Muon(muon, lr=hparams.learning_rate,
                                         adjust_lr_fn="match_rms_adamw"), adamw])
 

@@ -115,20 +115,23 @@ class Optimizers:
             optimizer.load_state_dict(part)
 
 
-def hidden_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The weights of the linear layers between the embedding and the output head: Muon's."""
+def muon_split(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter],
+                                                 list[torch.nn.Parameter]]:
+    """Muon's parameters (the weights of the linear layers between the embedding and the
+    output head) and the rest, AdamW's, in ``model.parameters()`` order."""
     head = getattr(model, "lm_head", None)
-    return [module.weight for module in model.modules()
-            if isinstance(module, torch.nn.Linear) and module is not head]
+    matrices = [module.weight for module in model.modules()
+                if isinstance(module, torch.nn.Linear) and module is not head]
+    taken = {id(p) for p in matrices}
+    return matrices, [p for p in model.parameters() if id(p) not in taken]
 
 
 def make_optimizer(model: torch.nn.Module, hparams: TrainHparams):
     """AdamW with weight decay on matrices only (not on norms, biases, Lambda or the conv); with
     ``optimizer="muon"``, Muon (``trainers.muon``) takes the hidden linear weights at the same
     learning rate and weight decay, so that one schedule and one Optuna range serve both."""
-    muon = hidden_matrices(model) if hparams.optimizer == "muon" else []
-    taken = {id(p) for p in muon}
-    rest = [p for p in model.parameters() if id(p) not in taken]
+    muon, rest = muon_split(model) if hparams.optimizer == "muon" \
+        else ([], list(model.parameters()))
     adamw = torch.optim.AdamW(
         [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": hparams.weight_decay},
          {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
