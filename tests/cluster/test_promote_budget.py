@@ -6,8 +6,10 @@ import pytest
 
 import cluster.app.promote.budget as budget_module
 from chimera.config import ChimeraConfig
+from chimera.model import param_counts_analytic
 from cluster.app.promote.budget import (
     EVALUATE_SHARE,
+    LARGE_MODEL_DROPOUT,
     PRETRAIN_DROPOUT,
     REPEATED_EPOCHS,
     SFT_SHARE,
@@ -67,14 +69,17 @@ def test_a_budget_too_small_to_pretrain_is_refused_naming_the_flag(measured):
         plan_stages(settings, CONFIG, HPARAMS, None, spent_seconds=3)
 
 
-def test_pretraining_that_repeats_the_corpus_gets_dropout():
+def test_pretraining_that_repeats_the_corpus_gets_dropout_by_the_models_size():
     low = ChimeraConfig(vocab_size=400, dropout=0.05)
-    train_tokens = 1_000
-    below = int(REPEATED_EPOCHS * train_tokens) - 1
-    assert pretrain_dropout(low, below, train_tokens) == 0.05  # the genome's, unrepeated
-    assert pretrain_dropout(low, below + 1, train_tokens) == PRETRAIN_DROPOUT
-    high = ChimeraConfig(vocab_size=400, dropout=PRETRAIN_DROPOUT + 0.1)
-    assert pretrain_dropout(high, 100 * train_tokens, train_tokens) == high.dropout  # never lower
+    params = param_counts_analytic(low).total
+    # A corpus of more tokens than the model has parameters, then one of as many.
+    for train_tokens, rate in ((params + 1, PRETRAIN_DROPOUT), (params, LARGE_MODEL_DROPOUT)):
+        below = REPEATED_EPOCHS * train_tokens - 1
+        assert pretrain_dropout(low, below, train_tokens) == 0.05  # the genome's, unrepeated
+        assert pretrain_dropout(low, below + 1, train_tokens) == rate
+    assert PRETRAIN_DROPOUT < LARGE_MODEL_DROPOUT
+    high = ChimeraConfig(vocab_size=400, dropout=LARGE_MODEL_DROPOUT + 0.1)
+    assert pretrain_dropout(high, 100 * params, params) == high.dropout  # never lower
 
 
 def test_a_budgeted_promote_runs_records_its_plan_and_a_rerun_keeps_it(tmp_path, monkeypatch,
@@ -84,7 +89,8 @@ def test_a_budgeted_promote_runs_records_its_plan_and_a_rerun_keeps_it(tmp_path,
     # A fixed speed: the measurement's seconds count against the budget, and on a busy machine
     # (CI beside other work) they can eat a 40-second one.
     monkeypatch.setattr(budget_module, "measure_tokens_per_second", lambda *a, **k: 20_000.0)
-    monkeypatch.setattr(budget_module, "PRETRAIN_DROPOUT", 0.37)  # a rate no genome has
+    for rate in ("PRETRAIN_DROPOUT", "LARGE_MODEL_DROPOUT"):  # a rate no genome has
+        monkeypatch.setattr(budget_module, rate, 0.37)
     command = ["promote", str(run), "--budget", "40s", *TINY_SFT]
     assert main(command) == 0
     out = run / "promoted"
@@ -114,6 +120,14 @@ def test_a_budgeted_promote_runs_records_its_plan_and_a_rerun_keeps_it(tmp_path,
     capsys.readouterr()
     assert main(command) == 0
     assert "nothing left to do" in capsys.readouterr().out
+    # Evaluated again under another rule, the report keeps the dropout the base trained with,
+    # and the skipped pretraining says nothing about a change it did not make.
+    for rate in ("PRETRAIN_DROPOUT", "LARGE_MODEL_DROPOUT"):
+        monkeypatch.setattr(budget_module, rate, 0.5)
+    (out / "metrics.json").unlink()
+    assert main(command) == 0
+    assert json.loads((out / "metrics.json").read_text())["dropout"] == 0.37
+    assert "pretraining will see" not in capsys.readouterr().out
     # Another budget is another promote: refused, naming the flag.
     monkeypatch.undo()
     assert main(["promote", str(run), "--budget", "50s", *TINY_SFT]) == 2

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 
 from chimera.config import ChimeraConfig
+from chimera.model import param_counts_analytic
 from cluster.app.promote.settings import PromoteSettings
 from trainers.pretrain import measure_tokens_per_second
 from trainers.recipe import TrainHparams
@@ -49,11 +50,14 @@ LOOP_EFFICIENCY = 0.9
 # PRETRAIN_DROPOUT. The search ranks genomes after seconds, where dropout only slows learning,
 # so its winners carry little or none; pretrained for many epochs they overfit. On the 30-minute
 # bench's tinyshakespeare, 360 s each, held-out bpb (BENCHMARKS.md): its 1.69M winner 1.9377 at
-# dropout 0, 1.8797 at 0.1, 1.8710 at 0.2; its 0.24M kind 1.9153 at 0, 1.8810 at 0.1. 0.1 is
-# the rate measured to help both. Four epochs: about where repeated tokens stop being worth new
-# ones (Muennighoff et al., 2023).
+# dropout 0, 1.8797 at 0.1, 1.8710 at 0.2; its 0.24M kind 1.9153 at 0, 1.8810 at 0.1, 1.8866 at
+# 0.2. The rate follows the model's size against its corpus: the 1.69M model, four parameters
+# per training token, wants 0.2 (LARGE_MODEL_DROPOUT, from as many parameters as tokens); the
+# 0.24M one, half a parameter per token, 0.1. Four epochs: about where repeated tokens stop
+# being worth new ones (Muennighoff et al., 2023).
 REPEATED_EPOCHS = 4.0
 PRETRAIN_DROPOUT = 0.1
+LARGE_MODEL_DROPOUT = 0.2
 # A stage on the clock is capped at this many times the steps the plan expects: a loop runs
 # faster than its measurement, not this much faster, and a cap keeps a stalled clock finite.
 STEP_CAP = 3
@@ -118,8 +122,10 @@ def plan_stages(settings: PromoteSettings, config: ChimeraConfig, hparams: Train
 
 def pretrain_dropout(config: ChimeraConfig, pretrain_tokens: int, train_tokens: int) -> float:
     """The dropout to pretrain ``config`` with for ``pretrain_tokens`` of a corpus of
-    ``train_tokens``: the genome's, raised to ``PRETRAIN_DROPOUT`` when the pretraining will
-    repeat the corpus ``REPEATED_EPOCHS`` times or more."""
-    if pretrain_tokens >= REPEATED_EPOCHS * train_tokens:
-        return max(config.dropout, PRETRAIN_DROPOUT)
-    return config.dropout
+    ``train_tokens``: the genome's, raised when the pretraining will repeat the corpus
+    ``REPEATED_EPOCHS`` times or more, to ``LARGE_MODEL_DROPOUT`` for a model with at least as
+    many parameters as the corpus has tokens, else to ``PRETRAIN_DROPOUT``."""
+    if pretrain_tokens < REPEATED_EPOCHS * train_tokens:
+        return config.dropout
+    large = param_counts_analytic(config).total >= train_tokens
+    return max(config.dropout, LARGE_MODEL_DROPOUT if large else PRETRAIN_DROPOUT)

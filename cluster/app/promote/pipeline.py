@@ -141,9 +141,9 @@ def _promote(settings: PromoteSettings, console: Console, spent_seconds: float) 
     try:
         refined = _refine(ctx)
         tuned_config, hparams = tuned(ctx.config, run.hparams, refined["best_params"])
-        if "dropout" not in refined["best_params"]:  # a refinement's choice stands
-            tuned_config = _regularised(ctx, tuned_config)
-        pre = _pretrain(ctx, tuned_config, hparams)
+        # A refinement's dropout stands; otherwise pretraining's epochs set it.
+        pre, tuned_config = _pretrain(ctx, tuned_config, hparams,
+                                      regularise="dropout" not in refined["best_params"])
     finally:
         if ray_started:
             import ray  # only when this promote started it
@@ -234,12 +234,18 @@ def _regularised(ctx: _Run, config: ChimeraConfig) -> ChimeraConfig:
     return dataclasses.replace(config, dropout=dropout)
 
 
-def _pretrain(ctx: _Run, tuned_config: ChimeraConfig, hparams: TrainHparams) -> FitResult:
-    """2. Pretraining of the tuned configuration into OUT/base (recorded, or trained now)."""
+def _pretrain(ctx: _Run, tuned_config: ChimeraConfig, hparams: TrainHparams,
+              regularise: bool) -> tuple[FitResult, ChimeraConfig]:
+    """2. Pretraining of the tuned configuration into OUT/base (recorded, or trained now), with
+    the dropout its epochs call for when ``regularise``. Returns the result and the
+    configuration pretrained: its dropout is the record's, so a promote resumed under another
+    rule reports what its base model trained with."""
     settings, out = ctx.settings, ctx.out
     if ctx.records.done("pretrain") is None:
         t0 = time.perf_counter()
         ctx.console.rule("pretrain")
+        if regularise:
+            tuned_config = _regularised(ctx, tuned_config)
         ctx.records.begin("pretrain", ctx.wanted["pretrain"])
         steps = steps_for_tokens(settings.pretrain_tokens, hparams)
         clock = settings.pretrain_seconds
@@ -263,11 +269,15 @@ def _pretrain(ctx: _Run, tuned_config: ChimeraConfig, hparams: TrainHparams) -> 
         ctx.tokenizer.save_pretrained(str(out / BASE_DIR / TOKENIZER_DIR))
         ctx.records.finish("pretrain", {
             "model": BASE_DIR, "step": pre.step, "history": pre.history.to_dict(),
-            "seconds": max(time.perf_counter() - t0, pre.history.seconds)})
+            "seconds": max(time.perf_counter() - t0, pre.history.seconds),
+            "dropout": tuned_config.dropout})
     else:
         ctx.skipped("pretrain", f"the model is in {out / BASE_DIR}")
     pretrained = ctx.records.done("pretrain")
-    return FitResult(pretrained["step"], History.from_dict(pretrained["history"]))
+    # A record from before the dropout rule trained the tuned configuration as it was.
+    dropout = pretrained.get("dropout", tuned_config.dropout)
+    result = FitResult(pretrained["step"], History.from_dict(pretrained["history"]))
+    return result, dataclasses.replace(tuned_config, dropout=dropout)
 
 
 def _fine_tune(ctx: _Run):
