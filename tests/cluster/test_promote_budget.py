@@ -53,6 +53,19 @@ def test_pretraining_gets_what_fine_tuning_evaluation_and_the_setup_leave(measur
     assert applied.pretrain_seconds == plan.pretrain_seconds  # pretraining runs on the clock
 
 
+def test_fine_tuning_that_needs_less_than_its_share_leaves_the_rest_to_pretraining(monkeypatch):
+    fast = 100 * RATE  # a model whose --sft-steps train in well under SFT_SHARE of the budget
+    monkeypatch.setattr(budget_module, "measure_tokens_per_second", lambda *a, **k: fast)
+    settings = PromoteSettings(run_dir="run", budget_seconds=600)
+    plan = plan_stages(settings, CONFIG, HPARAMS, None, spent_seconds=10)
+    needs = settings.sft_steps * 16 * 320 / (fast * budget_module.LOOP_EFFICIENCY)
+    assert plan.sft_seconds == pytest.approx(budget_module.SFT_HEADROOM * needs)
+    assert plan.sft_seconds < SFT_SHARE * 600
+    assert plan.pretrain_seconds == pytest.approx(600 * (1 - EVALUATE_SHARE) - plan.sft_seconds
+                                                  - 10)
+    assert plan.sft_steps == settings.sft_steps  # its steps end it, not the cap
+
+
 def test_a_refinement_share_comes_out_of_pretraining(measured):
     settings = PromoteSettings(run_dir="run", budget_seconds=600, refine_share=0.2)
     plan = plan_stages(settings, CONFIG, HPARAMS, None, spent_seconds=0)
@@ -89,6 +102,9 @@ def test_a_budgeted_promote_runs_records_its_plan_and_a_rerun_keeps_it(tmp_path,
     # A fixed speed: the measurement's seconds count against the budget, and on a busy machine
     # (CI beside other work) they can eat a 40-second one.
     monkeypatch.setattr(budget_module, "measure_tokens_per_second", lambda *a, **k: 20_000.0)
+    # Fine-tuning gets its whole share, as a slow model's would: at this made-up speed its 4
+    # steps' estimate would be a fraction of a second, far under what they take here.
+    monkeypatch.setattr(budget_module, "SFT_HEADROOM", 1e6)
     for rate in ("PRETRAIN_DROPOUT", "LARGE_MODEL_DROPOUT"):  # a rate no genome has
         monkeypatch.setattr(budget_module, rate, 0.37)
     command = ["promote", str(run), "--budget", "40s", *TINY_SFT]

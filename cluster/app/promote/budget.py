@@ -1,7 +1,8 @@
 """``chimera promote --budget``: the stages sized to a wall clock.
 
-A user gives promote the time they have, not token counts. The plan splits it: fine-tuning
-and the evaluation get fixed shares, refinement the share asked for (none by default: at CPU
+A user gives promote the time they have, not token counts. The plan splits it: the evaluation
+gets a fixed share, fine-tuning a fixed share or, when fewer seconds train its --sft-steps, those
+(``SFT_HEADROOM``), refinement the share asked for (none by default: at CPU
 budgets its best trial was the search's own defaults, so it bought nothing; see BENCHMARKS.md),
 and pretraining everything else, less what the promote already spent getting there. Tokens and
 steps follow from this machine's training speed for the model, measured here on a few steps of
@@ -34,8 +35,14 @@ from trainers.pretrain import measure_tokens_per_second
 from trainers.recipe import TrainHparams
 from trainers.store import TokenStore
 
-SFT_SHARE = 0.15
+SFT_SHARE = 0.15  # at most: see SFT_HEADROOM
 EVALUATE_SHARE = 0.05
+# Fine-tuning's seconds for --sft-steps, estimated from pretraining's measured speed, times this:
+# its sequences are longer and the stage builds its conversations first. The 30-minute bench's
+# 0.24M winners took 1.07x and 1.06x the time of their 400 steps' tokens at their pretraining
+# loop's speed (44 s at 49k tokens/s, 49 s at 44k), of a 176-s share: those pipelines ended
+# 180-310 s early.
+SFT_HEADROOM = 1.25
 # Refinement's trials stop early (Hyperband), so a study of N trials at T tokens trains about
 # this many times N * T tokens.
 REFINE_COST_PER_TRIAL = 0.5
@@ -101,7 +108,12 @@ def plan_stages(settings: PromoteSettings, config: ChimeraConfig, hparams: Train
                                                        device=settings.device)
     spent_seconds += time.perf_counter() - began  # the measurement is part of the budget
     refine_seconds = settings.refine_share * budget
-    pretrain_seconds = budget * (1 - SFT_SHARE - EVALUATE_SHARE) - refine_seconds \
+    sft_step_tokens = settings.sft_hparams.batch_size * settings.sft_hparams.seq_len
+    # Fine-tuning ends at --sft-steps: a model that trains them in less than its share leaves
+    # the rest to pretraining.
+    sft_seconds = min(SFT_SHARE * budget,
+                      SFT_HEADROOM * settings.sft_steps * sft_step_tokens / rate)
+    pretrain_seconds = budget * (1 - EVALUATE_SHARE) - sft_seconds - refine_seconds \
         - spent_seconds
     step_tokens = hparams.batch_size * hparams.seq_len
     if pretrain_seconds * rate < MIN_PRETRAIN_STEPS * step_tokens:
@@ -113,8 +125,6 @@ def plan_stages(settings: PromoteSettings, config: ChimeraConfig, hparams: Train
         # Trials train side by side, each on its share of the machine.
         per_trial = refine_seconds * rate / (settings.refine.trials * REFINE_COST_PER_TRIAL)
         refine_tokens = max(step_tokens * settings.refine.rungs, int(per_trial))
-    sft_step_tokens = settings.sft_hparams.batch_size * settings.sft_hparams.seq_len
-    sft_seconds = SFT_SHARE * budget
     expected = max(1, int(sft_seconds * rate / sft_step_tokens))
     return StagePlan(budget, rate, pretrain_seconds, int(pretrain_seconds * rate),
                      refine_tokens, min(settings.sft_steps, STEP_CAP * expected), sft_seconds)
