@@ -38,10 +38,10 @@ from trainers.store import TokenStore
 SFT_SHARE = 0.15  # at most: see SFT_HEADROOM
 EVALUATE_SHARE = 0.05
 # Fine-tuning's seconds for --sft-steps, estimated from pretraining's measured speed, times this:
-# its sequences are longer and the stage builds its conversations first. The 30-minute bench's
-# 0.24M winners took 1.07x and 1.06x the time of their 400 steps' tokens at their pretraining
-# loop's speed (44 s at 49k tokens/s, 49 s at 44k), of a 176-s share: those pipelines ended
-# 180-310 s early.
+# its sequences are longer and the stage builds its conversations first. Four small winners
+# of the 30-minute bench (0.19-0.44M) took 0.95-1.07x the time of their 400 steps' tokens at
+# their pretraining loop's speed (44-99 s of a 176-180-s share; those pipelines ended 127-310 s
+# early).
 SFT_HEADROOM = 1.25
 # Refinement's trials stop early (Hyperband), so a study of N trials at T tokens trains about
 # this many times N * T tokens.
