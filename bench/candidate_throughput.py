@@ -21,7 +21,7 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,7 +53,7 @@ class Subject:
     optimizer: torch.optim.Optimizer
     trained: torch.nn.Module  # what runs forward: the model, or torch.compile of it
     flops_per_token: float = 0.0
-    rates: dict[int, list[float]] | None = None
+    rates: dict[int, list[float]] = field(default_factory=dict)  # tokens/s per round, by threads
 
 
 def search_subjects(run_dir: Path) -> tuple[list[tuple[str, Genome, float]], object]:
@@ -89,16 +89,16 @@ def matmul_peak(threads: int, seconds: float = 1.5) -> float:
     return count * 2 * PEAK_SIZE ** 3 / (time.perf_counter() - began)
 
 
-def step(subject: Subject, batch: torch.Tensor, hparams: TrainHparams, index: int) -> None:
+def step(subject: Subject, batch: torch.Tensor, hparams: TrainHparams, index: int,
+         eager: bool = False) -> None:
     train_step(subject.model, subject.optimizer, (batch, None), hparams, progress=0.5,
-               step=index, device=CPU, trained=subject.trained)
+               step=index, device=CPU, trained=subject.model if eager else subject.trained)
 
 
 def flops_per_token(subject: Subject, batch: torch.Tensor, hparams: TrainHparams) -> float:
     counter = FlopCounterMode(display=False)
-    with counter:
-        train_step(subject.model, subject.optimizer, (batch, None), hparams, progress=0.5,
-                   step=0, device=CPU)  # eager: the counter does not see into compiled code
+    with counter:  # eager: the counter does not see into compiled code
+        step(subject, batch, hparams, 0, eager=True)
     return counter.get_total_flops() / (batch.shape[0] * hparams.seq_len)
 
 
@@ -127,7 +127,7 @@ def build(name: str, model: torch.nn.Module, hparams: TrainHparams, compiled: bo
     model.train()
     return Subject(name + (" (compiled)" if compiled else ""), model,
                    make_optimizer(model, hparams),
-                   torch.compile(model) if compiled else model, rates={})
+                   torch.compile(model) if compiled else model)
 
 
 def main() -> None:

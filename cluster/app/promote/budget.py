@@ -54,14 +54,15 @@ MIN_PRETRAIN_STEPS = 20
 # the plan takes 0.9 of them: a promote had better end a little early than overrun.
 LOOP_EFFICIENCY = 0.9
 # Pretraining that will see its corpus this many times over trains with at least
-# PRETRAIN_DROPOUT. The search ranks genomes after seconds, where dropout only slows learning,
-# so its winners carry little or none; pretrained for many epochs they overfit. On the 30-minute
-# bench's tinyshakespeare, 360 s each, held-out bpb (BENCHMARKS.md): its 1.69M winner 1.9377 at
-# dropout 0, 1.8797 at 0.1, 1.8710 at 0.2; its 0.24M kind 1.9153 at 0, 1.8810 at 0.1, 1.8866 at
-# 0.2. The rate follows the model's size against its corpus: the 1.69M model, four parameters
-# per training token, wants 0.2 (LARGE_MODEL_DROPOUT, from as many parameters as tokens); the
-# 0.24M one, half a parameter per token, 0.1. Four epochs: about where repeated tokens stop
-# being worth new ones (Muennighoff et al., 2023).
+# PRETRAIN_DROPOUT (LARGE_MODEL_DROPOUT for a large model: below). The search ranks genomes
+# after seconds, where dropout only slows learning, so its winners carry little or none;
+# pretrained for many epochs they overfit. On the 30-minute bench's tinyshakespeare, 360 s
+# each, held-out bpb (BENCHMARKS.md): its 1.69M winner 1.9377 at dropout 0, 1.8797 at 0.1,
+# 1.8710 at 0.2; its 0.24M kind 1.9153 at 0, 1.8810 at 0.1, 1.8866 at 0.2. The rate follows
+# the model's size against its corpus: the 1.69M model, four parameters per training token,
+# wants 0.2 (LARGE_MODEL_DROPOUT, from as many parameters as tokens); the 0.24M one, half a
+# parameter per token, 0.1. Four epochs: about where repeated tokens stop being worth new ones
+# (Muennighoff et al., 2023).
 REPEATED_EPOCHS = 4.0
 PRETRAIN_DROPOUT = 0.1
 LARGE_MODEL_DROPOUT = 0.2
