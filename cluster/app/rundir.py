@@ -57,3 +57,26 @@ def exclusive_run(run_dir: Path):
         yield
     finally:
         os.close(fd)  # releases the lock, also when this process is killed
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(path: Path):
+    """Around work that creates ``path``: on a failure, the directories it created for
+    ``path`` (it and missing parents) are removed again while nothing was written into them,
+    and nothing else is."""
+    created = []  # what ``path.mkdir(parents=True)`` would create, deepest first
+    missing = Path(os.path.abspath(path))
+    while not missing.exists() and missing != missing.parent:
+        created.append(missing)
+        missing = missing.parent
+    try:
+        yield
+    except BaseException:
+        for directory in created:
+            try:
+                if not directory.is_dir() or any(directory.iterdir()):
+                    break  # something was written (progress to keep), or it is not ours
+                directory.rmdir()
+            except OSError:
+                break  # another process wrote into it meanwhile, or it went away: leave it
+        raise

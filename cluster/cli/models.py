@@ -49,7 +49,7 @@ def promote_settings(args: argparse.Namespace) -> PromoteSettings:
         run_dir=args.run, candidate_id=args.genome, out=args.out,
         refine=RefineSettings(trials=args.trials, rungs=args.rungs, parallel=args.parallel),
         refine_tokens=args.refine_tokens, pretrain_tokens=args.pretrain_tokens,
-        budget_seconds=args.budget, refine_share=args.refine_share,
+        budget_seconds=args.budget, refine_share=args.refine_share, finalists=args.finalists,
         max_seq_len=args.max_seq_len, sft_steps=args.sft_steps,
         sft_conversations=args.sft_conversations, qa_questions=args.qa_questions,
         sft_hparams=dataclasses.replace(PromoteSettings.sft_hparams, seq_len=args.sft_seq_len,
@@ -312,9 +312,12 @@ def _register_promote(commands) -> None:
                          default=PromoteSettings.refine_share, metavar="FRACTION",
                          help="with --budget: refinement's share of it (default: %(default)s, "
                               "none)")
+    promote.add_argument("--finalists", type=argtypes.positive_int,
+                         default=PromoteSettings.finalists, metavar="N",
+                         help="with --budget: up to N candidates of growing size share "
+                              "pretraining, the best is the base (default: %(default)s)")
     promote.add_argument("--max-seq-len", type=argtypes.positive_int,
-                         default=PromoteSettings.max_seq_len,
-                         help="the chat model's context")
+                         default=PromoteSettings.max_seq_len, help="the chat model's context")
     promote.add_argument("--sft-steps", type=argtypes.positive_int,
                          default=PromoteSettings.sft_steps)
     promote.add_argument("--sft-conversations", type=argtypes.positive_int,

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from chimera.config import ChimeraConfig
 from chimera.model import param_counts_analytic
+from cluster.app.promote.finalists import affordable
 from cluster.app.promote.settings import PromoteSettings
 from trainers.pretrain import measure_tokens_per_second
 from trainers.recipe import TrainHparams
@@ -83,6 +84,7 @@ class StagePlan:
     refine_tokens: int | None  # per trial; None: no refinement
     sft_steps: int  # at most: --sft-steps, or the clock's cap
     sft_seconds: float | None = None  # None: a plan made before fine-tuning ran on the clock
+    finalists: int = 1  # sharing pretraining's seconds (finalists.py); 1: the winner alone
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -100,9 +102,10 @@ class StagePlan:
 
 
 def plan_stages(settings: PromoteSettings, config: ChimeraConfig, hparams: TrainHparams,
-                store: TokenStore, spent_seconds: float) -> StagePlan:
+                store: TokenStore, spent_seconds: float, finalists: int = 1) -> StagePlan:
     """Split ``settings.budget_seconds`` (of which ``spent_seconds`` are gone) over the stages
-    for ``config`` trained with ``hparams``."""
+    for ``config`` trained with ``hparams``; pretraining's seconds are shared by as many of
+    ``finalists`` as they afford (``finalists.affordable``)."""
     budget = settings.budget_seconds
     began = time.perf_counter()
     rate = LOOP_EFFICIENCY * measure_tokens_per_second(config, hparams, store,
@@ -128,7 +131,8 @@ def plan_stages(settings: PromoteSettings, config: ChimeraConfig, hparams: Train
         refine_tokens = max(step_tokens * settings.refine.rungs, int(per_trial))
     expected = max(1, int(sft_seconds * rate / sft_step_tokens))
     return StagePlan(budget, rate, pretrain_seconds, int(pretrain_seconds * rate),
-                     refine_tokens, min(settings.sft_steps, STEP_CAP * expected), sft_seconds)
+                     refine_tokens, min(settings.sft_steps, STEP_CAP * expected), sft_seconds,
+                     affordable(finalists, pretrain_seconds, rate, step_tokens))
 
 
 def pretrain_dropout(config: ChimeraConfig, pretrain_tokens: int, train_tokens: int) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,8 +18,15 @@ from chimera.inference import TOKENIZER_DIR
 from chimera.model import Chimera, param_counts_analytic
 from chimera.tokenizer import load_tokenizer
 from cluster.app.evolve import EvolveSettings
-from cluster.app.promote.budget import STEP_CAP, StagePlan, plan_stages, pretrain_dropout
+from cluster.app.promote.budget import (
+    LOOP_EFFICIENCY,
+    STEP_CAP,
+    StagePlan,
+    plan_stages,
+    pretrain_dropout,
+)
 from cluster.app.promote.dpo_stage import dpo_metrics, evaluate_dpo, run_dpo, sft_dir
+from cluster.app.promote.finalists import Finalist, pretrain_finalists, size_ladder, summary
 from cluster.app.promote.instruction_data import (
     heldout_bpb,
     sft_conversations,
@@ -32,14 +38,14 @@ from cluster.app.promote.records import StageRecords, stage_settings
 from cluster.app.promote.report import hardware, sample_outputs, write_report
 from cluster.app.promote.settings import BASE_DIR, STAGES, PromoteSettings, winner
 from cluster.app.promote.stages import run_pretrain, run_refinement, run_sft, story_sampler
-from cluster.app.rundir import STORE_DIR
+from cluster.app.rundir import STORE_DIR, removed_if_left_empty
 from cluster.ray.runtime import start_ray
 from cluster.ray.trials import tuned
 from results.db import RunDatabase
 from search.genome import Genome
 from trainers.fit import FitResult, FitSettings, History
 from trainers.plateau import PLATEAU_PATIENCE
-from trainers.pretrain import PretrainPlan, steps_for_tokens
+from trainers.pretrain import PretrainPlan, measure_tokens_per_second, steps_for_tokens
 from trainers.recipe import TrainHparams
 from trainers.sft import (
     QA_NEW_TOKENS,
@@ -55,32 +61,8 @@ def promote(settings: PromoteSettings, console: Console, spent_seconds: float = 
     OUT/report.md). ``spent_seconds``: of ``--budget``, what the command spent before this
     call (its start-up). A failure before anything is written into an output directory this
     call created removes that directory again (and the parents it created), and nothing else."""
-    created = _missing_directories(settings.out_dir)
-    try:
+    with removed_if_left_empty(settings.out_dir):
         return _promote(settings, console, spent_seconds)
-    except BaseException:
-        _remove_if_empty(created)
-        raise
-
-
-def _missing_directories(path: Path) -> list[Path]:
-    """The directories ``path.mkdir(parents=True)`` would create, deepest first."""
-    missing = []
-    path = Path(os.path.abspath(path))
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return missing
-
-
-def _remove_if_empty(directories: list[Path]) -> None:
-    for directory in directories:
-        try:
-            if not directory.is_dir() or any(directory.iterdir()):
-                return  # something was written (progress to keep), or it is not ours
-            directory.rmdir()
-        except OSError:
-            return  # another process wrote into it meanwhile, or it went away: leave it
 
 
 @dataclass
@@ -98,6 +80,7 @@ class _Run:
     config: ChimeraConfig
     records: StageRecords
     wanted: dict[str, dict]
+    finalists: list[Finalist]  # pretraining's (finalists.py); the candidate alone when one
 
     @property
     def out(self) -> Path:
@@ -117,12 +100,16 @@ def _promote(settings: PromoteSettings, console: Console, spent_seconds: float) 
     tokenizer = store.load_tokenizer()
     records = StageRecords(settings.out_dir)
     config = genome.to_config(store.vocab_size, settings.max_seq_len)
+    ladder = size_ladder(settings.run_dir, settings.finalists, store.vocab_size,
+                         settings.max_seq_len) if settings.ranks_finalists else []
     if settings.budget_seconds is not None:
-        settings = _budgeted(settings, config, run.hparams, store, records, console,
-                             time.perf_counter() - started)
+        plan = _budgeted(settings, config, run.hparams, store, records, console,
+                         time.perf_counter() - started, max(1, len(ladder)))
+        settings, ladder = plan.applied(settings), ladder[:plan.finalists]
+    ladder = ladder if len(ladder) > 1 else []  # one finalist: the winner, pretrained alone
     evaluation, redo = preflight(settings, run, tokenizer, records, candidate_id, genome)
     ctx = _Run(settings, console, candidate_id, genome, run, store, tokenizer, config, records,
-               stage_settings(settings, candidate_id))
+               stage_settings(settings, candidate_id), ladder)
     # Saved with the first stage it begins: a failure before that leaves the directory as
     # empty as the preflight found it (and removable, if this call created it).
     attempt = records.start_attempt(settings.run_dir, candidate_id, genome)
@@ -142,8 +129,8 @@ def _promote(settings: PromoteSettings, console: Console, spent_seconds: float) 
         refined = _refine(ctx)
         tuned_config, hparams = tuned(ctx.config, run.hparams, refined["best_params"])
         # A refinement's dropout stands; otherwise pretraining's epochs set it.
-        pre, tuned_config = _pretrain(ctx, tuned_config, hparams,
-                                      regularise="dropout" not in refined["best_params"])
+        pre, tuned_config, ctx = _pretrain(ctx, tuned_config, hparams,
+                                           regularise="dropout" not in refined["best_params"])
     finally:
         if ray_started:
             import ray  # only when this promote started it
@@ -168,24 +155,26 @@ def _promote(settings: PromoteSettings, console: Console, spent_seconds: float) 
 
 def _budgeted(settings: PromoteSettings, config: ChimeraConfig, hparams: TrainHparams,
               store: TokenStore, records: StageRecords, console: Console,
-              spent: float) -> PromoteSettings:
-    """``settings`` with the stages sized to ``--budget``: the plan recorded by an earlier
-    attempt with the same budget (its checkpoints belong to it), else one measured now."""
+              spent: float, finalists: int) -> StagePlan:
+    """The stages sized to ``--budget`` (pretraining's shared by up to ``finalists``): the
+    plan recorded by an earlier attempt with the same budget (its checkpoints belong to it),
+    else one measured now."""
     recorded = records.budget_plan
     if recorded and recorded["budget_seconds"] == settings.budget_seconds:
         plan = StagePlan.from_dict(recorded)
     else:
         with console.status("measuring this machine's training speed for the budget"):
-            plan = plan_stages(settings, config, hparams, store, spent)
+            plan = plan_stages(settings, config, hparams, store, spent, finalists)
         records.keep_budget_plan(plan.to_dict())
     refine = f"{plan.refine_tokens:,} tokens per trial" if plan.refine_tokens else "none"
+    shared = f", shared by {plan.finalists} finalists" if plan.finalists > 1 else ""
     console.print(f"  budget {plan.budget_seconds:,.0f}s at {plan.tokens_per_second:,.0f} "
                   f"training tokens/s: pretraining {plan.pretrain_seconds:,.0f}s "
-                  f"(~{plan.pretrain_tokens:,} tokens), refinement {refine}, fine-tuning "
+                  f"(~{plan.pretrain_tokens:,} tokens{shared}), refinement {refine}, fine-tuning "
                   f"{plan.sft_seconds or 0:,.0f}s (at most {plan.sft_steps} steps)"
                   + (f"; DPO is not sized by it ({settings.dpo_settings.steps} steps, "
                      f"--dpo-steps)" if settings.dpo else ""), highlight=False)
-    return plan.applied(settings)
+    return plan
 
 
 def _refine(ctx: _Run) -> dict:
@@ -223,61 +212,116 @@ def _refine(ctx: _Run) -> dict:
     return refined
 
 
-def _regularised(ctx: _Run, config: ChimeraConfig) -> ChimeraConfig:
-    """``config`` with the dropout its pretraining's epochs call for (``pretrain_dropout``)."""
+def _regularised(ctx: _Run, config: ChimeraConfig, tokens: int) -> ChimeraConfig:
+    """``config`` with the dropout pretraining it for ``tokens`` calls for
+    (``pretrain_dropout``)."""
     train_tokens = ctx.store.info("train").tokens
-    dropout = pretrain_dropout(config, ctx.settings.pretrain_tokens, train_tokens)
+    dropout = pretrain_dropout(config, tokens, train_tokens)
     if dropout != config.dropout:
         ctx.console.print(f"  dropout {config.dropout:g} -> {dropout:g}: pretraining will see "
-                          f"the corpus {ctx.settings.pretrain_tokens / train_tokens:.0f} times",
-                          highlight=False)
+                          f"the corpus {tokens / train_tokens:.0f} times", highlight=False)
     return dataclasses.replace(config, dropout=dropout)
 
 
 def _pretrain(ctx: _Run, tuned_config: ChimeraConfig, hparams: TrainHparams,
-              regularise: bool) -> tuple[FitResult, ChimeraConfig]:
-    """2. Pretraining of the tuned configuration into OUT/base (recorded, or trained now), with
-    the dropout its epochs call for when ``regularise``. Returns the result and the
-    configuration pretrained: its dropout is the record's, so a promote resumed under another
-    rule reports what its base model trained with."""
+              regularise: bool) -> tuple[FitResult, ChimeraConfig, _Run]:
+    """2. Pretraining into OUT/base (recorded, or trained now): of the tuned configuration,
+    with the dropout its epochs call for when ``regularise``, or of the best of the finalists.
+    Returns the result, the configuration pretrained (its dropout the record's, so a promote
+    resumed under another rule reports what its base model trained with) and ``ctx`` of the
+    candidate pretrained."""
     settings, out = ctx.settings, ctx.out
     if ctx.records.done("pretrain") is None:
         t0 = time.perf_counter()
         ctx.console.rule("pretrain")
-        if regularise:
-            tuned_config = _regularised(ctx, tuned_config)
         ctx.records.begin("pretrain", ctx.wanted["pretrain"])
-        steps = steps_for_tokens(settings.pretrain_tokens, hparams)
-        clock = settings.pretrain_seconds
-        # Evaluated every 1/16 of the way, and the best evaluation's weights kept: on a small
-        # corpus the last epochs of a long budget overfit, so once validation stops improving
-        # the decay comes forward and training ends (trainers.plateau). Under a budget, on the
-        # clock.
-        plan = PretrainPlan(tuned_config, hparams,
-                            FitSettings(steps=steps * (STEP_CAP if clock else 1),
-                                        eval_every=max(1, steps // 16),
-                                        checkpoint_every=max(1, steps // 8),
-                                        compile=settings.compile, keep_best=True,
-                                        seconds=clock, plateau_patience=PLATEAU_PATIENCE),
-                            settings.seed)
-        _, pre = run_pretrain(plan, ctx.store, out / BASE_DIR, ctx.console,
-                              settings.train_workers, settings.device,
-                              out / "checkpoints" / "pretrain",
-                              story_sampler(ctx.tokenizer, ctx.console, settings.seed))
-        if pre.interrupted:
-            raise KeyboardInterrupt
+        if ctx.finalists:
+            chosen, pre = pretrain_finalists(
+                ctx.finalists, ctx.records.progress("pretrain"), out,
+                lambda finalist, model_dir, checkpoints: _train_finalist(
+                    ctx, finalist, hparams, model_dir, checkpoints),
+                lambda loss: ctx.store.bits_per_byte(loss, "val"), ctx.records.save,
+                lambda line: ctx.console.print(f"  {line}", markup=False, highlight=False))
+            progress = ctx.records.progress("pretrain")
+            candidate_id, genome = chosen.candidate_id, chosen.genome
+            dropout, finalists = progress["trained"][chosen.name]["dropout"], summary(progress)
+        else:
+            config = _regularised(ctx, tuned_config, settings.pretrain_tokens) \
+                if regularise else tuned_config
+            pre = _train_base(ctx, config, hparams, settings.pretrain_tokens,
+                              settings.pretrain_seconds, out / BASE_DIR,
+                              out / "checkpoints" / "pretrain")
+            candidate_id, genome, dropout = ctx.candidate_id, ctx.genome, config.dropout
+            finalists = []
         ctx.tokenizer.save_pretrained(str(out / BASE_DIR / TOKENIZER_DIR))
         ctx.records.finish("pretrain", {
             "model": BASE_DIR, "step": pre.step, "history": pre.history.to_dict(),
             "seconds": max(time.perf_counter() - t0, pre.history.seconds),
-            "dropout": tuned_config.dropout})
+            "dropout": dropout, "candidate_id": candidate_id, "genome": genome.to_dict(),
+            "finalists": finalists})
     else:
         ctx.skipped("pretrain", f"the model is in {out / BASE_DIR}")
     pretrained = ctx.records.done("pretrain")
+    if pretrained.get("candidate_id", ctx.candidate_id) != ctx.candidate_id:  # a finalist's
+        genome = Genome.from_dict(pretrained["genome"])
+        ctx = dataclasses.replace(ctx, candidate_id=pretrained["candidate_id"], genome=genome,
+                                  config=genome.to_config(ctx.store.vocab_size,
+                                                          settings.max_seq_len))
+        tuned_config = ctx.config
     # A record from before the dropout rule trained the tuned configuration as it was.
     dropout = pretrained.get("dropout", tuned_config.dropout)
     result = FitResult(pretrained["step"], History.from_dict(pretrained["history"]))
-    return result, dataclasses.replace(tuned_config, dropout=dropout)
+    return result, dataclasses.replace(tuned_config, dropout=dropout), ctx
+
+
+def _train_finalist(ctx: _Run, finalist: Finalist, hparams: TrainHparams, model_dir: Path,
+                    checkpoints: Path) -> tuple[FitResult, float]:
+    """One finalist's pretraining, for its share of pretraining's seconds at its own speed
+    (measured here, the search's winner's is the plan's; kept in the stage record first, so a
+    resumed finalist resumes the plan its checkpoints belong to). Returns it and its dropout."""
+    planned = ctx.records.progress("pretrain").setdefault("planned", {})
+    if finalist.name not in planned:
+        seconds = ctx.settings.pretrain_seconds / len(ctx.finalists)
+        config = finalist.genome.to_config(ctx.store.vocab_size, ctx.settings.max_seq_len)
+        rate = ctx.records.budget_plan["tokens_per_second"]
+        if finalist.candidate_id != ctx.candidate_id:
+            began = time.perf_counter()
+            rate = LOOP_EFFICIENCY * measure_tokens_per_second(config, hparams, ctx.store,
+                                                               device=ctx.settings.device)
+            seconds -= time.perf_counter() - began
+        planned[finalist.name] = {"seconds": seconds, "tokens": int(seconds * rate)}
+        ctx.records.save()
+    plan = planned[finalist.name]
+    config = _regularised(ctx, finalist.genome.to_config(ctx.store.vocab_size,
+                                                         ctx.settings.max_seq_len),
+                          plan["tokens"])
+    result = _train_base(ctx, config, hparams, plan["tokens"], plan["seconds"], model_dir,
+                         checkpoints)
+    return result, config.dropout
+
+
+def _train_base(ctx: _Run, config: ChimeraConfig, hparams: TrainHparams, tokens: int,
+                seconds: float | None, model_dir: Path, checkpoints: Path) -> FitResult:
+    """Pretrain ``config`` for ``tokens`` (on a budget's clock: ``seconds``) into
+    ``model_dir``, resuming from ``checkpoints``."""
+    steps = steps_for_tokens(tokens, hparams)
+    # Evaluated every 1/16 of the way, and the best evaluation's weights kept: on a small
+    # corpus the last epochs of a long budget overfit, so once validation stops improving
+    # the decay comes forward and training ends (trainers.plateau). Under a budget, on the
+    # clock.
+    plan = PretrainPlan(config, hparams,
+                        FitSettings(steps=steps * (STEP_CAP if seconds else 1),
+                                    eval_every=max(1, steps // 16),
+                                    checkpoint_every=max(1, steps // 8),
+                                    compile=ctx.settings.compile, keep_best=True,
+                                    seconds=seconds, plateau_patience=PLATEAU_PATIENCE),
+                        ctx.settings.seed)
+    _, pre = run_pretrain(plan, ctx.store, model_dir, ctx.console, ctx.settings.train_workers,
+                          ctx.settings.device, checkpoints,
+                          story_sampler(ctx.tokenizer, ctx.console, ctx.settings.seed))
+    if pre.interrupted:
+        raise KeyboardInterrupt
+    return pre
 
 
 def _fine_tune(ctx: _Run):
@@ -403,6 +447,8 @@ def _metrics(ctx: _Run, trained: _Trained, chat_model, dpo: dict, evaluated: dic
         "budget_plan": ctx.records.budget_plan,
         "hparams": dataclasses.asdict(trained.hparams),
         "dropout": trained.tuned_config.dropout,
+        # Under a budget, the finalists pretraining ranked (finalists.py): empty when none.
+        "finalists": ctx.records.done("pretrain").get("finalists", []),
         "pretrain": {"steps": pre.step, "tokens": pre.history.tokens,
                      "val_loss": pre.val_loss,
                      "val_bpb": ctx.store.bits_per_byte(pre.val_loss, "val"),

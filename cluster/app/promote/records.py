@@ -29,7 +29,8 @@ def stage_settings(settings: PromoteSettings, candidate_id: int) -> dict[str, di
                    "--refine-tokens": settings.refine_tokens or settings.pretrain_tokens,
                    "--seed": settings.seed},
         "pretrain": {"--pretrain-tokens": settings.pretrain_tokens,
-                     "--max-seq-len": settings.max_seq_len},
+                     "--max-seq-len": settings.max_seq_len,
+                     **({"--finalists": settings.finalists} if settings.ranks_finalists else {})},
         "sft": {"--sft-steps": settings.sft_steps,
                 "--sft-conversations": settings.sft_conversations,
                 "--sft-seq-len": settings.sft_hparams.seq_len,
@@ -129,8 +130,14 @@ class StageRecords:
         earlier = self.data["stages"].get(stage) or {}
         self.data["stages"][stage] = {
             "settings": settings, "done": False,
-            "started_in_attempt": earlier.get("started_in_attempt", self.data["attempts"])}
+            "started_in_attempt": earlier.get("started_in_attempt", self.data["attempts"]),
+            "progress": earlier.get("progress", {})}
         self.save()
+
+    def progress(self, stage: str) -> dict:
+        """A begun stage's parts done so far (its own keys; kept across attempts, saved by
+        ``save``): the finalists of pretraining."""
+        return self.data["stages"][stage].setdefault("progress", {})
 
     def finish(self, stage: str, result: dict) -> None:
         record = self.data["stages"][stage]

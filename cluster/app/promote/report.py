@@ -41,6 +41,25 @@ def sample_outputs(base: Chimera, chat: Chimera, tokenizer, seed: int,
     return {"base_story": evaluation.story_text + story, "chat": chats}
 
 
+def _finalists(m: dict) -> str:
+    """The finalists pretraining ranked, when it ranked any (finalists.py)."""
+    if not m.get("finalists"):
+        return ""
+    rows = "\n".join(f"| #{f['candidate_id']} | `{f['genome_summary']}` | "
+                     f"{f['params'] / 1e6:.2f}M | {f['dropout']:g} | {f['step']:,} | "
+                     f"{f['val_bpb']:.4f} |" for f in m["finalists"])
+    return f"""
+## Finalists
+
+Pretraining's time was shared by the search's winner and larger candidates; the one with the
+best validation is the base model (the others are in `finalists/`).
+
+| candidate | genome | parameters | dropout | steps | validation bpb |
+|---|---|---|---|---|---|
+{rows}
+"""
+
+
 def _share(value: float | None) -> str:
     return "not measured (see the notes)" if value is None else f"{value:.1%}"
 
@@ -100,7 +119,7 @@ Genome: `{m['genome_summary']}` ({m['params'] / 1e6:.2f}M parameters)
 | questions (from {m['qa_accuracy']['source']}) | {m['qa_accuracy']['questions']} |
 
 ![loss curves](loss_curves.png)
-{_preference_tuning(m)}
+{_finalists(m)}{_preference_tuning(m)}
 ## Hyperparameters
 
 {_refinement(m)}

@@ -50,6 +50,9 @@ class PromoteSettings:
     sft_seconds: float | None = None  # likewise fine-tuning's (sft_steps then caps it)
     # Under a budget, refinement's share of it (0: none; its gain at CPU budgets, BENCHMARKS.md).
     refine_share: float = 0.0
+    # Under a budget, with no --genome and no refinement: pretraining's time is shared by up to
+    # this many finalists of growing size, and the best is the base model (finalists.py).
+    finalists: int = 3
     max_seq_len: int = 512  # the chat model's context
     sft_steps: int = 400
     sft_conversations: int = 4000
@@ -79,6 +82,8 @@ class PromoteSettings:
             raise ValueError(f"budget_seconds must be positive, got {self.budget_seconds}")
         if not 0 <= self.refine_share < 0.8:
             raise ValueError(f"refine_share must be in [0, 0.8), got {self.refine_share}")
+        if self.finalists < 1:
+            raise ValueError(f"finalists must be at least 1, got {self.finalists}")
         if self.dpo_pairs < 1:
             raise ValueError(f"dpo_pairs must be at least 1, got {self.dpo_pairs}")
 
@@ -86,6 +91,12 @@ class PromoteSettings:
     def skips_refinement(self) -> bool:
         """A budget that gives refinement no share: the search's hyperparameters are kept."""
         return self.budget_seconds is not None and self.refine_tokens is None
+
+    @property
+    def ranks_finalists(self) -> bool:
+        """Whether pretraining ranks finalists: under a budget, the search's pick (no
+        --genome), its hyperparameters (no refinement), and more than one asked for."""
+        return self.skips_refinement and self.candidate_id is None and self.finalists > 1
 
     @property
     def out_dir(self) -> Path:
