@@ -57,7 +57,7 @@ from bench.nanogpt import (  # noqa: E402
     sweep_config,
     train_for_seconds,
 )
-from chimera.checkpoint import atomic_write  # noqa: E402
+from chimera.checkpoint import atomic_write, load_model  # noqa: E402
 from chimera.config import get_preset  # noqa: E402
 from chimera.inference import load_pretrained  # noqa: E402
 from chimera.model import Chimera  # noqa: E402
@@ -341,6 +341,7 @@ def _run_stage(command: list[str], what: str) -> None:
 def score_promoted(out: Path, documents: list[str]) -> dict:
     """The promoted base model's score (and the chat model's), in the base's training context."""
     from cluster.app.promote import BASE_DIR
+    from cluster.app.promote.finalists import FINALISTS_DIR
 
     metrics = json.loads((out / "metrics.json").read_text())
     context = metrics["hparams"]["seq_len"]
@@ -351,6 +352,15 @@ def score_promoted(out: Path, documents: list[str]) -> dict:
               / max(metrics["seconds"]["pretrain"], 1e-9),
               "train_tokens": metrics["pretrain"]["tokens"],
               "val_bpb": metrics["pretrain"]["val_bpb"]}
+    # The finalists pretraining ranked on its validation split, scored on the held-out
+    # documents too: did its ranking pick the one that is best there? (The chosen one is the
+    # base model; the others are in finalists/.)
+    result["finalists"] = []
+    for finalist in metrics.get("finalists", []):
+        where = out / FINALISTS_DIR / f"candidate-{finalist['candidate_id']}"
+        bpb = score_model(load_model(where).eval(), tokenizer, documents, context)["bpb"] \
+            if where.is_dir() else result["bpb"]
+        result["finalists"].append({**finalist, "bpb": bpb})
     if (out / "config.json").is_file():
         chat, chat_tokenizer = load_pretrained(out)
         result["chat_bpb"] = score_model(chat, chat_tokenizer, documents, context)["bpb"]
