@@ -346,10 +346,13 @@ def score_promoted(out: Path, documents: list[str]) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     context = metrics["hparams"]["seq_len"]
     base, tokenizer = load_pretrained(out / BASE_DIR)
+    # The base model's own pretraining seconds: with finalists, its share of the stage's.
+    seconds = next((f["seconds"] for f in metrics.get("finalists", [])
+                    if f["candidate_id"] == metrics["candidate_id"] and "seconds" in f),
+                   metrics["seconds"]["pretrain"])
     result = {**score_model(base, tokenizer, documents, context),
               "params": metrics["params"], "genome_summary": metrics["genome_summary"],
-              "tokens_per_second": metrics["pretrain"]["tokens"]
-              / max(metrics["seconds"]["pretrain"], 1e-9),
+              "tokens_per_second": metrics["pretrain"]["tokens"] / max(seconds, 1e-9),
               "train_tokens": metrics["pretrain"]["tokens"],
               "val_bpb": metrics["pretrain"]["val_bpb"]}
     # The finalists pretraining ranked on its validation split, scored on the held-out

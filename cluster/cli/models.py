@@ -315,7 +315,7 @@ def _register_promote(commands) -> None:
     promote.add_argument("--finalists", type=argtypes.positive_int,
                          default=PromoteSettings.finalists, metavar="N",
                          help="with --budget: up to N candidates of growing size share "
-                              "pretraining, the best is the base (default: %(default)s)")
+                              "pretraining, the best is the base (default: %(default)s, off)")
     promote.add_argument("--max-seq-len", type=argtypes.positive_int,
                          default=PromoteSettings.max_seq_len, help="the chat model's context")
     promote.add_argument("--sft-steps", type=argtypes.positive_int,

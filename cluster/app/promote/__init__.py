@@ -7,11 +7,15 @@
     instruction_data.py  the fine-tuning conversations and held-out questions for the run's
                   corpus (the story generator's, or made from its own documents)
     dpo_stage.py  with --dpo: preference tuning after fine-tuning, and its evaluation
+    budget.py     --budget: the stages sized to a wall clock on this machine
+    finalists.py  under --budget: pretraining shared by a size ladder of the run's candidates,
+                  the best as measured the base model
     pipeline.py   promote(): the stages in order, each skipped when done
     report.py     samples, report.md, metrics.json, loss_curves.png
 
 
-    refine (Optuna on Ray) -> pretrain (packed, checkpointed; Ray Train with several workers)
+    refine (Optuna on Ray) -> pretrain (packed, checkpointed; Ray Train with several workers;
+        under --budget, of up to --finalists candidates, the best kept)
         -> chat fine-tune (assistant-only loss) -> [--dpo: preference-tune (TRL's DPO)]
         -> evaluate -> model directory
 
@@ -21,6 +25,7 @@ The model directory::
                                      saved as soon as fine-tuning ends
     tokenizer/                       with the chat template
     base/                            the pretrained model before fine-tuning
+    finalists/candidate-N/           under --budget, the other finalists' pretrained models
     sft-data/train.jsonl, val.jsonl  the conversations it was fine-tuned on
     checkpoints/pretrain, /sft       full training state (resume; removed when done)
     promote-state.json               the stage records (below)

@@ -245,6 +245,7 @@ def _pretrain(ctx: _Run, tuned_config: ChimeraConfig, hparams: TrainHparams,
             progress = ctx.records.progress("pretrain")
             candidate_id, genome = chosen.candidate_id, chosen.genome
             dropout, finalists = progress["trained"][chosen.name]["dropout"], summary(progress)
+            trained_seconds = sum(finalist["seconds"] for finalist in finalists)
         else:
             config = _regularised(ctx, tuned_config, settings.pretrain_tokens) \
                 if regularise else tuned_config
@@ -252,11 +253,12 @@ def _pretrain(ctx: _Run, tuned_config: ChimeraConfig, hparams: TrainHparams,
                               settings.pretrain_seconds, out / BASE_DIR,
                               out / "checkpoints" / "pretrain")
             candidate_id, genome, dropout = ctx.candidate_id, ctx.genome, config.dropout
-            finalists = []
+            finalists, trained_seconds = [], pre.history.seconds
         ctx.tokenizer.save_pretrained(str(out / BASE_DIR / TOKENIZER_DIR))
         ctx.records.finish("pretrain", {
             "model": BASE_DIR, "step": pre.step, "history": pre.history.to_dict(),
-            "seconds": max(time.perf_counter() - t0, pre.history.seconds),
+            # Over every attempt: the histories' seconds are their resumed segments' sums.
+            "seconds": max(time.perf_counter() - t0, trained_seconds),
             "dropout": dropout, "candidate_id": candidate_id, "genome": genome.to_dict(),
             "finalists": finalists})
     else:

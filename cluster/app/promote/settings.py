@@ -51,8 +51,9 @@ class PromoteSettings:
     # Under a budget, refinement's share of it (0: none; its gain at CPU budgets, BENCHMARKS.md).
     refine_share: float = 0.0
     # Under a budget, with no --genome and no refinement: pretraining's time is shared by up to
-    # this many finalists of growing size, and the best is the base model (finalists.py).
-    finalists: int = 3
+    # this many finalists of growing size, and the best is the base model (finalists.py). 1 (off)
+    # by default: three finalists on the 30-minute bench did not pay (BENCHMARKS.md).
+    finalists: int = 1
     max_seq_len: int = 512  # the chat model's context
     sft_steps: int = 400
     sft_conversations: int = 4000
