@@ -282,9 +282,9 @@ def _train_finalist(ctx: _Run, finalist: Finalist, hparams: TrainHparams, model_
     (measured here, the search's winner's is the plan's; kept in the stage record first, so a
     resumed finalist resumes the plan its checkpoints belong to). Returns it and its dropout."""
     planned = ctx.records.progress("pretrain").setdefault("planned", {})
+    config = finalist.genome.to_config(ctx.store.vocab_size, ctx.settings.max_seq_len)
     if finalist.name not in planned:
         seconds = ctx.settings.pretrain_seconds / len(ctx.finalists)
-        config = finalist.genome.to_config(ctx.store.vocab_size, ctx.settings.max_seq_len)
         rate = ctx.records.budget_plan["tokens_per_second"]
         if finalist.candidate_id != ctx.candidate_id:
             began = time.perf_counter()
@@ -294,9 +294,7 @@ def _train_finalist(ctx: _Run, finalist: Finalist, hparams: TrainHparams, model_
         planned[finalist.name] = {"seconds": seconds, "tokens": int(seconds * rate)}
         ctx.records.save()
     plan = planned[finalist.name]
-    config = _regularised(ctx, finalist.genome.to_config(ctx.store.vocab_size,
-                                                         ctx.settings.max_seq_len),
-                          plan["tokens"])
+    config = _regularised(ctx, config, plan["tokens"])
     result = _train_base(ctx, config, hparams, plan["tokens"], plan["seconds"], model_dir,
                          checkpoints)
     return result, config.dropout
