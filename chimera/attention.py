@@ -5,6 +5,7 @@ A query at position p sees keys at positions p - window + 1 .. p. Three paths, o
 * whole sequence, T <= window: plain causal ``scaled_dot_product_attention``.
 * whole sequence, T > window: blocked local attention. Query blocks attend only to the keys
   that can fall in their window, so the cost is O(T * window) instead of O(T^2).
+  Either, given each token's document (``segments``), keeps a query inside its own.
 * decoding with a cache: keys and values live in a ring buffer of exactly ``window`` slots
   (position p in slot p % window), so the cache never grows past the window. Like HF's static
   cache, the buffers are written in place (a copy per step would cost as much as the attention
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from chimera.config import ChimeraConfig
+from chimera.documents import Documents
 from chimera.layers import RMSNorm, RotaryEmbedding, apply_rotary
 
 
@@ -36,11 +38,12 @@ def window_mask(query_pos: Tensor, key_pos: Tensor, window: int) -> Tensor:
     return (delta >= 0) & (delta < window)
 
 
-def local_attention(q: Tensor, k: Tensor, v: Tensor, window: int, block: int | None = None
-                    ) -> Tensor:
+def local_attention(q: Tensor, k: Tensor, v: Tensor, window: int, block: int | None = None,
+                    segments: Tensor | None = None) -> Tensor:
     """Causal sliding-window attention over whole sequences.
 
-    q: (B, H, T, hd); k, v: (B, Hkv, T, hd); returns (B, H, T, hd).
+    q: (B, H, T, hd); k, v: (B, Hkv, T, hd); returns (B, H, T, hd). ``segments`` (B, T): a
+    query attends only to keys of its own segment (document); None: one segment.
 
     The first ``window`` positions see everything before them: one causal call. Every later
     query block of ``block`` positions starting at s sees keys s - window .. s + block - 1, so all
@@ -51,10 +54,10 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, window: int, block: int | N
     """
     length = q.shape[2]
     if length <= window:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return _causal_attention(q, k, v, segments)
     block = block or max(1, window // 4)
-    head = F.scaled_dot_product_attention(q[:, :, :window], k[:, :, :window], v[:, :, :window],
-                                          is_causal=True, enable_gqa=True)
+    head = _causal_attention(q[:, :, :window], k[:, :, :window], v[:, :, :window],
+                             None if segments is None else segments[:, :window])
 
     batch, n_heads, _, head_dim = q.shape
     n_blocks = -(-(length - window) // block)
@@ -71,10 +74,27 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, window: int, block: int | N
     i = torch.arange(block, device=q.device).unsqueeze(1)
     j = torch.arange(block + window, device=q.device)
     band = (j > i) & (j <= i + window)  # query i of a block at key j: 0 <= window + i - j < window
+    if segments is not None:  # (B * n_blocks, 1, block, block + window): band and same document
+        padded_segments = F.pad(segments, (0, padded - length), value=-1)
+        query_segments = padded_segments[:, window:].unflatten(1, (n_blocks, block))
+        key_segments = padded_segments.unfold(1, block + window, block)
+        same = query_segments.unsqueeze(-1) == key_segments.unsqueeze(-2)
+        band = (band & same).flatten(0, 1).unsqueeze(1)
     rest = F.scaled_dot_product_attention(qb, key_windows(k), key_windows(v), attn_mask=band,
                                           enable_gqa=True)
     rest = rest.unflatten(0, (batch, n_blocks)).transpose(1, 2).flatten(2, 3)
     return torch.cat([head, rest[:, :, :length - window]], dim=2)
+
+
+def _causal_attention(q: Tensor, k: Tensor, v: Tensor, segments: Tensor | None) -> Tensor:
+    """Full causal attention, within each segment when ``segments`` (B, T) is given."""
+    if segments is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    length = q.shape[2]
+    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    same = segments.unsqueeze(-1) == segments.unsqueeze(-2)  # (B, T, T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(causal & same).unsqueeze(1),
+                                          enable_gqa=True)
 
 
 class SlidingWindowAttention(nn.Module):
@@ -99,9 +119,10 @@ class SlidingWindowAttention(nn.Module):
         return AttentionCache(torch.zeros(shape, device=device, dtype=dtype),
                               torch.zeros(shape, device=device, dtype=dtype))
 
-    def forward(self, x: Tensor, position: int, cache: AttentionCache | None = None
-                ) -> tuple[Tensor, AttentionCache | None]:
-        """x: (B, T, d_model) holding positions ``position .. position + T - 1``."""
+    def forward(self, x: Tensor, position: int, cache: AttentionCache | None = None,
+                documents: Documents | None = None) -> tuple[Tensor, AttentionCache | None]:
+        """x: (B, T, d_model) holding positions ``position .. position + T - 1``; with
+        ``documents``, each token attends only inside its own."""
         batch, length, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
@@ -114,28 +135,37 @@ class SlidingWindowAttention(nn.Module):
         cos, sin = self.rotary.cos_sin(position, length)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
+        first = None if documents is None else documents.first  # each token's document start
         if cache is None:
-            out = local_attention(q, k, v, self.window)
+            out = local_attention(q, k, v, self.window, segments=first)
         elif length == 1:
             self._write(cache, k, v, position)
-            out = self._decode_step(q, cache, position)
+            out = self._decode_step(q, cache, position, first)
         else:
-            out = (local_attention(q, k, v, self.window) if position == 0
-                   else self._attend_with_history(q, k, v, position, cache))
+            out = (local_attention(q, k, v, self.window, segments=first) if position == 0
+                   else self._attend_with_history(q, k, v, position, cache, first))
             self._write(cache, k, v, position)
         out = out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim)
         return self.out_proj(out), cache
 
-    def _decode_step(self, q: Tensor, cache: AttentionCache, position: int) -> Tensor:
+    def _decode_step(self, q: Tensor, cache: AttentionCache, position: int,
+                     first: Tensor | None) -> Tensor:
         # After the write the ring holds positions max(0, p - window + 1) .. p: exactly the
         # window. Softmax does not care about key order, so the ring needs no reordering and
-        # no mask; before it fills up, the valid slots are 0 .. p.
+        # no mask; before it fills up, the valid slots are 0 .. p. Inside documents, the slots
+        # holding positions before this row's document start are masked.
         filled = min(position + 1, self.window)
+        mask = None
+        if first is not None:
+            slots = torch.arange(filled, device=q.device)
+            slot_positions = position - (position - slots) % self.window
+            mask = (slot_positions >= first[:, -1:]).view(-1, 1, 1, filled)
         return F.scaled_dot_product_attention(q, cache.keys[:, :, :filled],
-                                              cache.values[:, :, :filled], enable_gqa=True)
+                                              cache.values[:, :, :filled], attn_mask=mask,
+                                              enable_gqa=True)
 
     def _attend_with_history(self, q: Tensor, k: Tensor, v: Tensor, position: int,
-                             cache: AttentionCache) -> Tensor:
+                             cache: AttentionCache, first: Tensor | None) -> Tensor:
         """Several new tokens after a non-empty cache (chunked prefill, a chat turn)."""
         held = min(position, self.window)
         first_held = position - held
@@ -145,6 +175,8 @@ class SlidingWindowAttention(nn.Module):
         query_pos = torch.arange(position, position + q.shape[2], device=q.device)
         key_pos = torch.arange(first_held, position + q.shape[2], device=q.device)
         mask = window_mask(query_pos, key_pos, self.window)
+        if first is not None:  # (B, 1, T, keys): and not before the query's document start
+            mask = (mask & (key_pos >= first.unsqueeze(-1))).unsqueeze(1)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
 
     def _write(self, cache: AttentionCache, k: Tensor, v: Tensor, position: int) -> None:

@@ -59,6 +59,9 @@ class ChimeraConfig:
     lru_width: int | None = None
     conv_width: int = 4
     norm_eps: float = 1e-6
+    # The token that starts each packed document (the store's end-of-text): there the RG-LRU
+    # resets and the conv and attention read nothing earlier. None: windows mix documents.
+    document_token: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -131,6 +134,11 @@ class ChimeraConfig:
                                   "gates are block-diagonal with one block per head")
         if not self.norm_eps > 0:
             fail("norm_eps", "must be positive")
+        if self.document_token is not None and (
+                isinstance(self.document_token, bool) or not isinstance(self.document_token, int)
+                or not 0 <= self.document_token < self.vocab_size):
+            fail("document_token", f"must be None or a token id below vocab_size "
+                                   f"({self.vocab_size})")
         if self.mlp_type not in MLP_TYPES:
             fail("mlp_type", f"must be one of {', '.join(MLP_TYPES)}")
         for gene in ("tie_embeddings", "qk_norm", "parallel_block"):

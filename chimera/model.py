@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from chimera.attention import AttentionCache, SlidingWindowAttention
 from chimera.config import BlockType, ChimeraConfig
+from chimera.documents import Documents, find_documents
 from chimera.layers import RMSNorm, make_mlp, mlp_params
 from chimera.recurrent import RecurrentBlock, RecurrentCache
 
@@ -27,6 +28,8 @@ LayerCache = RecurrentCache | AttentionCache
 class ChimeraCache(NamedTuple):
     layers: tuple[LayerCache, ...]
     position: int  # tokens consumed so far; the next token has this position
+    # (B,) int64: where each row's current document began (models with a document_token only)
+    document_start: Tensor | None = None
 
 
 class ParamCounts(NamedTuple):
@@ -53,13 +56,13 @@ class ResidualBlock(nn.Module):
         self.mlp = make_mlp(config.d_model, config.ffn_hidden, config.mlp_type)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, position: int, cache: LayerCache | None
-                ) -> tuple[Tensor, LayerCache | None]:
+    def forward(self, x: Tensor, position: int, cache: LayerCache | None,
+                documents: Documents | None = None) -> tuple[Tensor, LayerCache | None]:
         normed = self.mixer_norm(x)
         if self.block_type is BlockType.RECURRENT:
-            mixed, cache = self.mixer(normed, cache)
+            mixed, cache = self.mixer(normed, cache, documents)
         else:
-            mixed, cache = self.mixer(normed, position, cache)
+            mixed, cache = self.mixer(normed, position, cache, documents)
         if self.mlp_norm is None:  # parallel: the MLP reads the same normalised input
             return x + self.dropout(mixed) + self.dropout(self.mlp(normed)), cache
         x = x + self.dropout(mixed)
@@ -98,7 +101,9 @@ class Chimera(nn.Module):
         device = weight.device if device is None else torch.device(device)
         dtype = weight.dtype if dtype is None else dtype
         layers = tuple(block.mixer.init_cache(batch_size, device, dtype) for block in self.blocks)
-        return ChimeraCache(layers, 0)
+        document_start = (None if self.config.document_token is None
+                          else torch.zeros(batch_size, dtype=torch.long, device=device))
+        return ChimeraCache(layers, 0, document_start)
 
     def forward(self, tokens: Tensor, cache: ChimeraCache | None = None
                 ) -> tuple[Tensor, ChimeraCache | None]:
@@ -115,15 +120,20 @@ class Chimera(nn.Module):
         if cache is None and tokens.shape[1] > self.config.max_seq_len:
             raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds max_seq_len="
                              f"{self.config.max_seq_len}")
+        carried = None if cache is None else cache.document_start
+        documents = find_documents(tokens, self.config.document_token, position, carried)
         x = self.embed(tokens)
         new_layers = []
         for i, block in enumerate(self.blocks):
-            x, layer_cache = block(x, position, None if cache is None else cache.layers[i])
+            x, layer_cache = block(x, position, None if cache is None else cache.layers[i],
+                                   documents)
             new_layers.append(layer_cache)
         hidden = self.final_norm(x)
         if cache is None:
             return hidden, None
-        return hidden, ChimeraCache(tuple(new_layers), position + tokens.shape[1])
+        document_start = carried if documents is None else documents.first[:, -1]
+        return hidden, ChimeraCache(tuple(new_layers), position + tokens.shape[1],
+                                    document_start)
 
     def param_counts(self) -> ParamCounts:
         return count_params(self)

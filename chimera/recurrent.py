@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from chimera.config import ChimeraConfig
+from chimera.documents import Documents
 from chimera.kernels import fused_kernels_apply, fused_ops
 from chimera.rglru import RGLRU
 
@@ -35,48 +36,63 @@ class _CausalConv(torch.autograd.Function):
     """Depthwise causal conv over whole sequences from a zero history:
     ``out_t = bias + sum_k weight[k] * u_{t-k}``, as in-place shifted products with a hand-written
     backward (about 2x faster than autograd of the padded version: no padding copy, fewer
-    temporaries)."""
+    temporaries). With ``offsets`` (tokens since each position's document start) a tap k is
+    dropped where k > offset: no output reads the document before its own."""
 
     @staticmethod
-    def forward(ctx, u: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    def forward(ctx, u: Tensor, weight: Tensor, bias: Tensor, offsets: Tensor | None) -> Tensor:
         length = u.shape[1]
         out = torch.addcmul(bias, u, weight[0])
         for k in range(1, min(weight.shape[0], length)):
-            out[:, k:].addcmul_(u[:, :length - k], weight[k])
-        ctx.save_for_backward(u, weight)
+            shifted = u[:, :length - k]
+            if offsets is not None:
+                shifted = shifted * _tap_mask(offsets, k, u.dtype)
+            out[:, k:].addcmul_(shifted, weight[k])
+        ctx.save_for_backward(u, weight, offsets)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        u, weight = ctx.saved_tensors
+        u, weight, offsets = ctx.saved_tensors
         length = u.shape[1]
         grad_u = grad * weight[0]
         grad_weight = torch.zeros_like(weight)
         grad_weight[0] = torch.linalg.vecdot(grad, u, dim=1).sum(0)
         for k in range(1, min(weight.shape[0], length)):
-            grad_u[:, :length - k].addcmul_(grad[:, k:], weight[k])
-            grad_weight[k] = torch.linalg.vecdot(grad[:, k:], u[:, :length - k], dim=1).sum(0)
-        return grad_u, grad_weight, grad.sum(dim=(0, 1))
+            grad_k = grad[:, k:]
+            if offsets is not None:
+                grad_k = grad_k * _tap_mask(offsets, k, grad.dtype)
+            grad_u[:, :length - k].addcmul_(grad_k, weight[k])
+            grad_weight[k] = torch.linalg.vecdot(grad_k, u[:, :length - k], dim=1).sum(0)
+        return grad_u, grad_weight, grad.sum(dim=(0, 1)), None
+
+
+def _tap_mask(offsets: Tensor, k: int, dtype: torch.dtype) -> Tensor:
+    """(B, T - k, 1): 1 where out_t (t >= k) may read u_{t-k}, i.e. inside its document."""
+    return (offsets[:, k:] >= k).unsqueeze(-1).to(dtype)
 
 
 class _FusedCausalConv(torch.autograd.Function):
     """The same conv through the fused kernel (chimera/csrc/causal_conv.cpp)."""
 
     @staticmethod
-    def forward(ctx, u: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        ctx.save_for_backward(u, weight)
-        return fused_ops().causal_conv_forward(u, weight, bias)
+    def forward(ctx, u: Tensor, weight: Tensor, bias: Tensor, offsets: Tensor | None) -> Tensor:
+        offsets = u.new_empty(0, dtype=torch.long) if offsets is None else offsets.contiguous()
+        ctx.save_for_backward(u, weight, offsets)
+        return fused_ops().causal_conv_forward(u, weight, bias, offsets)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return tuple(fused_ops().causal_conv_backward(grad, *ctx.saved_tensors))
+        return (*fused_ops().causal_conv_backward(grad, *ctx.saved_tensors), None)
 
 
-def causal_conv(u: Tensor, weight: Tensor, bias: Tensor, fused: bool = True) -> Tensor:
-    """Causal depthwise conv of whole sequences (zero history): (B, T, W) -> (B, T, W)."""
+def causal_conv(u: Tensor, weight: Tensor, bias: Tensor, offsets: Tensor | None = None,
+                fused: bool = True) -> Tensor:
+    """Causal depthwise conv of whole sequences (zero history): (B, T, W) -> (B, T, W);
+    ``offsets`` (B, T): tokens since each position's document start (None: one document)."""
     if fused and u.is_contiguous() and fused_kernels_apply(u, weight, bias):
-        return _FusedCausalConv.apply(u, weight, bias)
-    return _CausalConv.apply(u, weight, bias)
+        return _FusedCausalConv.apply(u, weight, bias, offsets)
+    return _CausalConv.apply(u, weight, bias, offsets)
 
 
 class _GeluGate(torch.autograd.Function):
@@ -122,17 +138,22 @@ class RecurrentBlock(nn.Module):
             state=torch.zeros(batch_size, self.width, device=device, dtype=torch.float32),
         )
 
-    def _conv(self, u: Tensor, history: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _conv(self, u: Tensor, history: Tensor | None, documents: Documents | None = None
+              ) -> tuple[Tensor, Tensor | None]:
         """Causal depthwise conv; ``history`` holds the previous conv_width-1 inputs when
         decoding. Returns the output and the history to keep (None without a cache)."""
+        offsets = None if documents is None else documents.offsets
         if history is None:
-            return causal_conv(u, self.conv_weight, self.conv_bias), None
+            return causal_conv(u, self.conv_weight, self.conv_bias, offsets), None
         length = u.shape[1]
         padded = torch.cat([history.to(u.dtype), u], dim=1)  # (B, conv_width - 1 + T, lru)
         out = self.conv_bias.expand_as(u)
         for k in range(self.conv_width):  # weight[k] multiplies the input k steps back
             start = self.conv_width - 1 - k
-            out = torch.addcmul(out, padded[:, start:start + length], self.conv_weight[k])
+            shifted = padded[:, start:start + length]
+            if offsets is not None and k:  # not from before the token's document
+                shifted = shifted * (offsets >= k).unsqueeze(-1).to(u.dtype)
+            out = torch.addcmul(out, shifted, self.conv_weight[k])
         return out, padded[:, padded.shape[1] - (self.conv_width - 1):]
 
     def _input_branches(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -145,11 +166,12 @@ class RecurrentBlock(nn.Module):
         gate_weight, rnn_weight = weight.chunk(2, dim=0)
         return F.linear(x, gate_weight), F.linear(x, rnn_weight)
 
-    def forward(self, x: Tensor, cache: RecurrentCache | None = None
-                ) -> tuple[Tensor, RecurrentCache | None]:
+    def forward(self, x: Tensor, cache: RecurrentCache | None = None,
+                documents: Documents | None = None) -> tuple[Tensor, RecurrentCache | None]:
         gate, u = self._input_branches(x)
-        u, conv_history = self._conv(u, None if cache is None else cache.conv)
-        h, state = self.rg_lru(u, None if cache is None else cache.state)
+        u, conv_history = self._conv(u, None if cache is None else cache.conv, documents)
+        h, state = self.rg_lru(u, None if cache is None else cache.state,
+                               None if documents is None else documents.starts)
         out = self.out_proj(gelu_gate(h, gate))
         new_cache = None if cache is None else RecurrentCache(conv_history, state)
         return out, new_cache

@@ -5,6 +5,9 @@
     a_t = a ** (c * r_t),  a = sigmoid(Lambda),  c = 8
     h_t = a_t * h_{t-1} + sqrt(1 - a_t**2) * (i_t * u_t)
 
+At a document's first token (``reset``) a_t = 0, as in the reference: h_t = i_t * u_t, no state
+carried over from the previous document.
+
 The gate weights are block-diagonal (one block per head), as in the reference implementation.
 It is computed in log space, ``log a_t = -c * r_t * softplus(-Lambda)``, with the state in fp32.
 
@@ -78,7 +81,8 @@ def _sigmoid_flat(logits: Tensor, dtype: torch.dtype) -> Tensor:
 
 class _RGLRU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u: Tensor, gates: Tensor, a_logit: Tensor, h0: Tensor | None) -> Tensor:
+    def forward(ctx, u: Tensor, gates: Tensor, a_logit: Tensor, h0: Tensor | None,
+                reset: Tensor | None) -> Tensor:
         with record_function("rglru_forward"):
             dtype = _state_dtype(u.dtype)
             gate_x, gate_a = _gate_halves(gates)
@@ -87,6 +91,8 @@ class _RGLRU(torch.autograd.Function):
             r = _sigmoid_flat(gate_a, dtype)
             i = _sigmoid_flat(gate_x, dtype)
             a = torch.mul(r, neg_c_softplus).exp_()
+            if reset is not None:  # a_t = 0 makes m = 1, and every gradient through a_t zero
+                a.masked_fill_(reset.unsqueeze(-1), 0.0)
             m = torch.mul(a, a).neg_().add_(1.0).clamp_min_(0.0).sqrt_()  # sqrt(1 - a^2)
             b = torch.mul(m, i).mul_(u32)
             h = scan(a, b, h0)
@@ -121,7 +127,7 @@ class _RGLRU(torch.autograd.Function):
             torch.mul(grad_r.view(grad_a_half.shape),
                       torch.addcmul(r, r, r, value=-1.0).view(grad_a_half.shape), out=grad_a_half)
         return (grad_u.to(u_dtype), grad_gates.to(gates_dtype), grad_a_logit.to(a_logit.dtype),
-                grad_h0)
+                grad_h0, None)
 
 
 class _FusedRGLRU(torch.autograd.Function):
@@ -129,11 +135,13 @@ class _FusedRGLRU(torch.autograd.Function):
     time forward and one backward, recomputing the gates instead of saving them."""
 
     @staticmethod
-    def forward(ctx, u: Tensor, gates: Tensor, a_logit: Tensor, h0: Tensor | None) -> Tensor:
+    def forward(ctx, u: Tensor, gates: Tensor, a_logit: Tensor, h0: Tensor | None,
+                reset: Tensor | None) -> Tensor:
         h0_or_empty = u.new_empty(0) if h0 is None else h0
+        reset = u.new_empty(0, dtype=torch.bool) if reset is None else reset.contiguous()
         with record_function("rglru_forward"):
-            h = fused_ops().rglru_forward(u, gates, a_logit, h0_or_empty)
-        ctx.save_for_backward(u, gates, a_logit, h0_or_empty, h)
+            h = fused_ops().rglru_forward(u, gates, a_logit, h0_or_empty, reset)
+        ctx.save_for_backward(u, gates, a_logit, h0_or_empty, h, reset)
         ctx.has_h0 = h0 is not None
         return h
 
@@ -142,20 +150,21 @@ class _FusedRGLRU(torch.autograd.Function):
         with record_function("rglru_backward"):
             grad_u, grad_gates, grad_a_logit, grad_h0 = fused_ops().rglru_backward(
                 grad_h, *ctx.saved_tensors)
-        return grad_u, grad_gates, grad_a_logit, grad_h0 if ctx.has_h0 else None
+        return grad_u, grad_gates, grad_a_logit, grad_h0 if ctx.has_h0 else None, None
 
 
 def rg_lru(u: Tensor, gates: Tensor, a_logit: Tensor, h0: Tensor | None = None,
-           fused: bool = True) -> Tensor:
+           reset: Tensor | None = None, fused: bool = True) -> Tensor:
     """All RG-LRU states (B, T, width), fp32. ``gates``: (B, T, n_blocks, 2 * block) logits
-    from the block-diagonal gate layer (input gate | a gate); ``h0``: (B, width) fp32 or None.
+    from the block-diagonal gate layer (input gate | a gate); ``h0``: (B, width) fp32 or None;
+    ``reset``: (B, T) bool, True at a document's first token, or None.
     fp32 on CPU runs the fused kernel where it could be built (``fused=False``: never)."""
     if u.shape[1] == 1:  # one decoding step: the plain formula, no scan machinery
-        return rg_lru_reference(u, gates, a_logit, h0)
+        return rg_lru_reference(u, gates, a_logit, h0, reset)
     if (fused and u.is_contiguous() and gates.stride(-1) == 1
             and fused_kernels_apply(*(t for t in (u, gates, a_logit, h0) if t is not None))):
-        return _FusedRGLRU.apply(u, gates, a_logit, h0)
-    return _RGLRU.apply(u, gates, a_logit, h0)
+        return _FusedRGLRU.apply(u, gates, a_logit, h0, reset)
+    return _RGLRU.apply(u, gates, a_logit, h0, reset)
 
 
 class _SqrtBoundedGradient(torch.autograd.Function):
@@ -170,14 +179,21 @@ class _SqrtBoundedGradient(torch.autograd.Function):
         return grad / (2.0 * x.clamp_min(1.0 / (4.0 * MAX_SQRT_GRADIENT**2)).sqrt())
 
 
-def rg_lru_reference(u: Tensor, gates: Tensor, a_logit: Tensor, h0: Tensor | None = None) -> Tensor:
+def rg_lru_reference(u: Tensor, gates: Tensor, a_logit: Tensor, h0: Tensor | None = None,
+                     reset: Tensor | None = None) -> Tensor:
     """The same RG-LRU in plain autograd ops (and the linear-scan Function)."""
     dtype = _state_dtype(u.dtype)
     gate_x, gate_a = (g.to(dtype).flatten(-2) for g in _gate_halves(gates))
     log_a = -RG_LRU_C * torch.sigmoid(gate_a) * F.softplus(-a_logit.to(dtype))
-    multiplier = _SqrtBoundedGradient.apply(-torch.expm1(2.0 * log_a))
+    one_minus_a2 = -torch.expm1(2.0 * log_a)
+    a = torch.exp(log_a)
+    if reset is not None:  # a document starts: a_t = 0, sqrt(1 - a_t^2) = 1
+        starts = reset.unsqueeze(-1)
+        one_minus_a2 = one_minus_a2.masked_fill(starts, 1.0)
+        a = a.masked_fill(starts, 0.0)
+    multiplier = _SqrtBoundedGradient.apply(one_minus_a2)
     b = multiplier * (torch.sigmoid(gate_x) * u.to(dtype))
-    return linear_scan(torch.exp(log_a), b, h0)
+    return linear_scan(a, b, h0)
 
 
 class RGLRU(nn.Module):
@@ -195,7 +211,9 @@ class RGLRU(nn.Module):
         with torch.no_grad():
             self.a_logit.copy_(torch.log(a) - torch.log1p(-a))
 
-    def forward(self, u: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
-        """u: (B, T, width) -> (states in u's dtype, last state in fp32)."""
-        h = rg_lru(u, self.gates(u), self.a_logit, state)
+    def forward(self, u: Tensor, state: Tensor | None, reset: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
+        """u: (B, T, width) -> (states in u's dtype, last state in fp32); ``reset`` (B, T)
+        marks documents' first tokens."""
+        h = rg_lru(u, self.gates(u), self.a_logit, state, reset)
         return h.to(u.dtype), h[:, -1]

@@ -2,6 +2,8 @@
 // out_t = bias + sum_k weight[k] * u_{t-k}, forward and backward each in one pass over time.
 // The eager Function in chimera/recurrent.py makes one pass per tap (and per tap again for the
 // weight gradient); here the last conv_width input rows stay in cache while they are reused.
+// offsets (B, T) int64, or empty: out_t reads u_{t-k} only for k <= offsets[t], the tokens
+// since its document's start, so no tap crosses a document boundary.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,9 +21,25 @@ void check(const at::Tensor& u, const at::Tensor& weight, const at::Tensor& bias
               "causal_conv: weight must be float32 (K, W) and bias (W,)");
 }
 
+// The offsets as a (B * T) array, or nullptr when every tap may reach back to the window start.
+const int64_t* document_offsets(const at::Tensor& u, const at::Tensor& offsets) {
+  if (offsets.numel() == 0) return nullptr;
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.is_contiguous() &&
+                  offsets.dim() == 2 && offsets.size(0) == u.size(0) &&
+                  offsets.size(1) == u.size(1),
+              "causal_conv: offsets must be empty or a contiguous int64 (B, T) tensor");
+  return offsets.data_ptr<int64_t>();
+}
+
+// How many taps out_t (at flat row `row`, time t) reads: never before t = 0 or its document.
+inline int64_t reach(const int64_t* offsets, int64_t row, int64_t t) {
+  return offsets ? std::min(offsets[row], t) + 1 : t + 1;
+}
+
 at::Tensor causal_conv_forward(const at::Tensor& u, const at::Tensor& weight_in,
-                               const at::Tensor& bias_in) {
+                               const at::Tensor& bias_in, const at::Tensor& offsets_in) {
   check(u, weight_in, bias_in);
+  const int64_t* offsets = document_offsets(u, offsets_in);
   const at::Tensor weight = weight_in.contiguous(), bias = bias_in.contiguous();
   const int64_t batch = u.size(0), length = u.size(1), width = u.size(2), taps = weight.size(0);
   at::Tensor out = at::empty_like(u);
@@ -34,7 +52,7 @@ at::Tensor causal_conv_forward(const at::Tensor& u, const at::Tensor& weight_in,
       const int64_t t = row % length;
       float* __restrict__ o = O + row * width;
       std::copy(Bs, Bs + width, o);
-      for (int64_t k = 0; k < std::min(taps, t + 1); ++k) {
+      for (int64_t k = 0; k < std::min(taps, reach(offsets, row, t)); ++k) {
         const float* __restrict__ x = U + (row - k) * width;
         const float* __restrict__ w = Wt + k * width;
         for (int64_t j = 0; j < width; ++j) o[j] += w[j] * x[j];
@@ -46,7 +64,9 @@ at::Tensor causal_conv_forward(const at::Tensor& u, const at::Tensor& weight_in,
 
 // Returns (grad_u, grad_weight, grad_bias).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv_backward(
-    const at::Tensor& grad_in, const at::Tensor& u, const at::Tensor& weight_in) {
+    const at::Tensor& grad_in, const at::Tensor& u, const at::Tensor& weight_in,
+    const at::Tensor& offsets_in) {
+  const int64_t* offsets = document_offsets(u, offsets_in);
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor grad = grad_in.contiguous();
   const int64_t batch = u.size(0), length = u.size(1), width = u.size(2), taps = weight.size(0);
@@ -69,12 +89,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv_backward(
         std::fill(gu, gu + width, 0.0f);
         for (int64_t j = 0; j < width; ++j) gb[j] += g[j];
         for (int64_t k = 0; k < taps; ++k) {
-          if (t + k < length) {  // u_t feeds out_{t+k} through weight[k]
+          if (t + k < length && k < reach(offsets, row + k, t + k)) {
+            // u_t feeds out_{t+k} through weight[k]
             const float* __restrict__ gk = G + (row + k) * width;
             const float* __restrict__ w = Wt + k * width;
             for (int64_t j = 0; j < width; ++j) gu[j] += w[j] * gk[j];
           }
-          if (t >= k) {  // out_t reads u_{t-k} through weight[k]
+          if (k < reach(offsets, row, t)) {  // out_t reads u_{t-k} through weight[k]
             const float* __restrict__ x = U + (row - k) * width;
             float* __restrict__ acc = gw + k * width;
             for (int64_t j = 0; j < width; ++j) acc[j] += g[j] * x[j];
@@ -90,8 +111,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv_backward(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(chimera, m) {
-  m.def("causal_conv_forward(Tensor u, Tensor weight, Tensor bias) -> Tensor");
-  m.def("causal_conv_backward(Tensor grad, Tensor u, Tensor weight) -> (Tensor, Tensor, Tensor)");
+  m.def("causal_conv_forward(Tensor u, Tensor weight, Tensor bias, Tensor offsets) -> Tensor");
+  m.def("causal_conv_backward(Tensor grad, Tensor u, Tensor weight, Tensor offsets) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(chimera, CPU, m) {

@@ -8,6 +8,9 @@
 //   gates  (B, T, n, 2 * blk) with unit stride in the last dim (input gate | a gate per head),
 //          any other strides (the block-diagonal gate matmul hands over a block-major view)
 //   a_logit (W,)   h0 (B, W) or empty
+//   reset  (B, T) bool or empty: a document starts here, so a_t = 0 (and then sqrt(1 - a_t^2)
+//          = 1): h_t = i_t * u_t. The backward needs no case of its own: with a_t = 0 every
+//          term through a_t (the carry, dL/dlog a, the a gate) vanishes by the same formulas.
 // A work item walks one batch element (or a range of its heads) through time; the inner loop
 // over one head's channels is contiguous, so the compiler vectorises it (exp via libmvec).
 #include <ATen/ATen.h>
@@ -55,15 +58,25 @@ void check_state(const Geometry& g, const at::Tensor& a_logit, const at::Tensor&
               "rglru: h0 must be empty or float32 (B, W)");
 }
 
+// The reset flags as a (B * T) byte array, or nullptr without resets.
+const bool* reset_flags(const Geometry& g, const at::Tensor& reset) {
+  if (reset.numel() == 0) return nullptr;
+  TORCH_CHECK(reset.scalar_type() == at::kBool && reset.is_contiguous() && reset.dim() == 2 &&
+                  reset.size(0) == g.batch && reset.size(1) == g.length,
+              "rglru: reset must be empty or a contiguous bool (B, T) tensor");
+  return reset.data_ptr<bool>();
+}
+
 // One time step of one head's channels. Separate functions with restrict pointers so that gcc
 // vectorises the channel loop without run-time aliasing checks.
+// keep is 0 at a document's first token, else 1.
 inline void forward_step(int64_t n, const float* __restrict__ u, const float* __restrict__ gx,
                          const float* __restrict__ ga, const float* __restrict__ scale,
-                         float* __restrict__ state, float* __restrict__ h) {
+                         float keep, float* __restrict__ state, float* __restrict__ h) {
   for (int64_t j = 0; j < n; ++j) {
     const float r = sigmoid(ga[j]);
     const float i = sigmoid(gx[j]);
-    const float a = std::exp(r * scale[j]);
+    const float a = keep * std::exp(r * scale[j]);
     const float m = std::sqrt(std::max(0.0f, 1.0f - a * a));
     state[j] = a * state[j] + m * i * u[j];
     h[j] = state[j];
@@ -73,14 +86,15 @@ inline void forward_step(int64_t n, const float* __restrict__ u, const float* __
 // carry holds a_{t+1} dL/dh_{t+1} on entry and a_t dL/dh_t on exit; acc sums dL/dscale.
 inline void backward_step(int64_t n, const float* __restrict__ u, const float* __restrict__ gx,
                           const float* __restrict__ ga, const float* __restrict__ scale,
-                          const float* __restrict__ grad_h, const float* __restrict__ h_prev,
+                          float keep, const float* __restrict__ grad_h,
+                          const float* __restrict__ h_prev,
                           float* __restrict__ carry, float* __restrict__ acc,
                           float* __restrict__ grad_u, float* __restrict__ grad_gx,
                           float* __restrict__ grad_ga) {
   for (int64_t j = 0; j < n; ++j) {
     const float r = sigmoid(ga[j]);
     const float i = sigmoid(gx[j]);
-    const float a = std::exp(r * scale[j]);
+    const float a = keep * std::exp(r * scale[j]);
     const float m = std::sqrt(std::max(0.0f, 1.0f - a * a));
     const float gt = grad_h[j] + carry[j];  // dL/dh_t
     const float gtu = gt * u[j];
@@ -127,9 +141,10 @@ void parallel_items(const Geometry& g, const Fn& fn) {
 }
 
 at::Tensor rglru_forward(const at::Tensor& u, const at::Tensor& gates, const at::Tensor& a_logit,
-                         const at::Tensor& h0) {
+                         const at::Tensor& h0, const at::Tensor& reset) {
   const Geometry g = geometry(u, gates);
   check_state(g, a_logit, h0);
+  const bool* R = reset_flags(g, reset);
   const std::vector<float> scale = log_a_scale(a_logit);
   const bool has_h0 = h0.numel() > 0;
   at::Tensor h0c = has_h0 ? h0.contiguous() : h0;
@@ -144,10 +159,11 @@ at::Tensor rglru_forward(const at::Tensor& u, const at::Tensor& gates, const at:
     std::vector<float> state(span, 0.0f);
     if (H0) std::copy(H0 + b * g.width + d0, H0 + b * g.width + d0 + span, state.begin());
     for (int64_t t = 0; t < g.length; ++t) {
+      const float keep = R && R[b * g.length + t] ? 0.0f : 1.0f;
       for (int64_t head = head0; head < head1; ++head) {
         const int64_t d = head * g.blk, row = (b * g.length + t) * g.width + d;
         const float* gx = G + b * g.g_batch + t * g.g_time + head * g.g_head;
-        forward_step(g.blk, U + row, gx, gx + g.blk, scale.data() + d,
+        forward_step(g.blk, U + row, gx, gx + g.blk, scale.data() + d, keep,
                      state.data() + (d - d0), H + row);
       }
     }
@@ -159,9 +175,11 @@ at::Tensor rglru_forward(const at::Tensor& u, const at::Tensor& gates, const at:
 // grad_h0 is meaningful only when h0 was given.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rglru_backward(
     const at::Tensor& grad_h_in, const at::Tensor& u, const at::Tensor& gates,
-    const at::Tensor& a_logit, const at::Tensor& h0, const at::Tensor& h) {
+    const at::Tensor& a_logit, const at::Tensor& h0, const at::Tensor& h,
+    const at::Tensor& reset) {
   const Geometry g = geometry(u, gates);
   check_state(g, a_logit, h0);
+  const bool* R = reset_flags(g, reset);
   const std::vector<float> scale = log_a_scale(a_logit);
   const bool has_h0 = h0.numel() > 0;
   at::Tensor h0c = has_h0 ? h0.contiguous() : h0;
@@ -188,11 +206,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rglru_backward(
     std::vector<float> carry(span, 0.0f), acc(span, 0.0f), zeros(span, 0.0f);
     const float* first_prev = H0 ? H0 + b * g.width + d0 : zeros.data();
     for (int64_t t = g.length - 1; t >= 0; --t) {
+      const float keep = R && R[b * g.length + t] ? 0.0f : 1.0f;
       for (int64_t head = head0; head < head1; ++head) {
         const int64_t d = head * g.blk, k = d - d0, row = (b * g.length + t) * g.width + d;
         const int64_t goff = b * g.g_batch + t * g.g_time + head * g.g_head;
-        backward_step(g.blk, U + row, G + goff, G + goff + g.blk, scale.data() + d, GH + row,
-                      t > 0 ? H + row - g.width : first_prev + k, carry.data() + k,
+        backward_step(g.blk, U + row, G + goff, G + goff + g.blk, scale.data() + d, keep,
+                      GH + row, t > 0 ? H + row - g.width : first_prev + k, carry.data() + k,
                       acc.data() + k, GU + row, GG + goff, GG + goff + g.blk);
       }
     }
@@ -207,9 +226,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rglru_backward(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(chimera, m) {
-  m.def("rglru_forward(Tensor u, Tensor gates, Tensor a_logit, Tensor h0) -> Tensor");
+  m.def("rglru_forward(Tensor u, Tensor gates, Tensor a_logit, Tensor h0, Tensor reset) "
+        "-> Tensor");
   m.def("rglru_backward(Tensor grad_h, Tensor u, Tensor gates, Tensor a_logit, Tensor h0, "
-        "Tensor h) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor h, Tensor reset) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(chimera, CPU, m) {

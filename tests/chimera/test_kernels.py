@@ -54,6 +54,45 @@ def test_fused_rg_lru_equals_the_eager_function(batch, length, width, heads, wit
                                                       layer.gates.bias))
 
 
+def _document_starts(batch: int, length: int, seed: int = 3) -> torch.Tensor:
+    starts = torch.rand(batch, length, generator=torch.Generator().manual_seed(seed)) < 0.2
+    starts[0, 0] = True  # a start at position 0 too, and one right after it
+    starts[0, 1] = True
+    return starts
+
+
+@pytest.mark.parametrize("heads,with_state", [(4, True), (1, False)])
+def test_fused_rg_lru_with_document_resets_equals_the_eager_function(heads, with_state):
+    torch.manual_seed(0)
+    batch, length, width = 3, 41, 16
+    layer = RGLRU(width, heads)
+    u = torch.randn(batch, length, width, requires_grad=True)
+    h0 = torch.randn(batch, width, requires_grad=True) if with_state else None
+    reset = _document_starts(batch, length)
+
+    def run(u, h0, fused):
+        return rg_lru(u, layer.gates(u), layer.a_logit, h0, reset, fused=fused)
+
+    _assert_fused_equals_eager(run, (u, h0), params=(layer.a_logit, layer.gates.weight,
+                                                      layer.gates.bias))
+
+
+@pytest.mark.parametrize("length", [2, 5, 37])
+def test_fused_causal_conv_inside_documents_equals_the_eager_function(length):
+    from chimera.documents import find_documents
+
+    tokens = torch.where(_document_starts(3, length), 0, 1)
+    offsets = find_documents(tokens, 0).offsets
+    u = torch.randn(3, length, 24, requires_grad=True)
+    weight = torch.randn(4, 24, requires_grad=True)
+    bias = torch.randn(24, requires_grad=True)
+
+    def run(u, weight, bias, fused):
+        return causal_conv(u, weight, bias, offsets, fused=fused)
+
+    _assert_fused_equals_eager(run, (u, weight, bias))
+
+
 def test_fused_rg_lru_stays_finite_at_saturated_gates():
     layer = RGLRU(8, 2)
     u = torch.randn(2, 20, 8, requires_grad=True)

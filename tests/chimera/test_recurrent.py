@@ -3,6 +3,7 @@
 import torch
 
 from chimera.config import ChimeraConfig
+from chimera.documents import find_documents
 from chimera.recurrent import RecurrentBlock, _CausalConv
 from chimera.rglru import RGLRU, rg_lru, rg_lru_reference
 
@@ -34,9 +35,12 @@ def test_causal_conv_passes_gradcheck_and_matches_the_decoding_path():
     u = torch.randn(2, 9, 5, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_CausalConv.apply, (u, weight, bias))
+    assert torch.autograd.gradcheck(_CausalConv.apply, (u, weight, bias, None))
     short = torch.randn(1, 2, 5, dtype=torch.float64, requires_grad=True)  # shorter than width
-    assert torch.autograd.gradcheck(_CausalConv.apply, (short, weight, bias))
+    assert torch.autograd.gradcheck(_CausalConv.apply, (short, weight, bias, None))
+    # inside documents: no tap reaches back past a document's first token
+    offsets = find_documents(torch.tensor([[1, 0, 1, 1, 1, 1, 0, 0, 1]] * 2), 0).offsets
+    assert torch.autograd.gradcheck(_CausalConv.apply, (u, weight, bias, offsets))
 
     config = ChimeraConfig(vocab_size=10, d_model=8, n_heads=2, lru_width=8)
     block = RecurrentBlock(config).double()

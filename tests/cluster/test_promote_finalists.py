@@ -119,6 +119,8 @@ def test_the_best_finalist_as_measured_is_the_base_model_and_a_rerun_resumes(run
         <= plan["pretrain_seconds"] + 20
     assert "finalists' validation bpb" in capsys.readouterr().out
     assert f"| #{other['candidate_id']} |" in (out / "report.md").read_text()
-    # Another count is another promote: refused, naming the flag.
-    assert main(["promote", str(run), "--budget", "40s", "--finalists", "3", *TINY_SFT]) == 2
-    assert "--finalists" in capsys.readouterr().err
+    # Another count is another promote: refused, naming the flag; so is leaving the flag out
+    # (the default, one finalist), which the recorded settings alone can show.
+    for other_count in (["--finalists", "3"], []):
+        assert main(["promote", str(run), "--budget", "40s", *other_count, *TINY_SFT]) == 2
+        assert "--finalists" in capsys.readouterr().err

@@ -94,8 +94,11 @@ class StageRecords:
             record = self.data["stages"].get(stage)
             if record is None:
                 continue
-            for flag, value in wanted[stage].items():
-                recorded = record.get("settings", {}).get(flag)
+            settings = record.get("settings", {})
+            # Flags recorded but not asked for count too: a stage recorded with --finalists 2
+            # is not resumed by a command that has no --finalists (it would mean 1).
+            for flag in {**settings, **wanted[stage]}:
+                recorded, value = settings.get(flag), wanted[stage].get(flag)
                 if recorded == value:
                     continue
                 if stage == "evaluate":
@@ -109,7 +112,8 @@ class StageRecords:
     def changed(self, stage: str, wanted: dict) -> list[str]:
         """The flags whose value differs from those ``stage`` was recorded with."""
         recorded = self.data.get("stages", {}).get(stage, {}).get("settings", {})
-        return [flag for flag, value in wanted.items() if recorded.get(flag) != value]
+        return [flag for flag in {**recorded, **wanted}
+                if recorded.get(flag) != wanted.get(flag)]
 
     def start_attempt(self, run_dir: str, candidate_id: int, genome: Genome) -> int:
         if not self.data:
