@@ -46,7 +46,7 @@ class _CausalConv(torch.autograd.Function):
         for k in range(1, min(weight.shape[0], length)):
             shifted = u[:, :length - k]
             if offsets is not None:
-                shifted = shifted * _tap_mask(offsets, k, u.dtype)
+                shifted = shifted * _tap_mask(offsets[:, k:], k, u.dtype)
             out[:, k:].addcmul_(shifted, weight[k])
         ctx.save_for_backward(u, weight, offsets)
         return out
@@ -61,15 +61,16 @@ class _CausalConv(torch.autograd.Function):
         for k in range(1, min(weight.shape[0], length)):
             grad_k = grad[:, k:]
             if offsets is not None:
-                grad_k = grad_k * _tap_mask(offsets, k, grad.dtype)
+                grad_k = grad_k * _tap_mask(offsets[:, k:], k, grad.dtype)
             grad_u[:, :length - k].addcmul_(grad_k, weight[k])
             grad_weight[k] = torch.linalg.vecdot(grad_k, u[:, :length - k], dim=1).sum(0)
         return grad_u, grad_weight, grad.sum(dim=(0, 1)), None
 
 
 def _tap_mask(offsets: Tensor, k: int, dtype: torch.dtype) -> Tensor:
-    """(B, T - k, 1): 1 where out_t (t >= k) may read u_{t-k}, i.e. inside its document."""
-    return (offsets[:, k:] >= k).unsqueeze(-1).to(dtype)
+    """(B, T, 1) for outputs' ``offsets`` (B, T): 1 where the output may read the input k steps
+    back, which is inside its document."""
+    return (offsets >= k).unsqueeze(-1).to(dtype)
 
 
 class _FusedCausalConv(torch.autograd.Function):
@@ -152,7 +153,7 @@ class RecurrentBlock(nn.Module):
             start = self.conv_width - 1 - k
             shifted = padded[:, start:start + length]
             if offsets is not None and k:  # not from before the token's document
-                shifted = shifted * (offsets >= k).unsqueeze(-1).to(u.dtype)
+                shifted = shifted * _tap_mask(offsets, k, u.dtype)
             out = torch.addcmul(out, shifted, self.conv_weight[k])
         return out, padded[:, padded.shape[1] - (self.conv_width - 1):]
 
