@@ -10,8 +10,9 @@ inside the document. Without one (the default), windows mix documents as in nano
 Off by default because, measured at the sizes a CPU search trains, it did not pay: paired runs of
 the same weights and batches moved held-out bits per byte by -0.2% on average on tinyshakespeare's
 speeches and +0.8% on the built-in stories (-0.4% to +2.7%, the small model undertrained), at the
-same training speed (BENCHMARKS.md, "Document boundaries"). A config may still set it (``chimera train
---config``), and everything downstream (evaluation, decoding, the Hugging Face port) follows.
+same training speed (BENCHMARKS.md, "Document boundaries"). A config may still set it
+(``chimera train --config``), and everything downstream (evaluation, decoding, the Hugging Face
+port) follows.
 
 Decoding keeps the same rules across calls: the cache carries where each row's current document
 began, so a document token met while generating starts a fresh document there too.
